@@ -1,0 +1,122 @@
+"""Start the real daemon (``twistd -n xmppd`` through its plugin) for tests.
+
+Each :class:`Daemon` gets its own data dir, config file and free loopback
+ports, and is stopped with SIGTERM (or killed with SIGKILL where a test
+wants a crash).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} not listening")
+
+
+class Daemon:
+    """One xmppd process with a generated config."""
+
+    def __init__(self, tmp: Path, hosts=("localhost",), extra: str = "", plugins=None,
+                 tls: str = "required", direct_tls: bool = False) -> None:
+        self.dir = Path(tmp)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.hosts = tuple(hosts)
+        self.port = free_port()
+        self.tls_port = free_port() if direct_tls else None
+        self.data_dir = self.dir / "var"
+        self.config_path = self.dir / "xmppd.toml"
+        self.proc: subprocess.Popen | None = None
+        self.write_config(extra, plugins, tls)
+
+    def write_config(self, extra: str = "", plugins=None, tls: str = "required") -> None:
+        plugin_line = ""
+        if plugins is not None:
+            plugin_line = "plugins = [" + ", ".join(f'"{p}"' for p in plugins) + "]"
+        listen_tls = f'["tcp:{self.tls_port}:interface=127.0.0.1"]' if self.tls_port else "[]"
+        text = textwrap.dedent(f"""\
+            [server]
+            hosts = [{", ".join(f'"{h}"' for h in self.hosts)}]
+            data_dir = "{self.data_dir}"
+
+            [c2s]
+            listen = ["tcp:{self.port}:interface=127.0.0.1"]
+            listen_tls = {listen_tls}
+            tls = "{tls}"
+            max_connections_per_ip = 0
+
+            [sm]
+            {plugin_line}
+            """)
+        self.config_path.write_text(text + textwrap.dedent(extra))
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def start(self, wait: bool = True) -> "Daemon":
+        self.log = open(self.dir / "xmppd.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "twisted", "--nodaemon", "--pidfile=", "xmppd",
+             "--config", str(self.config_path)],
+            cwd=self.dir, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        if wait:
+            wait_for_port(self.port, proc=self.proc)
+            if self.tls_port:
+                wait_for_port(self.tls_port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def logtext(self) -> str:
+        return (self.dir / "xmppd.log").read_text(errors="replace")
+
+    def ctl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, "-m", "xmppd.ctl", "--config", str(self.config_path), *args],
+            env=self.env(), input=input, capture_output=True, text=True, cwd=self.dir,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"xmppctl {args} failed: {result.stderr}")
+        return result
+
+    def adduser(self, jid: str, password: str) -> None:
+        self.ctl("adduser", jid, password)

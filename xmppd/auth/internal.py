@@ -1,0 +1,118 @@
+"""The default connector: accounts in the embedded store, SCRAM only.
+
+Passwords are never stored: an account is the SCRAM-SHA-1 and SCRAM-SHA-256
+credentials (salt, iteration count, StoredKey, ServerKey) of RFC 5802/7677.
+PLAIN logins are verified by deriving the same keys from the offered password.
+"""
+from __future__ import annotations
+
+import hmac
+
+from scramp import ScramMechanism
+from twisted.internet.defer import fail, succeed
+from zope.interface import implementer
+
+from xmppd.auth.base import (
+    IAuthConnector,
+    NoSuchUser,
+    ScramCredentials,
+    UserExists,
+)
+from xmppd.storage import IKeyValueStore
+
+STORE = "accounts"
+SCRAM_MECHANISMS = ("SCRAM-SHA-1", "SCRAM-SHA-256")
+
+
+def make_scram_credentials(password: str, iterations: int) -> dict:
+    """SCRAM credentials for both hash functions, JSON-ready."""
+    out = {}
+    for mech in SCRAM_MECHANISMS:
+        salt, stored_key, server_key, i = ScramMechanism(mech).make_auth_info(
+            password, iteration_count=iterations
+        )
+        out[mech] = ScramCredentials(salt, stored_key, server_key, i).to_json()
+    return out
+
+
+def verify_password(creds: ScramCredentials, mechanism: str, password: str) -> bool:
+    """Constant-time check of a clear password against stored SCRAM keys."""
+    _, stored_key, server_key, _ = ScramMechanism(mechanism).make_auth_info(
+        password, iteration_count=creds.iterations, salt=creds.salt
+    )
+    return hmac.compare_digest(stored_key, creds.stored_key) and hmac.compare_digest(
+        server_key, creds.server_key
+    )
+
+
+@implementer(IAuthConnector)
+class InternalConnector:
+    """Accounts as ``accounts/<bare JID>/scram`` in the key-value store."""
+
+    name = "internal"
+
+    def __init__(self, store: IKeyValueStore, iterations: int = 4096) -> None:
+        self.store = store
+        self.iterations = iterations
+
+    def mechanisms(self) -> frozenset:
+        return frozenset({"PLAIN", *SCRAM_MECHANISMS})
+
+    def _creds(self, username: str, domain: str) -> dict | None:
+        return self.store.get(STORE, f"{username}@{domain}", "scram")
+
+    def check_password(self, username: str, domain: str, password: str):
+        creds = self._creds(username, domain)
+        if creds is None:
+            return succeed(False)
+        mech = "SCRAM-SHA-256"
+        return succeed(
+            verify_password(ScramCredentials.from_json(creds[mech]), mech, password)
+        )
+
+    def get_scram_credentials(self, username: str, domain: str, mechanism: str):
+        creds = self._creds(username, domain)
+        if creds is None or mechanism not in creds:
+            return succeed(None)
+        return succeed(ScramCredentials.from_json(creds[mechanism]))
+
+    def user_exists(self, username: str, domain: str):
+        return succeed(self._creds(username, domain) is not None)
+
+    def add_user(self, username: str, domain: str, password: str):
+        if self._creds(username, domain) is not None:
+            return fail(UserExists(f"{username}@{domain}"))
+        self._write(username, domain, password)
+        return succeed(None)
+
+    def add_users(self, accounts: list[tuple[str, str, str]]) -> None:
+        """Bulk provisioning (benchmarks, imports); one transaction per account."""
+        for username, domain, password in accounts:
+            self._write(username, domain, password)
+
+    def set_password(self, username: str, domain: str, password: str):
+        if self._creds(username, domain) is None:
+            return fail(NoSuchUser(f"{username}@{domain}"))
+        self._write(username, domain, password)
+        return succeed(None)
+
+    def remove_user(self, username: str, domain: str):
+        bare = f"{username}@{domain}"
+        if self._creds(username, domain) is None:
+            return fail(NoSuchUser(bare))
+        # Every store keyed by this bare JID goes with the account.
+        self.store.delete_user(None, bare)
+        return succeed(None)
+
+    def count_users(self, domain: str):
+        suffix = "@" + domain
+        return succeed(sum(1 for u in self.store.users(STORE) if u.endswith(suffix)))
+
+    def check(self):
+        return succeed([])
+
+    def _write(self, username: str, domain: str, password: str) -> None:
+        self.store.put(
+            STORE, f"{username}@{domain}", "scram",
+            make_scram_credentials(password, self.iterations),
+        )

@@ -1,0 +1,436 @@
+"""Server side of client-to-server streams (RFC 6120 §4–7).
+
+One :class:`C2SStream` per TCP connection walks the stream through its
+phases — header checks, STARTTLS, SASL, resource binding — and from then on
+is the user's *session*: the router delivers to it with :meth:`send` /
+:meth:`send_bytes` and it hands every stanza the client sends to
+:meth:`Router.route` after stamping ``from``.
+
+Every violation ends in the RFC 6120 §4.9 stream error before the close, and
+is logged with the peer address.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import uuid
+from typing import TYPE_CHECKING
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.words.xish import domish
+
+from xmppd import jid as jidlib
+from xmppd import sasl
+from xmppd.stanzas import (
+    NS_CLIENT,
+    NS_STREAM_ERRORS,
+    NS_STREAMS,
+    StanzaError,
+    error_reply,
+    iq_result,
+    serialize,
+)
+from xmppd.xmlparser import StreamParser, XMLStreamError
+
+if TYPE_CHECKING:
+    from xmppd.core import Server
+
+log = Logger()
+
+NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+NS_BIND = "urn:ietf:params:xml:ns:xmpp-bind"
+NS_SESSION = "urn:ietf:params:xml:ns:xmpp-session"
+_XML_LANG = ("http://www.w3.org/XML/1998/namespace", "lang")
+_STANZAS = frozenset(("message", "presence", "iq"))
+
+# Connection phases.
+HEADER, NEGOTIATING, AUTHENTICATED, BOUND, CLOSED = range(5)
+
+
+class C2SStream(protocol.Protocol):
+    """A client connection, and after binding the user's session."""
+
+    factory: "C2SFactory"
+
+    def __init__(self) -> None:
+        self.phase = HEADER
+        self.host: str | None = None
+        self.secure = False
+        self.username: str | None = None
+        self.jid: jidlib.JID | None = None
+        self.available = False
+        self.priority = 0
+        self.header_sent = False
+        self.mechanism: sasl.Mechanism | None = None
+        self.auth_failures = 0
+        self.parser: StreamParser | None = None
+        self.peer = "?"
+        self._timeout = None
+        self._refusal: str | None = None
+        # Per-session state owned by plugins (e.g. blocking interest).
+        self.state: dict = {}
+
+    # -- connection life cycle ----------------------------------------------
+
+    @property
+    def server(self) -> "Server":
+        return self.factory.server
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = getattr(peer, "host", str(peer))
+        self.secure = self.factory.direct_tls
+        if not self.factory.admit(self.peer):
+            self._refusal = "policy-violation"
+            log.warn("c2s {peer}: too many connections from this address", peer=self.peer)
+        self._new_parser()
+        clock = self.server.clock
+        self._timeout = clock.callLater(self.server.config.c2s.auth_timeout, self._auth_timeout)
+
+    def connectionLost(self, reason=None) -> None:
+        previous, self.phase = self.phase, CLOSED
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self.factory.release(self.peer)
+        if previous == BOUND:
+            log.info("c2s {jid} from {peer}: session ended", jid=self.jid.full, peer=self.peer)
+            self.server.router.unbind(self)
+
+    def _auth_timeout(self) -> None:
+        self._timeout = None
+        if self.phase < BOUND:
+            log.info("c2s {peer}: no authenticated session in time", peer=self.peer)
+            self.stream_error("connection-timeout", "authenticate sooner")
+
+    def _new_parser(self) -> None:
+        if self.parser is not None:
+            self.parser.halt()
+        self.parser = StreamParser(
+            self._stream_start, self._element, self._stream_end,
+            self.server.config.c2s.max_stanza_size,
+        )
+        self.header_sent = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.phase == CLOSED:
+            return
+        try:
+            self.parser.feed(data)
+        except XMLStreamError as e:
+            log.info("c2s {peer}: {error}", peer=self.peer, error=e)
+            self.stream_error(e.condition, e.text)
+        except Exception:
+            log.failure("c2s {peer}: internal error", peer=self.peer)
+            self.stream_error("internal-server-error")
+
+    # -- output ----------------------------------------------------------------
+
+    def send(self, element: domish.Element) -> None:
+        if self.phase != CLOSED:
+            self.transport.write(serialize(element))
+
+    def send_bytes(self, data: bytes) -> None:
+        if self.phase != CLOSED:
+            self.transport.write(data)
+
+    def _send_header(self, stream_id: str | None = None) -> None:
+        host = self.host or self.server.config.default_host
+        self.stream_id = stream_id or uuid.uuid4().hex
+        self.transport.write(
+            (
+                "<?xml version='1.0'?>"
+                f"<stream:stream xmlns='{NS_CLIENT}' xmlns:stream='{NS_STREAMS}'"
+                f" from='{host}' id='{self.stream_id}' version='1.0' xml:lang='en'>"
+            ).encode()
+        )
+        self.header_sent = True
+
+    def stream_error(self, condition: str, text: str = "") -> None:
+        """Send ``<stream:error/>``, close the stream and the connection."""
+        if self.phase == CLOSED:
+            return
+        if not self.header_sent:
+            self._send_header()
+        body = f"<stream:error><{condition} xmlns='{NS_STREAM_ERRORS}'/>"
+        if text:
+            body += f"<text xmlns='{NS_STREAM_ERRORS}'>{domish.escapeToXml(text)}</text>"
+        self.transport.write((body + "</stream:error></stream:stream>").encode())
+        self._close()
+
+    def _close(self) -> None:
+        self.parser.halt()
+        was_bound = self.phase == BOUND
+        self.phase = CLOSED
+        self.transport.loseConnection()
+        if was_bound:
+            self.server.router.unbind(self)
+
+    # -- stream header -------------------------------------------------------
+
+    def _stream_start(self, uri: str, local: str, attrs: dict, decls: dict) -> None:
+        to = attrs.get("to")
+        if to is not None:
+            try:
+                self.host = jidlib.parse(to).host
+            except jidlib.InvalidJID:
+                self.host = None
+        if local != "stream" or uri != NS_STREAMS:
+            return self.stream_error("invalid-namespace", "expected a stream:stream element")
+        if decls.get("") != NS_CLIENT:
+            return self.stream_error("invalid-namespace", "the default namespace must be jabber:client")
+        if to is None:
+            self.host = self.server.config.default_host
+        elif self.host not in self.server.router.hosts:
+            self.host = None
+            return self.stream_error("host-unknown", f"{to!r} is not served here")
+        version = attrs.get("version", "0.9")
+        try:
+            major = int(version.split(".")[0])
+        except ValueError:
+            major = 0
+        if major != 1:
+            return self.stream_error("unsupported-version", "only XMPP 1.0 is supported")
+        if self._refusal:
+            return self.stream_error(self._refusal, "too many connections from your address")
+        if self.phase == HEADER:
+            self.phase = NEGOTIATING
+        self._send_header()
+        self._send_features()
+
+    def _tls_required(self) -> bool:
+        return not self.secure and self.server.config.c2s.tls == "required"
+
+    def _send_features(self) -> None:
+        features = domish.Element((NS_STREAMS, "features"))
+        if self.phase == AUTHENTICATED:
+            features.addElement((NS_BIND, "bind"))
+            features.addElement((NS_SESSION, "session")).addElement("optional")
+        else:
+            if not self.secure:
+                starttls = features.addElement((NS_TLS, "starttls"))
+                if self._tls_required():
+                    starttls.addElement("required")
+            if not self._tls_required():
+                mechs = features.addElement((NS_SASL, "mechanisms"))
+                for name in self._mechanisms():
+                    mechs.addElement("mechanism", content=name)
+        self.transport.write(
+            features.toXml(prefixes={NS_STREAMS: "stream"}, prefixesInScope=["stream"]).encode()
+        )
+
+    def _mechanisms(self) -> list[str]:
+        connector = self.server.connector_for(self.host)
+        return sasl.available_mechanisms(connector, self.secure)
+
+    def _stream_end(self) -> None:
+        log.debug("c2s {peer}: client closed the stream", peer=self.peer)
+        self.transport.write(b"</stream:stream>")
+        self._close()
+
+    # -- elements ----------------------------------------------------------------
+
+    def _element(self, el: domish.Element) -> None:
+        phase = self.phase
+        if phase == BOUND:
+            if el.uri != NS_CLIENT or el.name not in _STANZAS:
+                return self.stream_error("unsupported-stanza-type")
+            return self._stanza(el)
+        if el.uri == NS_TLS and el.name == "starttls":
+            return self._starttls()
+        if self._tls_required():
+            return self.stream_error("policy-violation", "STARTTLS is required first")
+        if el.uri == NS_SASL and phase == NEGOTIATING:
+            return self._sasl(el)
+        if phase == AUTHENTICATED and el.uri == NS_CLIENT and el.name == "iq":
+            return self._pre_bind_iq(el)
+        return self.stream_error("not-authorized", "authenticate and bind first")
+
+    def _starttls(self) -> None:
+        if self.secure or self.phase != NEGOTIATING:
+            return self.stream_error("policy-violation", "TLS already negotiated")
+        try:
+            options = self.server.certs.starttls_options(self.host)
+        except Exception:
+            log.failure("c2s {peer}: no TLS context for {host}", peer=self.peer, host=self.host)
+            self.transport.write(f"<failure xmlns='{NS_TLS}'/></stream:stream>".encode())
+            return self._close()
+        self.transport.write(f"<proceed xmlns='{NS_TLS}'/>".encode())
+        # Anything pipelined after <starttls/> arrived in plaintext: drop it
+        # with the old parser, so nothing from before the handshake survives.
+        self.transport.startTLS(options)
+        self.secure = True
+        self._new_parser()
+
+    # -- SASL --------------------------------------------------------------------
+
+    def _sasl(self, el: domish.Element) -> None:
+        if el.name == "auth":
+            name = el.getAttribute("mechanism", "")
+            if self.mechanism is not None:
+                return self._sasl_failure(sasl.SASLFailure("aborted", "exchange in progress"))
+            if name not in self._mechanisms():
+                return self._sasl_failure(sasl.SASLFailure("invalid-mechanism"))
+            throttle = self.server.throttle
+            wait = throttle.blocked(self.peer, "") if throttle is not None else 0
+            if wait:
+                return self._sasl_failure(
+                    sasl.SASLFailure("temporary-auth-failure", f"too many failures, retry in {int(wait)}s")
+                )
+            ctx = sasl.SASLContext(
+                host=self.host, connector=self.server.connector_for(self.host),
+                secure=self.secure, peer=self.peer,
+            )
+            self.mechanism = sasl.create(name, ctx)
+            try:
+                data = self._decode(el, allow_empty_marker=True)
+            except sasl.SASLFailure as f:
+                return self._sasl_failure(f)
+            d = self.mechanism.start(data)
+        elif el.name == "response" and self.mechanism is not None:
+            try:
+                data = self._decode(el) or b""
+            except sasl.SASLFailure as f:
+                return self._sasl_failure(f)
+            d = self.mechanism.respond(data)
+        elif el.name == "abort":
+            return self._sasl_failure(sasl.SASLFailure("aborted"))
+        else:
+            return self._sasl_failure(sasl.SASLFailure("malformed-request"))
+        d.addCallbacks(self._sasl_step, self._sasl_error)
+
+    @staticmethod
+    def _decode(el: domish.Element, allow_empty_marker: bool = False) -> bytes | None:
+        text = str(el).strip()
+        if not text:
+            return None
+        if text == "=":
+            return b""
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise sasl.SASLFailure("incorrect-encoding") from None
+
+    def _sasl_step(self, step) -> None:
+        if self.phase != NEGOTIATING:
+            return
+        if isinstance(step, sasl.Challenge):
+            payload = base64.b64encode(step.data).decode() if step.data else ""
+            self.transport.write(f"<challenge xmlns='{NS_SASL}'>{payload}</challenge>".encode())
+            return
+        mech = self.mechanism.name
+        self.mechanism = None
+        self.username = step.username
+        if self.server.throttle is not None:
+            self.server.throttle.record_success(self.peer, f"{step.username}@{self.host}")
+        payload = base64.b64encode(step.data).decode() if step.data else ""
+        self.transport.write(f"<success xmlns='{NS_SASL}'>{payload}</success>".encode())
+        log.info(
+            "c2s {peer}: {user}@{host} authenticated with {mech}",
+            peer=self.peer, user=step.username, host=self.host, mech=mech,
+        )
+        self.phase = AUTHENTICATED
+        self._new_parser()
+
+    def _sasl_error(self, failure) -> None:
+        if self.phase != NEGOTIATING:
+            return
+        if not failure.check(sasl.SASLFailure):
+            log.failure("c2s {peer}: SASL mechanism crashed", failure, peer=self.peer)
+            failure = sasl.SASLFailure("temporary-auth-failure")
+        else:
+            failure = failure.value
+        self._sasl_failure(failure)
+
+    def _sasl_failure(self, failure: sasl.SASLFailure) -> None:
+        self.mechanism = None
+        body = f"<failure xmlns='{NS_SASL}'><{failure.condition}/>"
+        if failure.text:
+            body += f"<text>{domish.escapeToXml(failure.text)}</text>"
+        self.transport.write((body + "</failure>").encode())
+        if failure.condition in ("not-authorized", "invalid-authzid"):
+            self.auth_failures += 1
+            if self.server.throttle is not None:
+                self.server.throttle.record_failure(self.peer, "")
+            log.info(
+                "c2s {peer}: authentication failed ({condition}{text})",
+                peer=self.peer, condition=failure.condition,
+                text=f": {failure.text}" if failure.text else "",
+            )
+            if self.auth_failures >= self.server.config.c2s.max_auth_failures:
+                log.warn("c2s {peer}: too many authentication failures, closing", peer=self.peer)
+                self.stream_error("policy-violation", "too many authentication failures")
+
+    # -- resource binding ----------------------------------------------------
+
+    def _pre_bind_iq(self, iq: domish.Element) -> None:
+        child = iq.firstChildElement()
+        if iq.getAttribute("type") == "set" and child is not None and child.uri == NS_BIND:
+            return self._bind(iq, child)
+        self.send(error_reply(iq, StanzaError("not-authorized")))
+
+    def _bind(self, iq: domish.Element, bind: domish.Element) -> None:
+        requested = None
+        for child in bind.elements(NS_BIND, "resource"):
+            requested = str(child).strip()
+        try:
+            resource = jidlib.prep_resource(requested) if requested else None
+        except jidlib.InvalidJID:
+            return self.send(error_reply(iq, StanzaError("bad-request", text="invalid resource")))
+        if resource is None:
+            resource = os.urandom(8).hex()
+        self.jid = jidlib.make(self.username, self.host, resource)
+        self.phase = BOUND
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        old = self.server.router.bind(self)
+        if old is not None:
+            log.info("c2s {jid}: new session replaces the old one", jid=self.jid.full)
+            old.stream_error("conflict", "replaced by a new session")
+        result = domish.Element((NS_BIND, "bind"))
+        result.addElement("jid", content=self.jid.full)
+        self.send(iq_result(iq, result))
+        log.info("c2s {jid} from {peer}: session bound", jid=self.jid.full, peer=self.peer)
+
+    # -- stanzas of a bound session -----------------------------------------
+
+    def _stanza(self, el: domish.Element) -> None:
+        claimed = el.getAttribute("from")
+        if claimed is not None and claimed != self.jid.full and claimed != self.jid.bare:
+            return self.stream_error("invalid-from", "from does not match your JID")
+        el["from"] = self.jid.full
+        if el.name == "iq":
+            child = el.firstChildElement()
+            if child is not None and el.getAttribute("to") is None:
+                if child.uri == NS_SESSION:
+                    # RFC 3921 session establishment: a no-op kept for old clients.
+                    return self.send(iq_result(el))
+                if child.uri == NS_BIND:
+                    return self.send(error_reply(el, StanzaError("not-allowed", text="already bound")))
+        self.server.router.route(el, self)
+
+
+class C2SFactory(protocol.ServerFactory):
+    """Creates client streams; enforces the per-address connection limit."""
+
+    protocol = C2SStream
+
+    def __init__(self, server: "Server", direct_tls: bool = False) -> None:
+        self.server = server
+        self.direct_tls = direct_tls
+        self.per_ip: dict[str, int] = {}
+
+    def admit(self, ip: str) -> bool:
+        count = self.per_ip.get(ip, 0) + 1
+        self.per_ip[ip] = count
+        limit = self.server.config.c2s.max_connections_per_ip
+        return not limit or count <= limit
+
+    def release(self, ip: str) -> None:
+        count = self.per_ip.get(ip, 0) - 1
+        if count > 0:
+            self.per_ip[ip] = count
+        else:
+            self.per_ip.pop(ip, None)

@@ -1,0 +1,293 @@
+"""Configuration: one TOML file -> frozen dataclasses.
+
+No other module reads the file.  Every error raises ``ConfigError`` whose
+one-line message names the file, the key, the bad value and what is allowed,
+so that ``twistd`` and ``xmppctl check`` can print it and stop.
+
+Plugins and connectors receive their own sections as :class:`Section`
+objects, whose typed getters raise the same kind of error; they read them
+once at start-up, never per stanza.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from xmppd import jid as jidlib
+
+
+class ConfigError(Exception):
+    """A config problem, rendered as one line: file: key = value: what is allowed."""
+
+    def __init__(self, path: str, key: str, value: object, allowed: str) -> None:
+        self.path, self.key, self.value, self.allowed = path, key, value, allowed
+        super().__init__(f"{path}: {key} = {value!r}: {allowed}")
+
+
+_MISSING = object()
+
+
+class Section:
+    """A table of the config file with typed, error-naming getters."""
+
+    def __init__(self, path: str, prefix: str, table: dict) -> None:
+        self.path, self.prefix, self.table = path, prefix, table
+        self._read: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, value: object, allowed: str) -> ConfigError:
+        return ConfigError(self.path, self.key(name), value, allowed)
+
+    def _get(self, name: str, default: Any) -> Any:
+        self._read.add(name)
+        value = self.table.get(name, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise self.error(name, None, "required key is missing")
+            return default
+        return value
+
+    def str(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        if value is not default and not isinstance(value, str):
+            raise self.error(name, value, "must be a string")
+        return value
+
+    def int(self, name: str, default: Any = _MISSING, minimum: int | None = None) -> Any:
+        value = self._get(name, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, value, "must be an integer")
+        if minimum is not None and value < minimum:
+            raise self.error(name, value, f"must be an integer >= {minimum}")
+        return value
+
+    def number(self, name: str, default: Any = _MISSING, minimum: float = 0) -> Any:
+        value = self._get(name, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            raise self.error(name, value, f"must be a number >= {minimum}")
+        return float(value)
+
+    def bool(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        if value is not default and not isinstance(value, bool):
+            raise self.error(name, value, "must be true or false")
+        return value
+
+    def choice(self, name: str, allowed: tuple, default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        if value is not default and value not in allowed:
+            raise self.error(name, value, "must be one of " + ", ".join(map(repr, allowed)))
+        return value
+
+    def strings(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        if value is default:
+            return tuple(value) if isinstance(value, (list, tuple)) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(name, value, "must be a list of strings")
+        return tuple(value)
+
+    def table_of(self, name: str) -> "Section":
+        value = self._get(name, {})
+        if not isinstance(value, dict):
+            raise self.error(name, value, "must be a table")
+        return Section(self.path, self.key(name), value)
+
+    def reject_unknown(self, extra_allowed: tuple = ()) -> None:
+        """Typos must not pass silently: every key must have been read."""
+        for name in self.table:
+            if name not in self._read and name not in extra_allowed:
+                raise self.error(name, self.table[name], "unknown key")
+
+
+DEFAULT_PLUGINS = (
+    "roster", "presence", "disco", "ping", "version", "offline", "vcard",
+    "urn:xmpp:blocking",
+)
+
+
+@dataclass(frozen=True)
+class C2SConfig:
+    listen: tuple[str, ...]
+    listen_tls: tuple[str, ...]
+    tls: str
+    max_stanza_size: int
+    auth_timeout: float
+    max_connections_per_ip: int
+    max_auth_failures: int
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certs_dir: str | None
+    letsencrypt_dir: str | None
+    default_cert: str | None
+    default_key: str | None
+    min_version: str
+    ciphers: str | None
+    poll_interval: float
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    hosts: tuple[str, ...]
+    data_dir: str
+    admins: tuple[str, ...]
+    c2s: C2SConfig
+    tls: TLSConfig
+    scram_iterations: int
+    plugins: tuple[str, ...]
+    auth: Section
+    host_sections: dict = field(default_factory=dict)  # host -> Section
+    sections: dict = field(default_factory=dict)  # other top-level tables, by name
+
+    def section(self, name: str) -> Section:
+        """A plugin's own table (``[name]``), empty when absent."""
+        return self.sections.get(name) or Section(self.path, name, {})
+
+    @property
+    def default_host(self) -> str:
+        return self.hosts[0]
+
+
+def _host_list(sec: Section) -> tuple[str, ...]:
+    hosts = sec.strings("hosts", ("localhost",))
+    if not hosts:
+        raise sec.error("hosts", [], "must name at least one virtual host")
+    prepared = []
+    for h in hosts:
+        try:
+            j = jidlib.parse(h)
+        except jidlib.InvalidJID as e:
+            raise sec.error("hosts", h, f"not a valid domain ({e})") from None
+        if j.user is not None or j.resource is not None:
+            raise sec.error("hosts", h, "must be a bare domain name")
+        prepared.append(j.host)
+    return tuple(prepared)
+
+
+def _admins(sec: Section) -> tuple[str, ...]:
+    out = []
+    for a in sec.strings("admins", ()):
+        try:
+            out.append(jidlib.parse(a).bare)
+        except jidlib.InvalidJID as e:
+            raise sec.error("admins", a, f"not a valid JID ({e})") from None
+    return tuple(out)
+
+
+def _endpoints(sec: Section, name: str, default: tuple) -> tuple[str, ...]:
+    from twisted.internet import endpoints, reactor
+
+    values = sec.strings(name, default)
+    for v in values:
+        try:
+            endpoints.serverFromString(reactor, v)
+        except (ValueError, TypeError, KeyError) as e:
+            raise sec.error(name, v, f"not a Twisted server endpoint string ({e})") from None
+    return values
+
+
+KNOWN_TABLES = ("server", "c2s", "tls", "auth", "sasl", "sm", "hosts")
+
+
+def from_dict(data: dict, path: str = "<defaults>") -> Config:
+    """Validate a parsed TOML document."""
+    server = Section(path, "server", data.get("server", {}))
+    hosts = _host_list(server)
+    data_dir = server.str("data_dir", "./var")
+    admins = _admins(server)
+    server.reject_unknown()
+
+    c2s_sec = Section(path, "c2s", data.get("c2s", {}))
+    c2s = C2SConfig(
+        listen=_endpoints(c2s_sec, "listen", ("tcp:5222:interface=127.0.0.1",)),
+        listen_tls=_endpoints(c2s_sec, "listen_tls", ("tcp:5223:interface=127.0.0.1",)),
+        tls=c2s_sec.choice("tls", ("required", "optional"), "required"),
+        max_stanza_size=c2s_sec.int("max_stanza_size", 262144, minimum=1024),
+        auth_timeout=c2s_sec.number("auth_timeout", 60.0, minimum=1),
+        max_connections_per_ip=c2s_sec.int("max_connections_per_ip", 100, minimum=0),
+        max_auth_failures=c2s_sec.int("max_auth_failures", 3, minimum=1),
+    )
+    c2s_sec.reject_unknown()
+
+    tls_sec = Section(path, "tls", data.get("tls", {}))
+    tls = TLSConfig(
+        certs_dir=tls_sec.str("certs_dir", None),
+        letsencrypt_dir=tls_sec.str("letsencrypt_dir", None),
+        default_cert=tls_sec.str("default_cert", None),
+        default_key=tls_sec.str("default_key", None),
+        min_version=tls_sec.choice("min_version", ("TLSv1.2", "TLSv1.3"), "TLSv1.2"),
+        ciphers=tls_sec.str("ciphers", None),
+        poll_interval=tls_sec.number("poll_interval", 30.0),
+    )
+    tls_sec.reject_unknown(extra_allowed=("client_ca", "client_cert"))
+
+    sasl = Section(path, "sasl", data.get("sasl", {}))
+    iterations = sasl.int("scram_iterations", 4096, minimum=4096)
+    sasl.reject_unknown()
+
+    sm = Section(path, "sm", data.get("sm", {}))
+    plugins = sm.strings("plugins", DEFAULT_PLUGINS)
+    from xmppd.handlers import KNOWN_PLUGINS
+
+    for p in plugins:
+        if p not in KNOWN_PLUGINS:
+            raise sm.error("plugins", p, "unknown plugin; known: " + ", ".join(sorted(KNOWN_PLUGINS)))
+    sm.reject_unknown()
+
+    auth = Section(path, "auth", data.get("auth", {}))
+    host_tables = data.get("hosts", {})
+    if not isinstance(host_tables, dict):
+        raise ConfigError(path, "hosts", host_tables, "must be a table of per-host tables")
+    host_sections = {}
+    for name, table in host_tables.items():
+        if name not in hosts:
+            raise ConfigError(path, f'hosts."{name}"', table, "not listed in server.hosts")
+        if not isinstance(table, dict):
+            raise ConfigError(path, f'hosts."{name}"', table, "must be a table")
+        host_sections[name] = Section(path, f'hosts."{name}"', table)
+
+    sections = {
+        name: Section(path, name, table)
+        for name, table in data.items()
+        if name not in KNOWN_TABLES and isinstance(table, dict)
+    }
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(path, name, table, "top-level keys must be tables")
+    return Config(
+        path=path, hosts=hosts, data_dir=data_dir, admins=admins, c2s=c2s, tls=tls,
+        scram_iterations=iterations, plugins=plugins, auth=auth,
+        host_sections=host_sections, sections=sections,
+    )
+
+
+def load(path: str | None) -> Config:
+    """Read ``path`` (or the built-in defaults when None)."""
+    if path is None:
+        return from_dict({})
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "-", None, "file not found") from None
+    except PermissionError:
+        raise ConfigError(path, "-", None, "file not readable by this user") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "-", None, f"not valid TOML: {e}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    cfg = from_dict(data, path)
+    if not os.path.isabs(cfg.data_dir):
+        # Relative paths are relative to the config file, not the cwd.
+        object.__setattr__(cfg, "data_dir", os.path.join(base, cfg.data_dir))
+    return cfg

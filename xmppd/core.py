@@ -1,0 +1,127 @@
+"""The running server: config, store, router, connectors, certificates, plugins.
+
+One :class:`Server` object is built at start-up from the validated config
+and handed to every listener and plugin; it is the only place where the
+parts are wired together.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from xmppd.auth.base import IAuthConnector
+from xmppd.config import Config
+from xmppd.handlers import load_plugin
+from xmppd.jid import JID
+from xmppd.router import Router
+from xmppd.storage import IKeyValueStore, SQLiteStore
+
+log = Logger()
+
+
+class Server:
+    """Everything a stream or a plugin may need, built once."""
+
+    def __init__(
+        self, config: Config, store: IKeyValueStore | None = None, clock: Any = None,
+        certs: Any = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.config = config
+        self.clock = clock
+        self.store = store if store is not None else SQLiteStore(config.data_dir)
+        self.router = Router(config.hosts)
+        self.connectors: dict[str, IAuthConnector] = self._build_connectors()
+        self.router.user_exists = self._user_exists
+        self.throttle = self._build_throttle()
+        self.certs = certs if certs is not None else self._build_certs()
+        self.plugins = []
+        for name in config.plugins:
+            plugin = load_plugin(name)
+            plugin.attach(self)
+            self.plugins.append(plugin)
+
+    # -- wiring ----------------------------------------------------------------
+
+    def _build_connectors(self) -> dict[str, IAuthConnector]:
+        from xmppd.auth.factory import build_connector
+
+        default = build_connector(self.config.auth.table, self.config.path, "auth", self.store, self.clock)
+        connectors = {}
+        for host in self.config.hosts:
+            section = self.config.host_sections.get(host)
+            table = section.table.get("auth") if section is not None else None
+            if table is not None:
+                connectors[host] = build_connector(
+                    table, self.config.path, f'hosts."{host}".auth', self.store, self.clock
+                )
+            else:
+                connectors[host] = default
+        return connectors
+
+    def _build_throttle(self):
+        from xmppd.auth.throttle import LoginThrottle
+
+        sec = self.config.section("limits")
+        return LoginThrottle(
+            max_failures_per_ip=sec.int("auth_failures_per_ip", 20, minimum=0),
+            max_failures_per_account=sec.int("auth_failures_per_account", 10, minimum=0),
+            window=sec.number("auth_failure_window", 300.0, minimum=1),
+            clock=self.clock,
+        )
+
+    def _build_certs(self):
+        store = build_cert_store(self.config)
+        store.load()  # logs its own warnings
+        return store
+
+    # -- services used by streams and plugins -----------------------------
+
+    def connector_for(self, host: str) -> IAuthConnector:
+        return self.connectors[host]
+
+    def _user_exists(self, to: JID):
+        return self.connector_for(to.host).user_exists(to.user, to.host)
+
+    def disco_features(self) -> list[str]:
+        out = []
+        for p in self.plugins:
+            out.extend(p.features)
+        return out
+
+    def plugin(self, name: str):
+        for p in self.plugins:
+            if p.name == name:
+                return p
+        return None
+
+    def reload(self) -> None:
+        """SIGHUP / ``xmppctl reload``: certificates now; more later."""
+        for message in self.certs.reload():
+            log.info("certificates: {message}", message=message)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def build_cert_store(config: Config):
+    """The certificate store described by ``[tls]`` and ``[hosts.*.tls]`` (not loaded)."""
+    from xmppd.certs import CertificateStore, TLSPolicy
+
+    tls = config.tls
+    explicit = {}
+    for host, section in config.host_sections.items():
+        t = section.table_of("tls")
+        cert = t.str("cert", None)
+        if cert is not None:
+            explicit[host] = (cert, t.str("key", None))
+    default_cert = (tls.default_cert, tls.default_key) if tls.default_cert else None
+    return CertificateStore(
+        hosts=list(config.hosts), data_dir=config.data_dir,
+        certs_dir=tls.certs_dir, letsencrypt_dir=tls.letsencrypt_dir,
+        explicit=explicit, default_cert=default_cert,
+        policy=TLSPolicy(min_version=tls.min_version, ciphers=tls.ciphers),
+        default_host=config.default_host,
+    )

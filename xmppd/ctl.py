@@ -1,0 +1,211 @@
+"""``xmppctl``: the operator's command-line tool.
+
+It works on the same config file and store as the daemon (SQLite in WAL mode
+allows both at once) and talks to connectors through the same interface, so
+``adduser`` on an SQL-backed vhost writes to that database.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import signal
+import sys
+
+from twisted.internet import defer, task
+
+from xmppd import jid as jidlib
+from xmppd.config import ConfigError, load
+
+
+class CtlError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _parse_account(text: str, config) -> jidlib.JID:
+    try:
+        j = jidlib.parse(text)
+    except jidlib.InvalidJID as e:
+        raise CtlError(f"{text!r} is not a valid JID: {e}") from None
+    if j.user is None or j.resource is not None:
+        raise CtlError(f"{text!r} is not an account JID (user@host)")
+    if j.host not in config.hosts:
+        raise CtlError(f"{j.host} is not a host of this server ({', '.join(config.hosts)})")
+    return j
+
+
+def _password(given: str | None) -> str:
+    if given is not None:
+        return given
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Again: "):
+            raise CtlError("passwords differ")
+        return first
+    line = sys.stdin.readline().rstrip("\n")
+    if not line:
+        raise CtlError("empty password on stdin")
+    return line
+
+
+def _connectors(config, reactor):
+    from xmppd.auth.factory import build_connector
+    from xmppd.storage import SQLiteStore
+
+    store = SQLiteStore(config.data_dir)
+    default = build_connector(config.auth.table, config.path, "auth", store, reactor)
+    out = {}
+    for host in config.hosts:
+        section = config.host_sections.get(host)
+        table = section.table.get("auth") if section else None
+        out[host] = (
+            build_connector(table, config.path, f'hosts."{host}".auth', store, reactor)
+            if table is not None else default
+        )
+    return store, out
+
+
+@defer.inlineCallbacks
+def run(reactor, args) -> defer.Deferred:
+    config = load(args.config)
+    if args.command == "check":
+        problems = yield check(config, reactor)
+        for p in problems:
+            print(p)
+        if problems:
+            raise CtlError(f"{len(problems)} problem(s) found")
+        print(f"{config.path}: OK")
+        return
+    if args.command == "reload":
+        pidfile = os.path.join(config.data_dir, "xmppd.pid")
+        try:
+            pid = int(open(pidfile).read().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError) as e:
+            raise CtlError(f"cannot signal the server via {pidfile}: {e}") from None
+        print(f"sent SIGHUP to xmppd (pid {pid})")
+        return
+    if args.command == "certs":
+        from xmppd.certs import format_cert_table
+
+        store = _cert_store(config)
+        store.load()
+        print(format_cert_table(store.describe()))
+        return
+    store, connectors = _connectors(config, reactor)
+    try:
+        if args.command == "addusers":
+            host = config.default_host
+            connector = connectors[host]
+            for i in range(1, args.count + 1):
+                yield connector.add_user(jidlib.prep_localpart(f"{args.prefix}{i}"), host, args.password)
+            print(f"created {args.count} accounts {args.prefix}1..{args.prefix}{args.count}@{host}")
+            return
+        account = _parse_account(args.jid, config)
+        connector = connectors[account.host]
+        if args.command == "adduser":
+            yield connector.add_user(account.user, account.host, _password(args.password))
+            print(f"created {account.bare}")
+        elif args.command == "passwd":
+            yield connector.set_password(account.user, account.host, _password(args.password))
+            print(f"password changed for {account.bare}")
+        elif args.command == "deluser":
+            yield connector.remove_user(account.user, account.host)
+            print(f"deleted {account.bare}")
+        elif args.command == "blocklist":
+            from xmppd.handlers.blocking import STORE as BLOCK_STORE
+
+            for key, _ in store.items(BLOCK_STORE, account.bare):
+                print(key)
+    finally:
+        store.close()
+
+
+def _cert_store(config):
+    from xmppd.core import build_cert_store
+
+    return build_cert_store(config)
+
+
+@defer.inlineCallbacks
+def check(config, reactor):
+    """All problems an operator should fix before starting: a list of lines."""
+    problems = []
+    try:
+        store, connectors = _connectors(config, reactor)
+    except ConfigError as e:
+        return [str(e)]
+    try:
+        seen = set()
+        for host, connector in connectors.items():
+            if id(connector) in seen:
+                continue
+            seen.add(id(connector))
+            for p in (yield connector.check()):
+                problems.append(f"auth ({connector.name}): {p}")
+    finally:
+        store.close()
+    try:
+        from xmppd.certs import check_certificates
+
+        certs = _cert_store(config)
+        problems.extend(check_certificates(certs))
+    except Exception as e:  # a broken cert file must be reported, not crash check
+        problems.append(f"certificates: {e}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="xmppctl", description="Operate an xmppd server.")
+    parser.add_argument("--config", "-c", default=None, help="the server's TOML config file")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("adduser", "create an account"), ("passwd", "change a password")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("jid")
+        p.add_argument("password", nargs="?", help="read from stdin when omitted")
+    sub.add_parser("deluser", help="delete an account and its data").add_argument("jid")
+    p = sub.add_parser("addusers", help="bulk-create PREFIX1..PREFIXn on the first host")
+    p.add_argument("prefix")
+    p.add_argument("count", type=int)
+    p.add_argument("password")
+    sub.add_parser("check", help="validate config, certificates and backends")
+    sub.add_parser("reload", help="reload certificates in the running server (SIGHUP)")
+    sub.add_parser("certs", help="show which certificate serves which host")
+    sub.add_parser("blocklist", help="show a user's XEP-0191 blocklist").add_argument("jid")
+    args = parser.parse_args(argv)
+
+    def done(result):
+        return result
+
+    status = {"code": 0}
+
+    def failed(failure):
+        from xmppd.auth.base import NoSuchUser, NotSupported, UserExists
+
+        err = failure.value
+        if isinstance(err, (CtlError, ConfigError)):
+            msg = str(err)
+        elif isinstance(err, UserExists):
+            msg = f"account {err} already exists"
+        elif isinstance(err, NoSuchUser):
+            msg = f"no such account {err}"
+        elif isinstance(err, NotSupported):
+            msg = f"not supported by this connector: {err}"
+        else:
+            msg = f"{type(err).__name__}: {err}"
+        sys.stderr.write(f"xmppctl: {msg}\n")
+        status["code"] = 1
+
+    def go(reactor):
+        return run(reactor, args).addCallbacks(done, failed)
+
+    try:
+        task.react(go)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    sys.exit(status["code"])
+
+
+if __name__ == "__main__":
+    main()

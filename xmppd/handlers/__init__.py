@@ -1,0 +1,28 @@
+"""Session-manager plugins, by the name used in ``[sm] plugins``.
+
+Names follow the namespaces they serve where one exists (the blocking
+command is ``urn:xmpp:blocking``, as operators know it from other servers).
+Modules are imported only when enabled.
+"""
+
+KNOWN_PLUGINS = {
+    "ping": "xmppd.handlers.ping:PingPlugin",
+    "disco": "xmppd.handlers.disco:DiscoPlugin",
+    "version": "xmppd.handlers.version:VersionPlugin",
+    "roster": "xmppd.handlers.roster:RosterPlugin",
+    "presence": "xmppd.handlers.presence:PresencePlugin",
+    "offline": "xmppd.handlers.offline:OfflinePlugin",
+    "vcard": "xmppd.handlers.vcard:VCardPlugin",
+    "register": "xmppd.handlers.register:RegisterPlugin",
+    "urn:xmpp:blocking": "xmppd.handlers.blocking:BlockingPlugin",
+    "domain-filter": "xmppd.handlers.domainfilter:DomainFilterPlugin",
+    "adhoc": "xmppd.handlers.adhoc:AdHocPlugin",
+}
+
+
+def load_plugin(name: str):
+    """Instantiate the plugin registered under ``name``."""
+    import importlib
+
+    module, _, cls = KNOWN_PLUGINS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()

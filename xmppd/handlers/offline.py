@@ -1,0 +1,64 @@
+"""XEP-0160 offline messages with XEP-0203 delay stamps.
+
+A chat/normal message to an account with no available resource is stored
+(``offline/<bare JID>/<sequence>``) up to a per-user quota; over the quota
+the sender gets ``service-unavailable``.  Messages are delivered, oldest
+first, right after the session's initial presence, then deleted.
+"""
+from __future__ import annotations
+
+import time
+
+from twisted.logger import Logger
+from twisted.words.xish import domish
+
+from xmppd.plugin import Plugin
+from xmppd.stanzas import serialize
+
+log = Logger()
+
+STORE = "offline"
+NS_DELAY = "urn:xmpp:delay"
+
+
+class OfflinePlugin(Plugin):
+    name = "offline"
+    features = ("msgoffline",)
+
+    def setup(self) -> None:
+        sec = self.server.config.section("offline")
+        self.quota = sec.int("max_messages", 100, minimum=0)
+        sec.reject_unknown()
+        self.router.offline_handler = self.store_message
+        presence = self.server.plugin("presence")
+        if presence is not None:
+            presence.on_initial_presence.append(self.deliver)
+
+    def store_message(self, stanza: domish.Element, to) -> bool:
+        if not any(
+            isinstance(c, domish.Element) and c.name in ("body", "subject") for c in stanza.children
+        ):
+            return True  # chat states and receipts alone are not worth keeping
+        existing = self.store.items(STORE, to.bare)
+        if len(existing) >= self.quota:
+            log.info("offline quota full for {user}; message bounced", user=to.bare)
+            return False
+        seq = int(existing[-1][0]) + 1 if existing else 1
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.server.clock.seconds()))
+        delay = domish.Element((NS_DELAY, "delay"))
+        delay["from"] = to.host
+        delay["stamp"] = stamp
+        delay.addContent("Offline storage")
+        stanza.addChild(delay)
+        self.store.put(STORE, to.bare, f"{seq:012d}", serialize(stanza).decode("utf-8"))
+        return True
+
+    def deliver(self, session) -> None:
+        bare = session.jid.bare
+        stored = self.store.items(STORE, bare)
+        if not stored:
+            return
+        for _key, xml in stored:
+            session.send_bytes(xml.encode("utf-8"))
+        self.store.delete_many(STORE, bare, [k for k, _ in stored])
+        log.info("delivered {n} offline messages to {jid}", n=len(stored), jid=session.jid.full)

@@ -1,0 +1,357 @@
+"""RFC 6121 §3–4: presence subscriptions and presence broadcast.
+
+Outbound processing (what the user's server does with a stanza from its
+user) happens here; the stanza then crosses the router's filter chain with
+:meth:`Router.deliver`, and inbound processing (what the contact's server
+does) runs in :meth:`PresencePlugin.inbound`.  Both halves run in this
+process for local contacts, but keeping them apart keeps every filter (the
+blocking command first) on the path between them, as with s2s.
+
+Remote contacts are skipped in broadcasts and probes until s2s exists, so a
+login does not bounce one error per remote contact.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.logger import Logger
+from twisted.words.xish import domish
+
+from xmppd import jid as jidlib
+from xmppd.handlers.roster import Item, RosterPlugin, with_from, with_to
+from xmppd.jid import JID
+from xmppd.plugin import Plugin
+from xmppd.stanzas import NS_CLIENT, serialize
+
+log = Logger()
+
+SUBSCRIPTION_TYPES = frozenset(("subscribe", "subscribed", "unsubscribe", "unsubscribed"))
+
+
+def presence(kind: str | None, sender: str, to: str) -> domish.Element:
+    el = domish.Element((NS_CLIENT, "presence"))
+    if kind:
+        el["type"] = kind
+    el["from"] = sender
+    el["to"] = to
+    return el
+
+
+class PendingRequests:
+    """Inbound subscription requests awaiting the user's answer.
+
+    Kept apart from the roster: RFC 6121 §3.1.3 has no roster item for a
+    mere request, but it must survive restarts and be shown at each login.
+    """
+
+    STORE = "pending"
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def put(self, owner: str, contact: str) -> None:
+        self.store.put(self.STORE, owner, contact, True)
+
+    def pop(self, owner: str, contact: str) -> bool:
+        if self.store.get(self.STORE, owner, contact) is None:
+            return False
+        self.store.delete(self.STORE, owner, contact)
+        return True
+
+    def of(self, owner: str) -> list[str]:
+        return [k for k, _ in self.store.items(self.STORE, owner)]
+
+
+class PresencePlugin(Plugin):
+    name = "presence"
+
+    def setup(self) -> None:
+        roster = self.server.plugin("roster")
+        if not isinstance(roster, RosterPlugin):
+            raise self.server.config.section("sm").error(
+                "plugins", "presence", "the presence plugin needs the roster plugin before it"
+            )
+        self.roster = roster
+        self.rosters = roster.rosters
+        self.pending = PendingRequests(self.store)
+        self.router.presence_handler = self.outbound
+        self.router.presence_inbound = self.inbound
+        self.router.on_closed.append(self._session_closed)
+        roster.on_remove.append(self._item_removed)
+        # Hooks run after a session's initial presence (offline messages).
+        self.on_initial_presence: list[Callable] = []
+
+    # -- outbound: from the user's own client ----------------------------------
+
+    def outbound(self, stanza: domish.Element, sender: JID, to: JID | None, session) -> None:
+        kind = stanza.getAttribute("type")
+        if to is None:
+            if kind is None or kind == "unavailable":
+                self._broadcast(stanza, session, kind)
+            return  # probes/subscriptions without 'to' are meaningless
+        if kind in SUBSCRIPTION_TYPES:
+            self._outbound_subscription(stanza, kind, sender, to.bare_jid())
+        elif kind == "probe":
+            return  # clients must not probe; the server does it for them
+        else:
+            self._directed(stanza, kind, sender, to, session)
+
+    def _broadcast(self, stanza, session, kind) -> None:
+        initial = kind is None and not session.state.get("sent_presence")
+        owner = session.jid.bare
+        roster = self.rosters.get(owner)
+        if kind is None:
+            session.state["sent_presence"] = True
+            session.state["last_presence"] = stanza
+        else:
+            session.state["sent_presence"] = False
+            session.state.pop("last_presence", None)
+        sender = session.jid
+        for contact, item in roster.items():
+            if item.from_:
+                self._send_as(stanza, sender, contact)
+        # The user's other resources see it too.
+        for other in self.router.resources_of(owner).values():
+            if other is not session and other.available:
+                copy = _copy_to(stanza, other.jid.full)
+                other.send(copy)
+        if kind == "unavailable":
+            self._unavailable_to_directed(session, stanza)
+        if initial:
+            self._probe_contacts(session, roster)
+            self._redeliver_pending(session, roster)
+            for hook in self.on_initial_presence:
+                hook(session)
+
+    def _send_as(self, stanza, sender: JID, contact: str) -> None:
+        """Broadcast ``stanza`` from ``sender`` to ``contact``, through the filters."""
+        try:
+            to = jidlib.parse(contact)
+        except jidlib.InvalidJID:
+            return
+        if not self.router.is_local(to):
+            return
+        self.router.deliver(_copy_to(stanza, contact), sender, to)
+
+    def _probe_contacts(self, session, roster) -> None:
+        """Answer for local contacts the user is subscribed to (RFC 6121 §4.3)."""
+        for contact, item in roster.items():
+            if not item.to:
+                continue
+            try:
+                to = jidlib.parse(contact)
+            except jidlib.InvalidJID:
+                continue
+            if not self.router.is_local(to):
+                continue
+            probe = presence("probe", session.jid.bare, contact)
+            self.router.deliver(probe, session.jid.bare_jid(), to)
+
+    def _redeliver_pending(self, session, roster) -> None:
+        for contact in self.pending.of(session.jid.bare):
+            session.send(presence("subscribe", contact, session.jid.bare))
+
+    def _directed(self, stanza, kind, sender: JID, to: JID, session) -> None:
+        directed = session.state.setdefault("directed", set())
+        if kind is None:
+            item = self.rosters.item(sender.bare, to.bare)
+            if item is None or not item.from_:
+                directed.add(to.full)
+        elif kind == "unavailable":
+            directed.discard(to.full)
+        self.router.deliver(stanza, sender, to, session)
+
+    def _unavailable_to_directed(self, session, stanza=None) -> None:
+        for target in session.state.pop("directed", set()):
+            try:
+                to = jidlib.parse(target)
+            except jidlib.InvalidJID:
+                continue
+            unavailable = presence("unavailable", session.jid.full, target)
+            self.router.deliver(unavailable, session.jid, to)
+
+    def _session_closed(self, session) -> None:
+        """A session ended without unavailable presence: say so for it."""
+        if session.state.get("sent_presence"):
+            unavailable = presence("unavailable", session.jid.full, session.jid.bare)
+            del unavailable["to"]
+            session.available = False
+            self._broadcast(unavailable, session, "unavailable")
+        else:
+            self._unavailable_to_directed(session)
+
+    def _outbound_subscription(self, stanza, kind: str, sender: JID, contact: JID) -> None:
+        owner = sender.bare
+        item = self.rosters.item(owner, contact.bare)
+        changed = None
+        if kind == "subscribe":
+            item = Item(item) if item is not None else Item.new()
+            if not item.to and not item.get("ask"):
+                item["ask"] = "subscribe"
+                changed = item
+        elif kind == "unsubscribe" and item is not None:
+            item = Item(item)
+            if item.to or item.get("ask"):
+                item["subscription"] = with_to(item["subscription"], False)
+                item["ask"] = None
+                changed = item
+        elif kind == "subscribed":
+            item = Item(item) if item is not None else Item.new()
+            if self.pending.pop(owner, contact.bare):
+                item["subscription"] = with_from(item["subscription"], True)
+                changed = item
+            elif not item.from_:
+                if item.get("approved"):
+                    return
+                item["approved"] = True  # pre-approval (RFC 6121 §3.4)
+                self.roster.update(owner, contact.bare, item)
+                return
+            else:
+                return
+        elif kind == "unsubscribed" and (item is not None or self.pending.pop(owner, contact.bare)):
+            item = item if item is not None else Item.new()
+            item = Item(item)
+            was_from = item.from_
+            if was_from or item.get("approved"):
+                item["subscription"] = with_from(item["subscription"], False)
+                item["approved"] = False
+                changed = item
+            if was_from:
+                self._send_unavailable_from_all(owner, contact.bare)
+        if changed is not None:
+            self.roster.update(owner, contact.bare, changed)
+        out = presence(kind, owner, contact.bare)
+        self.router.deliver(out, sender.bare_jid(), contact)
+        if kind == "subscribed" and changed is not None:
+            # The new subscriber gets our current presence right away.
+            for session in self.router.resources_of(owner).values():
+                last = session.state.get("last_presence")
+                if last is not None and session.available:
+                    self.router.deliver(_copy_to(last, contact.bare), session.jid, contact)
+
+    def _send_unavailable_from_all(self, owner: str, contact: str) -> None:
+        try:
+            to = jidlib.parse(contact)
+        except jidlib.InvalidJID:
+            return
+        for session in self.router.resources_of(owner).values():
+            if session.available:
+                self.router.deliver(presence("unavailable", session.jid.full, contact), session.jid, to)
+
+    def _item_removed(self, owner: str, contact: str, item: Item) -> None:
+        """Roster remove cancels subscriptions both ways (RFC 6121 §2.5)."""
+        try:
+            to = jidlib.parse(contact).bare_jid()
+        except jidlib.InvalidJID:
+            return
+        owner_jid = jidlib.parse(owner)
+        if self.pending.pop(owner, contact) or item.from_:
+            if item.from_:
+                self._send_unavailable_from_all(owner, contact)
+            self.router.deliver(presence("unsubscribed", owner, contact), owner_jid, to)
+        if item.to or item.get("ask"):
+            self.router.deliver(presence("unsubscribe", owner, contact), owner_jid, to)
+
+    # -- inbound: to a local account, after the filter chain ------------------
+
+    def inbound(self, stanza: domish.Element, sender: JID, to: JID) -> None:
+        kind = stanza.getAttribute("type")
+        if kind in SUBSCRIPTION_TYPES:
+            self._inbound_subscription(stanza, kind, sender.bare, to.bare_jid())
+        elif kind == "probe":
+            self._inbound_probe(sender, to.bare_jid())
+        else:
+            self._deliver_presence(stanza, to)
+
+    def _deliver_presence(self, stanza, to: JID) -> None:
+        resources = self.router.resources_of(to.bare)
+        if to.resource is not None:
+            target = resources.get(to.resource)
+            if target is not None:
+                target.send(stanza)
+            return
+        if resources:
+            data = serialize(stanza)
+            for target in resources.values():
+                if target.available:
+                    target.send_bytes(data)
+
+    def _to_available(self, owner: str, stanza) -> None:
+        data = serialize(stanza)
+        for session in self.router.resources_of(owner).values():
+            if session.available:
+                session.send_bytes(data)
+
+    def _inbound_probe(self, sender: JID, owner: JID) -> None:
+        item = self.rosters.item(owner.bare, sender.bare)
+        if item is None or not item.from_:
+            return  # not entitled: say nothing (RFC 6121 §4.3.2)
+        for session in self.router.resources_of(owner.bare).values():
+            last = session.state.get("last_presence")
+            if last is not None and session.available:
+                self.router.deliver(_copy_to(last, sender.full), session.jid, sender)
+
+    def _inbound_subscription(self, stanza, kind: str, contact: str, owner: JID) -> None:
+        bare = owner.bare
+        self.router.user_exists(owner).addCallback(
+            self._inbound_subscription_checked, stanza, kind, contact, owner
+        ).addErrback(lambda f: log.failure("subscription handling failed", f))
+
+    def _inbound_subscription_checked(self, exists: bool, stanza, kind, contact: str, owner: JID):
+        bare = owner.bare
+        if not exists:
+            if kind == "subscribe":
+                reply = presence("unsubscribed", bare, contact)
+                self.router.deliver_unfiltered(reply, owner, jidlib.parse(contact))
+            return
+        item = self.rosters.item(bare, contact)
+        clean = presence(kind, contact, bare)
+        if kind == "subscribe":
+            if item is not None and item.from_:
+                self.router.deliver(presence("subscribed", bare, contact), owner, jidlib.parse(contact))
+                return
+            item = Item(item) if item is not None else None
+            if item is not None and item.get("approved"):
+                item["approved"] = False
+                item["subscription"] = with_from(item["subscription"], True)
+                self.roster.update(bare, contact, item)
+                self.router.deliver(presence("subscribed", bare, contact), owner, jidlib.parse(contact))
+                return
+            # Remember the request (redelivered at login) and show it now.
+            self.pending.put(bare, contact)
+            self._to_available(bare, clean)
+        elif kind == "subscribed":
+            if item is not None and item.get("ask"):
+                item = Item(item)
+                item["ask"] = None
+                item["subscription"] = with_to(item["subscription"], True)
+                self.roster.update(bare, contact, item)
+                self._to_available(bare, clean)
+        elif kind == "unsubscribe":
+            was_pending = self.pending.pop(bare, contact)
+            if item is not None and item.from_:
+                item = Item(item)
+                was_from = item.from_
+                item["subscription"] = with_from(item["subscription"], False)
+                self.roster.update(bare, contact, item)
+                self._to_available(bare, clean)
+                if was_from:
+                    self._send_unavailable_from_all(bare, contact)
+            elif was_pending:
+                self._to_available(bare, clean)
+        elif kind == "unsubscribed":
+            if item is not None and (item.to or item.get("ask")):
+                item = Item(item)
+                item["ask"] = None
+                item["subscription"] = with_to(item["subscription"], False)
+                self.roster.update(bare, contact, item)
+                self._to_available(bare, clean)
+
+
+def _copy_to(stanza: domish.Element, to: str) -> domish.Element:
+    """A shallow copy of a presence stanza with another ``to``."""
+    copy = domish.Element((NS_CLIENT, stanza.name))
+    copy.attributes = dict(stanza.attributes)
+    copy.attributes["to"] = to
+    copy.children = list(stanza.children)
+    return copy

@@ -1,0 +1,58 @@
+"""XEP-0054 vcard-temp storage: users set their own, anyone may read.
+
+The vCard is kept as serialised XML (``vcard/<bare JID>/vcard``) after a
+size check, and returned as it was stored.
+"""
+from __future__ import annotations
+
+from twisted.words.xish import domish
+
+from xmppd.plugin import Plugin, Request
+from xmppd.stanzas import StanzaError
+from xmppd.xmlparser import StreamParser, XMLStreamError
+
+NS_VCARD = "vcard-temp"
+STORE = "vcard"
+
+
+def _parse_fragment(xml: str) -> domish.Element:
+    """Re-parse a stored vCard with the hardened parser."""
+    found = []
+    parser = StreamParser(lambda *a: None, found.append, lambda: None, len(xml) * 4 + 1024)
+    parser.feed(b"<s xmlns='jabber:client'>" + xml.encode("utf-8") + b"</s>")
+    return found[0]
+
+
+class VCardPlugin(Plugin):
+    name = "vcard"
+    features = (NS_VCARD,)
+    account_features = (NS_VCARD,)
+
+    def setup(self) -> None:
+        sec = self.server.config.section("vcard")
+        self.max_size = sec.int("max_size", 65536, minimum=1024)
+        sec.reject_unknown()
+        self.handle_iq("get", NS_VCARD, "vCard", self.on_get)
+        self.handle_iq("set", NS_VCARD, "vCard", self.on_set)
+
+    def on_get(self, request: Request):
+        owner = request.sender.bare if request.to is None else request.to.bare
+        if request.to is not None and request.to.user is None:
+            raise StanzaError("service-unavailable")  # the server has no vCard
+        stored = self.store.get(STORE, owner, "vcard")
+        if stored is None:
+            # An empty vCard, whether or not the account exists.
+            return domish.Element((NS_VCARD, "vCard"))
+        try:
+            return _parse_fragment(stored)
+        except XMLStreamError:
+            raise StanzaError("internal-server-error") from None
+
+    def on_set(self, request: Request):
+        if request.to is not None:
+            raise StanzaError("forbidden", text="only your own vCard")
+        xml = request.payload.toXml()
+        if len(xml.encode("utf-8")) > self.max_size:
+            raise StanzaError("not-acceptable", text=f"vCard larger than {self.max_size} bytes")
+        self.store.put(STORE, request.sender.bare, "vcard", xml)
+        return None

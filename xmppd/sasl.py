@@ -1,0 +1,251 @@
+"""SASL mechanisms for client streams (RFC 6120 §6).
+
+Each mechanism is a small state machine driven by the c2s stream with the
+decoded payloads of ``<auth/>`` and ``<response/>``; it answers with a
+:class:`Challenge` or :class:`Success` (through a Deferred, since connectors
+are networked) or raises :class:`SASLFailure` with the RFC 6120 §6.5
+condition.  SCRAM is delegated to ``scramp``; we only parse the client-first
+message ourselves to learn the username (and, for -PLUS, the channel-binding
+type) before fetching credentials, because ``scramp`` wants them synchronously.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from scramp import ScramException, ScramMechanism
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from xmppd import jid as jidlib
+from xmppd.auth.base import IAuthConnector, ScramCredentials, TemporaryAuthFailure
+
+log = Logger()
+
+
+class SASLFailure(Exception):
+    """Ends the exchange with ``<failure><condition/></failure>``."""
+
+    def __init__(self, condition: str, text: str = "") -> None:
+        super().__init__(f"{condition}: {text}" if text else condition)
+        self.condition = condition
+        self.text = text
+
+
+@dataclass
+class Challenge:
+    data: bytes
+
+
+@dataclass
+class Success:
+    username: str  # prepared localpart
+    data: bytes | None = None
+
+
+@dataclass
+class SASLContext:
+    """What a mechanism may know about the connection it runs on."""
+
+    host: str
+    connector: IAuthConnector
+    secure: bool
+    peer: str
+    # Channel binding data by type name, e.g. {"tls-server-end-point": b"..."}.
+    channel_bindings: Callable[[str], bytes | None] = lambda _name: None
+    plus_offered: bool = False
+
+
+class Mechanism:
+    name = ""
+
+    def __init__(self, ctx: SASLContext) -> None:
+        self.ctx = ctx
+
+    def start(self, initial: bytes | None) -> defer.Deferred:
+        raise NotImplementedError
+
+    def respond(self, data: bytes) -> defer.Deferred:
+        raise SASLFailure("malformed-request", "unexpected response")
+
+
+def _check_authzid(authzid: str, username: str, host: str) -> None:
+    """Only the account itself may be named as authorization identity."""
+    if not authzid:
+        return
+    try:
+        requested = jidlib.parse(authzid)
+    except jidlib.InvalidJID:
+        raise SASLFailure("invalid-authzid") from None
+    if requested.user != username or requested.host != host or requested.resource:
+        raise SASLFailure("invalid-authzid")
+
+
+def _prep_user(raw: str) -> str:
+    try:
+        return jidlib.prep_localpart(raw)
+    except jidlib.InvalidJID:
+        raise SASLFailure("not-authorized", "invalid username") from None
+
+
+def _backend_errors(failure):
+    """Map connector errors: an unavailable backend never means 'wrong password'."""
+    if failure.check(SASLFailure):
+        return failure
+    if failure.check(TemporaryAuthFailure):
+        raise SASLFailure("temporary-auth-failure", str(failure.value))
+    log.failure("authentication backend error", failure)
+    raise SASLFailure("temporary-auth-failure", "backend error")
+
+
+class Plain(Mechanism):
+    """RFC 4616; offered only on encrypted streams."""
+
+    name = "PLAIN"
+
+    def start(self, initial: bytes | None) -> defer.Deferred:
+        if initial is None:
+            return defer.succeed(Challenge(b""))
+        return self.respond(initial)
+
+    def respond(self, data: bytes) -> defer.Deferred:
+        try:
+            authzid, authcid, password = data.decode("utf-8").split("\x00")
+        except (UnicodeDecodeError, ValueError):
+            return defer.fail(SASLFailure("malformed-request"))
+        if not authcid or not password:
+            return defer.fail(SASLFailure("not-authorized"))
+        username = _prep_user(authcid) if authcid else ""
+        try:
+            _check_authzid(authzid, username, self.ctx.host)
+        except SASLFailure as f:
+            return defer.fail(f)
+        d = defer.maybeDeferred(
+            self.ctx.connector.check_password, username, self.ctx.host, password
+        )
+
+        def checked(ok: bool):
+            if not ok:
+                raise SASLFailure("not-authorized")
+            return Success(username)
+
+        return d.addCallback(checked).addErrback(_backend_errors)
+
+
+def parse_client_first(message: str) -> tuple[str, str, str, str]:
+    """(gs2 flag, cb name or '', authzid, username) from a SCRAM client-first."""
+    parts = message.split(",", 2)
+    if len(parts) != 3:
+        raise SASLFailure("malformed-request")
+    flag, authz, bare = parts
+    cbname = ""
+    if flag.startswith("p="):
+        flag, cbname = "p", flag[2:]
+    elif flag not in ("n", "y"):
+        raise SASLFailure("malformed-request")
+    authzid = ""
+    if authz:
+        if not authz.startswith("a="):
+            raise SASLFailure("malformed-request")
+        authzid = authz[2:].replace("=2C", ",").replace("=3D", "=")
+    for attr in bare.split(","):
+        if attr.startswith("n="):
+            user = attr[2:].replace("=2C", ",").replace("=3D", "=")
+            return flag, cbname, authzid, user
+    raise SASLFailure("malformed-request")
+
+
+class Scram(Mechanism):
+    """SCRAM-SHA-1 / SCRAM-SHA-256 (RFC 5802, RFC 7677) on top of ``scramp``."""
+
+    plus = False
+
+    def __init__(self, ctx: SASLContext, hash_name: str) -> None:
+        super().__init__(ctx)
+        self.hash_name = hash_name
+        self.name = hash_name + ("-PLUS" if self.plus else "")
+        self._server = None
+        self._username = ""
+        self._unknown_user = False
+
+    def start(self, initial: bytes | None) -> defer.Deferred:
+        if not initial:
+            return defer.fail(SASLFailure("malformed-request", "no client-first"))
+        try:
+            message = initial.decode("utf-8")
+            flag, cbname, authzid, raw_user = parse_client_first(message)
+            binding = self._binding_for(flag, cbname)
+            self._username = _prep_user(raw_user)
+            _check_authzid(authzid, self._username, self.ctx.host)
+        except UnicodeDecodeError:
+            return defer.fail(SASLFailure("malformed-request"))
+        except SASLFailure as f:
+            return defer.fail(f)
+        d = defer.maybeDeferred(
+            self.ctx.connector.get_scram_credentials,
+            self._username, self.ctx.host, self.hash_name,
+        )
+        d.addCallback(self._first, message, binding)
+        return d.addErrback(_backend_errors)
+
+    def _binding_for(self, flag: str, cbname: str):
+        """Channel binding for this exchange; plain SCRAM refuses binding."""
+        if flag == "p":
+            raise SASLFailure("malformed-request", "channel binding needs a -PLUS mechanism")
+        if flag == "y" and self.ctx.plus_offered:
+            # RFC 5802 §6: the client thinks we do not support binding, but we
+            # offered -PLUS: someone stripped it (downgrade attack).
+            raise SASLFailure("not-authorized", "channel binding downgrade detected")
+        return None
+
+    def _first(self, creds: ScramCredentials | None, message: str, binding):
+        mech = ScramMechanism(self.hash_name)
+        if creds is None:
+            # Run the exchange with throw-away keys so that unknown users and
+            # wrong passwords look the same on the wire.
+            self._unknown_user = True
+            salt, stored, server, iters = mech.make_auth_info(os.urandom(16).hex(), 4096)
+            creds = ScramCredentials(salt, stored, server, iters)
+        info = (creds.salt, creds.stored_key, creds.server_key, creds.iterations)
+        self._server = mech.make_server(lambda _u: info, channel_binding=binding)
+        try:
+            self._server.set_client_first(message)
+            return Challenge(self._server.get_server_first().encode("utf-8"))
+        except ScramException as e:
+            raise SASLFailure("malformed-request", str(e)) from None
+
+    def respond(self, data: bytes) -> defer.Deferred:
+        if self._server is None:
+            return defer.fail(SASLFailure("malformed-request"))
+        try:
+            self._server.set_client_final(data.decode("utf-8"))
+        except (ScramException, UnicodeDecodeError) as e:
+            return defer.fail(SASLFailure("not-authorized", str(e)))
+        if self._unknown_user:
+            return defer.fail(SASLFailure("not-authorized"))
+        final = self._server.get_server_final().encode("utf-8")
+        return defer.succeed(Success(self._username, final))
+
+
+MECHANISM_ORDER = ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN")
+
+
+def available_mechanisms(connector: IAuthConnector, secure: bool) -> list[str]:
+    """Mechanism names to advertise, strongest first.
+
+    PLAIN is never offered on an unencrypted stream.
+    """
+    supported = connector.mechanisms()
+    names = [m for m in MECHANISM_ORDER if m in supported]
+    if not secure:
+        names = [m for m in names if m != "PLAIN"]
+    return names
+
+
+def create(name: str, ctx: SASLContext) -> Mechanism:
+    if name == "PLAIN":
+        return Plain(ctx)
+    if name in ("SCRAM-SHA-1", "SCRAM-SHA-256"):
+        return Scram(ctx, name)
+    raise SASLFailure("invalid-mechanism")

@@ -1,0 +1,119 @@
+"""Building replies and errors for stanzas (RFC 6120 §8.3).
+
+Twisted's ``StanzaError`` knows only the RFC 3920 condition table and crashes
+serialising ``policy-violation``; this module carries the RFC 6120 table and
+builds error replies in place (swapping ``to``/``from``), the way servers are
+expected to bounce stanzas.
+"""
+from __future__ import annotations
+
+from twisted.words.xish import domish
+
+NS_CLIENT = "jabber:client"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+NS_STREAMS = "http://etherx.jabber.org/streams"
+NS_STREAM_ERRORS = "urn:ietf:params:xml:ns:xmpp-streams"
+
+# RFC 6120 §8.3.3: condition -> default error type.
+CONDITIONS = {
+    "bad-request": "modify",
+    "conflict": "cancel",
+    "feature-not-implemented": "cancel",
+    "forbidden": "auth",
+    "gone": "cancel",
+    "internal-server-error": "cancel",
+    "item-not-found": "cancel",
+    "jid-malformed": "modify",
+    "not-acceptable": "modify",
+    "not-allowed": "cancel",
+    "not-authorized": "auth",
+    "policy-violation": "modify",
+    "recipient-unavailable": "wait",
+    "redirect": "modify",
+    "registration-required": "auth",
+    "remote-server-not-found": "cancel",
+    "remote-server-timeout": "wait",
+    "resource-constraint": "wait",
+    "service-unavailable": "cancel",
+    "subscription-required": "auth",
+    "undefined-condition": "cancel",
+    "unexpected-request": "wait",
+}
+
+
+class StanzaError(Exception):
+    """Raised by handlers; the router turns it into an error reply."""
+
+    def __init__(
+        self,
+        condition: str,
+        type: str | None = None,
+        text: str | None = None,
+        extra: domish.Element | None = None,
+    ) -> None:
+        super().__init__(condition if text is None else f"{condition}: {text}")
+        self.condition = condition
+        self.type = type or CONDITIONS.get(condition, "cancel")
+        self.text = text
+        self.extra = extra
+
+    def to_element(self) -> domish.Element:
+        error = domish.Element((NS_CLIENT, "error"))
+        error["type"] = self.type
+        error.addElement((NS_STANZAS, self.condition))
+        if self.text:
+            error.addElement((NS_STANZAS, "text"), content=self.text)
+        if self.extra is not None:
+            error.addChild(self.extra)
+        return error
+
+
+def error_reply(stanza: domish.Element, error: StanzaError) -> domish.Element | None:
+    """Turn ``stanza`` into its error bounce, or None for errors (never bounce those)."""
+    if stanza.getAttribute("type") == "error":
+        return None
+    sender, recipient = stanza.getAttribute("from"), stanza.getAttribute("to")
+    reply = domish.Element((NS_CLIENT, stanza.name))
+    if recipient:
+        reply["from"] = recipient
+    if sender:
+        reply["to"] = sender
+    if stanza.getAttribute("id"):
+        reply["id"] = stanza["id"]
+    reply["type"] = "error"
+    if stanza.name != "iq":
+        # Messages and presence carry their payload back (RFC 6120 §8.3.1).
+        for child in stanza.children:
+            reply.children.append(child)
+    else:
+        first = stanza.firstChildElement()
+        if first is not None:
+            reply.children.append(first)
+    reply.addChild(error.to_element())
+    return reply
+
+
+def iq_result(iq: domish.Element, payload: domish.Element | None = None) -> domish.Element:
+    """The ``result`` reply to ``iq`` (addresses swapped)."""
+    reply = domish.Element((NS_CLIENT, "iq"))
+    if iq.getAttribute("to"):
+        reply["from"] = iq["to"]
+    if iq.getAttribute("from"):
+        reply["to"] = iq["from"]
+    reply["id"] = iq.getAttribute("id", "")
+    reply["type"] = "result"
+    if payload is not None:
+        reply.addChild(payload)
+    return reply
+
+
+def make_element(uri: str, name: str, **attrs: str) -> domish.Element:
+    el = domish.Element((uri, name))
+    for k, v in attrs.items():
+        el[k] = v
+    return el
+
+
+def serialize(element: domish.Element) -> bytes:
+    """Bytes for a ``jabber:client`` stream (no redundant default namespace)."""
+    return element.toXml(defaultUri=NS_CLIENT).encode("utf-8")

@@ -1,0 +1,212 @@
+"""The embedded key-value store: ``(store, user, key) -> JSON value``.
+
+Why not ``dbm``/``shelve``: this interpreter has neither ``dbm.gnu`` nor
+``dbm.ndbm``, so they fall back to ``dbm.dumb``, which loses overwritten values
+when the process dies mid-write.  The embedded default is therefore built on
+stdlib ``sqlite3`` in WAL mode with ``synchronous=FULL`` (the design of Python
+3.13's ``dbm.sqlite3``): each write is one transaction, atomic and durable, and
+a ``kill -9`` at any point leaves either the old or the new value.
+
+Values are JSON of plain types, never pickles, so a store written by one
+version can be read (and audited) by anything.
+
+The calls are synchronous on purpose: they are small local writes, and every
+hot path (routing, blocklist checks) works from in-memory copies held per
+online session, so the store is touched at login, logout and on changes only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from typing import Any, Iterator
+
+from zope.interface import Interface, implementer
+
+__all__ = ["IKeyValueStore", "SQLiteStore", "MemoryStore", "StoreError"]
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written; the message names the file."""
+
+
+class IKeyValueStore(Interface):
+    """A tiny dbm-style store, partitioned by store name and user (bare JID)."""
+
+    def get(store: str, user: str, key: str, default: Any = None) -> Any:
+        """Return the JSON-decoded value or ``default``."""
+
+    def put(store: str, user: str, key: str, value: Any) -> None:
+        """Atomically set one value."""
+
+    def put_many(store: str, user: str, items: dict) -> None:
+        """Atomically set several values of one user (one transaction)."""
+
+    def delete(store: str, user: str, key: str) -> None:
+        """Remove one value; absent keys are ignored."""
+
+    def items(store: str, user: str) -> list:
+        """All ``(key, value)`` pairs of one user in one store, key order."""
+
+    def users(store: str) -> list:
+        """All users that have at least one key in ``store``."""
+
+    def delete_user(store: str | None, user: str) -> None:
+        """Remove everything of ``user`` in ``store`` (or in every store)."""
+
+    def close() -> None:
+        """Release the underlying resources."""
+
+
+def _encode(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+@implementer(IKeyValueStore)
+class SQLiteStore:
+    """Key-value store in ``<data_dir>/xmppd.sqlite3`` (WAL, synchronous=FULL)."""
+
+    FILENAME = "xmppd.sqlite3"
+
+    def __init__(self, data_dir: str) -> None:
+        self.path = os.path.join(data_dir, self.FILENAME)
+        try:
+            os.makedirs(data_dir, mode=0o750, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS kv ("
+                " store TEXT NOT NULL, user TEXT NOT NULL, key TEXT NOT NULL,"
+                " value TEXT NOT NULL, PRIMARY KEY (store, user, key))"
+                " WITHOUT ROWID"
+            )
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"{self.path}: cannot open store: {e}") from e
+        # One connection shared with the ctl tool's threads is fine; the
+        # lock keeps multi-statement transactions whole.
+        self._lock = threading.Lock()
+
+    def get(self, store: str, user: str, key: str, default: Any = None) -> Any:
+        row = self._db.execute(
+            "SELECT value FROM kv WHERE store=? AND user=? AND key=?",
+            (store, user, key),
+        ).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def put(self, store: str, user: str, key: str, value: Any) -> None:
+        self.put_many(store, user, {key: value})
+
+    def put_many(self, store: str, user: str, items: dict) -> None:
+        rows = [(store, user, k, _encode(v)) for k, v in items.items()]
+        with self._lock:
+            self._write(
+                lambda db: db.executemany(
+                    "INSERT OR REPLACE INTO kv VALUES (?,?,?,?)", rows
+                )
+            )
+
+    def delete(self, store: str, user: str, key: str) -> None:
+        with self._lock:
+            self._write(
+                lambda db: db.execute(
+                    "DELETE FROM kv WHERE store=? AND user=? AND key=?",
+                    (store, user, key),
+                )
+            )
+
+    def delete_many(self, store: str, user: str, keys: list) -> None:
+        with self._lock:
+            self._write(
+                lambda db: db.executemany(
+                    "DELETE FROM kv WHERE store=? AND user=? AND key=?",
+                    [(store, user, k) for k in keys],
+                )
+            )
+
+    def items(self, store: str, user: str) -> list:
+        rows = self._db.execute(
+            "SELECT key, value FROM kv WHERE store=? AND user=? ORDER BY key",
+            (store, user),
+        ).fetchall()
+        return [(k, json.loads(v)) for k, v in rows]
+
+    def users(self, store: str) -> list:
+        rows = self._db.execute(
+            "SELECT DISTINCT user FROM kv WHERE store=? ORDER BY user", (store,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def delete_user(self, store: str | None, user: str) -> None:
+        with self._lock:
+            if store is None:
+                self._write(lambda db: db.execute("DELETE FROM kv WHERE user=?", (user,)))
+            else:
+                self._write(
+                    lambda db: db.execute(
+                        "DELETE FROM kv WHERE store=? AND user=?", (store, user)
+                    )
+                )
+
+    def _write(self, statement) -> None:
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                statement(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: write failed: {e}") from e
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@implementer(IKeyValueStore)
+class MemoryStore:
+    """In-memory store for unit tests; same semantics, JSON round-trip included."""
+
+    def __init__(self) -> None:
+        self._data: dict[tuple[str, str], dict[str, str]] = {}
+
+    def get(self, store: str, user: str, key: str, default: Any = None) -> Any:
+        raw = self._data.get((store, user), {}).get(key)
+        return default if raw is None else json.loads(raw)
+
+    def put(self, store: str, user: str, key: str, value: Any) -> None:
+        self.put_many(store, user, {key: value})
+
+    def put_many(self, store: str, user: str, items: dict) -> None:
+        encoded = {k: _encode(v) for k, v in items.items()}
+        self._data.setdefault((store, user), {}).update(encoded)
+
+    def delete(self, store: str, user: str, key: str) -> None:
+        self._data.get((store, user), {}).pop(key, None)
+
+    def delete_many(self, store: str, user: str, keys: list) -> None:
+        for k in keys:
+            self.delete(store, user, k)
+
+    def items(self, store: str, user: str) -> list:
+        part = self._data.get((store, user), {})
+        return [(k, json.loads(part[k])) for k in sorted(part)]
+
+    def users(self, store: str) -> list:
+        return sorted(u for (s, u), part in self._data.items() if s == store and part)
+
+    def delete_user(self, store: str | None, user: str) -> None:
+        for s, u in list(self._data):
+            if u == user and (store is None or s == store):
+                del self._data[(s, u)]
+
+    def close(self) -> None:
+        pass
+
+
