@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+TWISTD = Path(sys.executable).parent / "twistd"
 
 
 def free_port() -> int:
@@ -81,8 +82,7 @@ class Daemon:
     def start(self, wait: bool = True) -> "Daemon":
         self.log = open(self.dir / "xmppd.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "--nodaemon", "--pidfile=", "xmppd",
-             "--config", str(self.config_path)],
+            [str(TWISTD), "--nodaemon", "--pidfile=", "xmppd", "--config", str(self.config_path)],
             cwd=self.dir, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
         )
         if wait:

@@ -1,0 +1,128 @@
+"""Start-up, config errors, persistence across restarts and crashes, packaging."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import REPO, TWISTD, Daemon, free_port, wait_for_port
+from tests.xmpp import connect, run
+
+
+def _twistd(args, cwd, env=None, timeout=20):
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    return subprocess.run([str(TWISTD), "--nodaemon", "--pidfile=", "xmppd", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("toml,key", [
+    ("[server]\nhosts = 'localhost'\n", "server.hosts"),
+    ("[c2s]\nlisten = ['nonsense:1']\n", "c2s.listen"),
+    ("[c2s]\ntls = 'maybe'\n", "c2s.tls"),
+    ("[c2s]\nmax_stanza_size = 10\n", "c2s.max_stanza_size"),
+    ("[sm]\nplugins = ['roster', 'no-such-plugin']\n", "sm.plugins"),
+    ("[server]\nhostz = ['x']\n", "server.hostz"),
+    ("[server\n", "-"),
+    ("[auth]\nconnector = 'kerberos'\n", "auth.connector"),
+])
+def test_config_error_is_one_line_naming_file_and_key(tmp_path, toml, key):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    result = _twistd(["--config", str(cfg)], tmp_path)
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if l.startswith("xmppd:")]
+    assert len(lines) == 1, result.stderr
+    assert str(cfg) in lines[0] and key in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file(tmp_path):
+    result = _twistd(["--config", str(tmp_path / "nope.toml")], tmp_path)
+    assert result.returncode != 0 and "file not found" in result.stderr
+
+
+def test_accounts_survive_restart_and_kill_9(tmp_path):
+    d = Daemon(tmp_path).start()
+    try:
+        d.adduser("carol@localhost", "carol-pw")
+        d.stop()
+        d.start()
+
+        async def login():
+            c = await connect("carol@localhost/x", "carol-pw", d.port, mech="SCRAM-SHA-256")
+            c.disconnect()
+
+        run(login())
+        d.ctl("passwd", "carol@localhost", "new-pw")
+        d.kill9()
+        d.start()
+
+        async def login_new():
+            c = await connect("carol@localhost/x", "new-pw", d.port, mech="SCRAM-SHA-1")
+            c.disconnect()
+
+        run(login_new())
+    finally:
+        d.stop()
+
+
+def test_passwords_are_stored_as_scram_only(tmp_path):
+    d = Daemon(tmp_path)
+    d.adduser("dave@localhost", "very-secret-pw")
+    raw = (d.data_dir / "xmppd.sqlite3").read_bytes()
+    for suffix in ("-wal",):
+        wal = d.data_dir / ("xmppd.sqlite3" + suffix)
+        if wal.exists():
+            raw += wal.read_bytes()
+    assert b"very-secret-pw" not in raw
+    from xmppd.storage import SQLiteStore
+
+    creds = SQLiteStore(str(d.data_dir)).get("accounts", "dave@localhost", "scram")
+    assert set(creds) == {"SCRAM-SHA-1", "SCRAM-SHA-256"}
+    assert set(creds["SCRAM-SHA-1"]) == {"salt", "stored_key", "server_key", "iterations"}
+
+
+def test_ctl_errors_are_clear(tmp_path):
+    d = Daemon(tmp_path)
+    d.adduser("erin@localhost", "pw")
+    r = d.ctl("adduser", "erin@localhost", "pw", check=False)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    r = d.ctl("adduser", "erin@elsewhere.example", "pw", check=False)
+    assert r.returncode == 1 and "not a host of this server" in r.stderr
+    r = d.ctl("deluser", "nobody@localhost", check=False)
+    assert r.returncode == 1 and "no such account" in r.stderr
+    r = d.ctl("adduser", "frank@localhost", input="from-stdin\n")
+    assert "created frank@localhost" in r.stdout
+
+
+def test_no_config_serves_localhost_with_generated_certificate(tmp_path):
+    """`twistd -n xmppd` alone: vhost localhost, ./var, self-signed certificate."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([str(TWISTD), "--nodaemon", "--pidfile=", "xmppd"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(5222, proc=proc)
+        assert (tmp_path / "var" / "xmppd.sqlite3").exists()
+        certs = list((tmp_path / "var" / "certs").glob("localhost*"))
+        assert certs
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode()
+    assert "SELF-SIGNED" in out
+
+
+def test_plugin_is_found_after_plain_install(tmp_path):
+    """A normal (non-editable) install ships twisted/plugins/xmppd_plugin.py."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(target), str(REPO)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    assert (target / "twisted" / "plugins" / "xmppd_plugin.py").exists()
+    assert (target / "xmppd" / "tap.py").exists()
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([str(TWISTD), "--help"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True).stdout
+    assert "xmppd" in out
