@@ -217,6 +217,10 @@ class C2SStream(protocol.Protocol):
                 mechs = features.addElement((NS_SASL, "mechanisms"))
                 for name in self._mechanisms():
                     mechs.addElement("mechanism", content=name)
+                register = self.server.plugin("register")
+                feature = register.stream_feature(self.host) if register is not None else None
+                if feature is not None:
+                    features.addChild(feature)
         self.transport.write(
             features.toXml(prefixes={NS_STREAMS: "stream"}, prefixesInScope=["stream"]).encode()
         )
@@ -244,6 +248,11 @@ class C2SStream(protocol.Protocol):
             return self.stream_error("policy-violation", "STARTTLS is required first")
         if el.uri == NS_SASL and phase == NEGOTIATING:
             return self._sasl(el)
+        if phase == NEGOTIATING and el.uri == NS_CLIENT and el.name == "iq":
+            register = self.server.plugin("register")
+            child = el.firstChildElement()
+            if register is not None and child is not None and child.uri == register.features[0]:
+                return register.pre_auth(self, el)
         if phase == AUTHENTICATED and el.uri == NS_CLIENT and el.name == "iq":
             return self._pre_bind_iq(el)
         return self.stream_error("not-authorized", "authenticate and bind first")

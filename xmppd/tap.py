@@ -45,6 +45,8 @@ class ServerService(service.MultiService):
             signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self._sighup))
         with open(self.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
+        # Close the store only after every connection's goodbye has run.
+        reactor.addSystemEventTrigger("after", "shutdown", self.server.close)
         interval = self.server.config.tls.poll_interval
         if interval > 0:
             self.server.certs.start_polling(interval)
@@ -63,9 +65,7 @@ class ServerService(service.MultiService):
             os.unlink(self.pidfile)
         except OSError:
             pass
-        d = super().stopService()
-        self.server.close()
-        return d
+        return super().stopService()
 
 
 def build(config_path: str | None):

@@ -6,6 +6,7 @@ Modules are imported only when enabled.
 """
 
 KNOWN_PLUGINS = {
+    "register": "xmppd.handlers.register:RegisterPlugin",
     "ping": "xmppd.handlers.ping:PingPlugin",
     "disco": "xmppd.handlers.disco:DiscoPlugin",
     "version": "xmppd.handlers.version:VersionPlugin",
@@ -13,7 +14,6 @@ KNOWN_PLUGINS = {
     "presence": "xmppd.handlers.presence:PresencePlugin",
     "offline": "xmppd.handlers.offline:OfflinePlugin",
     "vcard": "xmppd.handlers.vcard:VCardPlugin",
-    "register": "xmppd.handlers.register:RegisterPlugin",
     "urn:xmpp:blocking": "xmppd.handlers.blocking:BlockingPlugin",
     "domain-filter": "xmppd.handlers.domainfilter:DomainFilterPlugin",
     "adhoc": "xmppd.handlers.adhoc:AdHocPlugin",
