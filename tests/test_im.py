@@ -327,3 +327,30 @@ def test_password_change_and_account_removal(im):
     run(go())
     r = im.ctl("deluser", "gina@localhost", check=False)
     assert "no such account" in r.stderr
+
+
+def test_server_pings_idle_clients_and_drops_dead_ones(tmp_path):
+    d = Daemon(tmp_path, plugins=["disco", "ping"], extra="""
+        [ping]
+        interval = 1
+        timeout = 1
+    """).start()
+    try:
+        d.adduser("alice@localhost", "pw")
+        raw = RawClient(d.port)
+        raw.login("alice", "pw", "silent")
+        ping = raw.read_until(b"<ping xmlns='urn:xmpp:ping'/></iq>", timeout=5).decode()
+        assert "type='get'" in ping
+        # We never answer: the server gives up on us.
+        data = raw.read_all(timeout=5)
+        assert b"connection-timeout" in data
+
+        async def go():
+            c = await connect("alice@localhost/live", "pw", d.port, plugins=["xep_0199"])
+            await asyncio.sleep(4)  # slixmpp answers the server's pings
+            assert c.is_connected()
+            c.disconnect()
+
+        run(go())
+    finally:
+        d.stop()

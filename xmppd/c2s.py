@@ -88,6 +88,7 @@ class C2SStream(protocol.Protocol):
             log.warn("c2s {peer}: too many connections from this address", peer=self.peer)
         self._new_parser()
         clock = self.server.clock
+        self.last_active = clock.seconds()
         self._timeout = clock.callLater(self.server.config.c2s.auth_timeout, self._auth_timeout)
 
     def connectionLost(self, reason=None) -> None:
@@ -117,6 +118,7 @@ class C2SStream(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.phase == CLOSED:
             return
+        self.last_active = self.server.clock.seconds()
         try:
             self.parser.feed(data)
         except XMLStreamError as e:

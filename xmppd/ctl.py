@@ -94,6 +94,13 @@ def run(reactor, args) -> defer.Deferred:
         return
     store, connectors = _connectors(config, reactor)
     try:
+        if args.command == "reports":
+            from xmppd.handlers.blocking import REPORTS
+
+            for reported in store.users(REPORTS):
+                for _key, r in store.items(REPORTS, reported):
+                    print(f"{r['time']}  {reported}  reported by {r['reporter']}  {r['reason']}  {r['text']}")
+            return
         if args.command == "addusers":
             host = config.default_host
             connector = connectors[host]
@@ -117,6 +124,7 @@ def run(reactor, args) -> defer.Deferred:
 
             for key, _ in store.items(BLOCK_STORE, account.bare):
                 print(key)
+
     finally:
         store.close()
 
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("reload", help="reload certificates in the running server (SIGHUP)")
     sub.add_parser("certs", help="show which certificate serves which host")
     sub.add_parser("blocklist", help="show a user's XEP-0191 blocklist").add_argument("jid")
+    sub.add_parser("reports", help="list XEP-0377 spam reports received with block requests")
     args = parser.parse_args(argv)
 
     def done(result):

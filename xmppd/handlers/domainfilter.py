@@ -1,0 +1,210 @@
+"""Domain-based packet filtering in the router's filter chain (``domain-filter``).
+
+The policies and their rule syntax are in :mod:`xmppd.filtering`.  This
+plugin holds them in memory and enforces them on every stanza that crosses
+:meth:`Router.deliver` (client stanzas, presence broadcasts and probes,
+subscription handling), in both directions:
+
+* the *sender's* filter is checked against the recipient (outbound), for
+  senders that are accounts of this server;
+* the *recipient's* filter is checked against the sender (inbound), for
+  recipients that are accounts of this server, online or not.
+
+What a refused stanza gets (RFC 6120 §8.3):
+
+* outbound message / IQ get-set: ``<policy-violation/>`` (type ``modify``)
+  with a text naming the domain filter, the policy and the refused domain,
+  so the user learns why;
+* inbound message / IQ get-set: ``<service-unavailable/>`` (type ``cancel``),
+  the answer RFC 6121 §8.5 gives for an account that does not take the
+  stanza, which does not reveal the recipient's filter;
+* presence, IQ results and errors, message errors: dropped silently.
+
+The user's own account (any resource) and own server (the bare domain of
+its vhost) are always reachable, whatever the policy.
+
+Configuration (read once at start-up)::
+
+    [domain-filter]                  # server-wide default
+    default = "ALL"                  # ALL LOCAL OWN BLOCK LIST BLACKLIST CUSTOM
+    domains = []                     # for LIST / BLACKLIST
+    rules = []                       # for CUSTOM
+    poll_interval = 5.0              # seconds; picks up `xmppctl filter` changes
+
+    [hosts."example.org".domain-filter]   # per-vhost default, same keys
+    default = "LOCAL"
+
+Per-user settings (ad-hoc command ``urn:xmppd:admin#set-domain-filter``,
+``xmppctl filter``) override the defaults.  Online users' policies live in a
+dict; the filter does at most two dict look-ups and a few set look-ups per
+stanza, never the store or the config.  A local recipient that is offline is
+looked up in the store once and cached (bounded, invalidated on change).
+"""
+from __future__ import annotations
+
+from twisted.internet import task
+from twisted.logger import Logger
+from twisted.words.xish import domish
+
+from xmppd import filtering
+from xmppd import jid as jidlib
+from xmppd.filtering import FilterError, Policy
+from xmppd.jid import JID
+from xmppd.plugin import Plugin
+from xmppd.router import DROP
+from xmppd.stanzas import StanzaError
+
+log = Logger()
+
+OFFLINE_CACHE_SIZE = 10000
+
+
+class DomainFilter:
+    """The router filter: in-memory look-ups only for online users."""
+
+    def __init__(self, plugin: "DomainFilterPlugin") -> None:
+        self.plugin = plugin
+        self.hosts = plugin.router.hosts
+
+    def check(self, stanza: domish.Element, sender: JID, to: JID):
+        if sender.bare == to.bare:
+            return None  # one's own account is always reachable
+        hosts = self.hosts
+        policy_of = self.plugin.policy_of
+        # Outbound: the sender's filter against the recipient.
+        if sender.user is not None and sender.host in hosts:
+            policy = self.plugin.online.get(sender.bare) or policy_of(sender)
+            if (policy.name != "ALL"
+                    and not (to.user is None and to.resource is None and to.host == sender.host)
+                    and not policy.allows(sender.host, to)):
+                return self._refuse(stanza, sender, to, policy, outbound=True)
+        # Inbound: the recipient's filter against the sender.
+        if to.user is not None and to.host in hosts:
+            policy = self.plugin.online.get(to.bare) or policy_of(to)
+            if (policy.name != "ALL"
+                    and not (sender.user is None and sender.resource is None and sender.host == to.host)
+                    and not policy.allows(to.host, sender)):
+                return self._refuse(stanza, sender, to, policy, outbound=False)
+        return None
+
+    @staticmethod
+    def _refuse(stanza, sender: JID, to: JID, policy: Policy, outbound: bool):
+        if stanza.name == "presence" or stanza.getAttribute("type") in ("error", "result"):
+            return DROP
+        if outbound:
+            return StanzaError(
+                "policy-violation", "modify",
+                text=f"domain filter: your policy {policy.name} does not allow "
+                     f"communication with {to.host}",
+            )
+        return StanzaError("service-unavailable")
+
+
+class DomainFilterPlugin(Plugin):
+    name = "domain-filter"
+
+    def setup(self) -> None:
+        config = self.server.config
+        hosts = config.hosts
+        sec = config.section("domain-filter")
+        self.server_default = filtering.from_section(sec, hosts)
+        self.poll_interval = sec.number("poll_interval", 5.0)
+        sec.reject_unknown()
+        self.defaults: dict[str, Policy] = {}
+        for host in hosts:
+            host_sec = config.host_sections.get(host)
+            if host_sec is None:
+                self.defaults[host] = self.server_default
+                continue
+            sub = host_sec.table_of("domain-filter")
+            self.defaults[host] = filtering.from_section(sub, hosts, self.server_default)
+            sub.reject_unknown()
+        # bare JID -> Policy, for users with at least one session.
+        self.online: dict[str, Policy] = {}
+        self._offline: dict[str, Policy] = {}
+        self._seen_changes: dict[str, float] = {}
+        self.router.filters.insert(0, DomainFilter(self))
+        self.router.on_bound.append(self._bound)
+        self.router.on_closed.append(self._closed)
+        self._poll = None
+        if self.poll_interval > 0:
+            self._seen_changes = dict(self.store.items(filtering.CHANGES, filtering.CHANGES_USER))
+            self._poll = task.LoopingCall(self.poll_changes)
+            self._poll.clock = self.server.clock
+            self._poll.start(self.poll_interval, now=False)
+
+    # -- policies ----------------------------------------------------------------
+
+    def default_for(self, host: str) -> Policy:
+        return self.defaults.get(host, self.server_default)
+
+    def load(self, account: JID) -> Policy:
+        """The effective policy of a local account, from the store."""
+        stored = filtering.load_setting(self.store, account.bare)
+        if stored is not None:
+            try:
+                return filtering.from_json(stored, self.router.hosts)
+            except FilterError as e:
+                log.error("domain filter of {user} unusable, using the default: {error}",
+                          user=account.bare, error=str(e))
+        return self.default_for(account.host)
+
+    def policy_of(self, account: JID) -> Policy:
+        """For an account with no session: the store, through a bounded cache."""
+        policy = self._offline.get(account.bare)
+        if policy is None:
+            policy = self.load(account)
+            if len(self._offline) >= OFFLINE_CACHE_SIZE:
+                self._offline.clear()
+            self._offline[account.bare] = policy
+        return policy
+
+    def effective(self, account: JID) -> Policy:
+        return self.online.get(account.bare) or self.policy_of(account)
+
+    def _bound(self, session) -> None:
+        bare = session.jid.bare
+        if bare not in self.online:
+            self.online[bare] = self.load(session.jid)
+
+    def _closed(self, session) -> None:
+        if not self.router.resources_of(session.jid.bare):
+            self.online.pop(session.jid.bare, None)
+
+    def _refresh(self, account: JID) -> Policy:
+        self._offline.pop(account.bare, None)
+        policy = self.load(account)
+        if account.bare in self.online:
+            self.online[account.bare] = policy
+        return policy
+
+    # -- changes -----------------------------------------------------------------
+
+    def set_filter(self, account: JID, policy: Policy | None, by: str = "") -> Policy:
+        """Store ``policy`` for ``account`` (None: back to the defaults); effective at once."""
+        filtering.save_setting(self.store, account.bare, policy)
+        effective = self._refresh(account)
+        log.info("domain filter of {user} set to {policy}{by}", user=account.bare,
+                 policy=effective.describe() + ("" if policy is not None else " (default)"),
+                 by=f" by {by}" if by else "")
+        return effective
+
+    def poll_changes(self) -> None:
+        """Apply changes made by ``xmppctl filter`` (another process) to online users."""
+        try:
+            changes = self.store.items(filtering.CHANGES, filtering.CHANGES_USER)
+        except Exception:
+            log.failure("domain filter: cannot read changes")
+            return
+        for bare, stamp in changes:
+            if self._seen_changes.get(bare) == stamp:
+                continue
+            self._seen_changes[bare] = stamp
+            try:
+                account = jidlib.parse(bare)
+            except jidlib.InvalidJID:
+                continue
+            policy = self._refresh(account)
+            log.info("domain filter of {user} changed by xmppctl: {policy}",
+                     user=bare, policy=policy.describe())
+
