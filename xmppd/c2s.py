@@ -21,8 +21,10 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from OpenSSL import SSL
+
+from xmppd import channelbinding, sasl
 from xmppd import jid as jidlib
-from xmppd import sasl
 from xmppd.stanzas import (
     NS_CLIENT,
     NS_STREAM_ERRORS,
@@ -43,6 +45,7 @@ NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 NS_BIND = "urn:ietf:params:xml:ns:xmpp-bind"
 NS_SESSION = "urn:ietf:params:xml:ns:xmpp-session"
+NS_SASL_CB = "urn:xmpp:sasl-cb:0"
 _XML_LANG = ("http://www.w3.org/XML/1998/namespace", "lang")
 _STANZAS = frozenset(("message", "presence", "iq"))
 
@@ -219,6 +222,12 @@ class C2SStream(protocol.Protocol):
                 mechs = features.addElement((NS_SASL, "mechanisms"))
                 for name in self._mechanisms():
                     mechs.addElement("mechanism", content=name)
+                binding_types = self._binding_types()
+                if binding_types:
+                    # XEP-0440: which channel bindings -PLUS can use here.
+                    cb = features.addElement((NS_SASL_CB, "sasl-channel-binding"))
+                    for t in binding_types:
+                        cb.addElement("channel-binding")["type"] = t
                 register = self.server.plugin("register")
                 feature = register.stream_feature(self.host) if register is not None else None
                 if feature is not None:
@@ -227,9 +236,20 @@ class C2SStream(protocol.Protocol):
             features.toXml(prefixes={NS_STREAMS: "stream"}, prefixesInScope=["stream"]).encode()
         )
 
+    def _tls_connection(self):
+        """The pyOpenSSL connection of this stream, or None before TLS."""
+        if not self.secure:
+            return None
+        handle = self.transport.getHandle()
+        return handle if isinstance(handle, SSL.Connection) else None
+
+    def _binding_types(self) -> list[str]:
+        conn = self._tls_connection()
+        return channelbinding.available_types(conn) if conn is not None else []
+
     def _mechanisms(self) -> list[str]:
         connector = self.server.connector_for(self.host)
-        return sasl.available_mechanisms(connector, self.secure)
+        return sasl.available_mechanisms(connector, self.secure, bool(self._binding_types()))
 
     def _stream_end(self) -> None:
         log.debug("c2s {peer}: client closed the stream", peer=self.peer)
@@ -290,9 +310,15 @@ class C2SStream(protocol.Protocol):
                 return self._sasl_failure(
                     sasl.SASLFailure("temporary-auth-failure", f"too many failures, retry in {int(wait)}s")
                 )
+            conn = self._tls_connection()
             ctx = sasl.SASLContext(
                 host=self.host, connector=self.server.connector_for(self.host),
                 secure=self.secure, peer=self.peer,
+                channel_bindings=(
+                    (lambda t: channelbinding.binding_data(conn, t)) if conn is not None
+                    else (lambda _t: None)
+                ),
+                plus_offered=any(m.endswith("-PLUS") for m in self._mechanisms()),
             )
             self.mechanism = sasl.create(name, ctx)
             try:
