@@ -69,8 +69,9 @@ class StreamParser:
 
     def _make_parser(self):
         p = expat.ParserCreate("UTF-8", " ")
+        # Linear text accumulation; expat's default 8 KiB buffer is allocated
+        # per connection, so it is not raised (idle memory matters).
         p.buffer_text = True
-        p.buffer_size = 65536
         p.ordered_attributes = False
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
         p.StartElementHandler = self._start
