@@ -47,6 +47,11 @@ class ServerService(service.MultiService):
             f.write(f"{os.getpid()}\n")
         # Close the store only after every connection's goodbye has run.
         reactor.addSystemEventTrigger("after", "shutdown", self.server.close)
+        # Unreachable or misconfigured backends are reported now, not at the
+        # first login (logins through them fail closed until they answer).
+        from xmppd.auth.factory import log_problems
+
+        log_problems(self.server.connectors.values())
         interval = self.server.config.tls.poll_interval
         if interval > 0:
             self.server.certs.start_polling(interval)

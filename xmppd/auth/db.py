@@ -87,6 +87,14 @@ class Query:
             return {n: values[n] for n in set(self.names)}
         return tuple(values[n] for n in self.names)
 
+    def execute(self, cursor, values: dict, prefix: str = "") -> None:
+        """Run on ``cursor`` with ``values`` bound (no parameters: none passed)."""
+        params = self.params(values)
+        if params is None:
+            cursor.execute(prefix + self.text)
+        else:
+            cursor.execute(prefix + self.text, params)
+
 
 def placeholders(sql: str) -> list[str]:
     """Names of the ``:name`` placeholders outside literals and comments."""
@@ -113,9 +121,10 @@ def compile_query(sql: str, paramstyle: str) -> Query:
             if paramstyle == "pyformat":
                 return f"%({name})s"
             raise ValueError(f"unsupported paramstyle {paramstyle!r}")
-        if m.group("percent"):
-            # With bound parameters, format-style drivers read % as markup.
-            return "%%" if has_params and paramstyle in ("format", "pyformat") else "%"
+        # With bound parameters, format-style drivers read every % as markup,
+        # inside string literals and comments too.
+        if has_params and paramstyle in ("format", "pyformat"):
+            return m.group(0).replace("%", "%%")
         return m.group(0)
 
     text = _TOKENS.sub(repl, sql)
@@ -139,6 +148,12 @@ def validate_placeholders(sql: str, allowed: tuple[str, ...], path: str, key: st
 
 
 # -- the database ----------------------------------------------------------------
+
+
+def _dead(conn) -> bool:
+    """Has the driver marked this (wrapped) connection as lost?"""
+    raw = getattr(conn, "_connection", None)
+    return bool(getattr(raw, "broken", False) or getattr(raw, "closed", False))
 
 
 class _Connection(adbapi.Connection):
@@ -273,14 +288,29 @@ class Database:
 
     @staticmethod
     def _with_cursor(conn, func, *args):
-        cursor = conn.cursor()
-        try:
-            return func(cursor, *args)
-        finally:
+        # A pooled connection may have died since its last use (database
+        # restarted, idle connection cut): then nothing of this transaction
+        # happened, and it is retried once on a fresh connection instead of
+        # failing the first login after every database restart.
+        for attempt in (1, 2):
+            cursor = None
             try:
-                cursor.close()
+                cursor = conn.cursor()
+                return func(cursor, *args)
+            except PASS_THROUGH:
+                raise
             except Exception:
-                pass
+                if attempt == 1 and _dead(conn):
+                    cursor = None
+                    conn.reconnect()
+                    continue
+                raise
+            finally:
+                if cursor is not None:
+                    try:
+                        cursor.close()
+                    except Exception:
+                        pass
 
     def _ok(self, result):
         self.health.success()
@@ -346,7 +376,7 @@ class Database:
             cursor.fetchall()
             for key, (query, sample) in queries.items():
                 try:
-                    cursor.execute("EXPLAIN " + query.text, query.params(sample))
+                    query.execute(cursor, sample, prefix="EXPLAIN ")
                     cursor.fetchall()
                 except Exception as e:
                     problems.append(str(ConfigError(
