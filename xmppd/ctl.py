@@ -124,6 +124,13 @@ def run(reactor, args) -> defer.Deferred:
 
             for key, _ in store.items(BLOCK_STORE, account.bare):
                 print(key)
+        elif args.command == "filter":
+            from xmppd.filtering import FilterError, ctl_filter
+
+            try:
+                yield ctl_filter(config, store, connector, account, args.policy, args.values)
+            except FilterError as e:
+                raise CtlError(str(e)) from None
 
     finally:
         store.close()
@@ -180,6 +187,14 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("reload", help="reload certificates in the running server (SIGHUP)")
     sub.add_parser("certs", help="show which certificate serves which host")
     sub.add_parser("blocklist", help="show a user's XEP-0191 blocklist").add_argument("jid")
+    p = sub.add_parser("filter", help="show or set a user's domain filter",
+                       description="POLICY is ALL, LOCAL, OWN, BLOCK, LIST, BLACKLIST, CUSTOM or "
+                       "DEFAULT (drop the user's own setting); LIST/BLACKLIST take domains, CUSTOM "
+                       "takes rules, one quoted argument each ('allow example.org' 'deny *'). "
+                       "Without POLICY the current setting is shown.")
+    p.add_argument("jid")
+    p.add_argument("policy", nargs="?")
+    p.add_argument("values", nargs="*", help="domains (LIST, BLACKLIST) or rules (CUSTOM)")
     sub.add_parser("reports", help="list XEP-0377 spam reports received with block requests")
     args = parser.parse_args(argv)
 

@@ -165,11 +165,17 @@ class DomainFilterPlugin(Plugin):
     def _bound(self, session) -> None:
         bare = session.jid.bare
         if bare not in self.online:
+            self._offline.pop(bare, None)
             self.online[bare] = self.load(session.jid)
 
     def _closed(self, session) -> None:
         if not self.router.resources_of(session.jid.bare):
             self.online.pop(session.jid.bare, None)
+
+    def forget(self, bare: str) -> None:
+        """Drop what is cached for an account (deleted, or changed behind our back)."""
+        self.online.pop(bare, None)
+        self._offline.pop(bare, None)
 
     def _refresh(self, account: JID) -> Policy:
         self._offline.pop(account.bare, None)
