@@ -25,6 +25,7 @@ from OpenSSL import SSL
 
 from xmppd import channelbinding, sasl
 from xmppd import jid as jidlib
+from xmppd.certs import ClientCertificate, client_certificate
 from xmppd.stanzas import (
     NS_CLIENT,
     NS_STREAM_ERRORS,
@@ -73,6 +74,7 @@ class C2SStream(protocol.Protocol):
         self.peer = "?"
         self._timeout = None
         self._refusal: str | None = None
+        self._cert_logged = False
         # Per-session state owned by plugins (e.g. blocking interest).
         self.state: dict = {}
 
@@ -99,6 +101,10 @@ class C2SStream(protocol.Protocol):
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self.factory.release(self.peer)
+        if self.secure and previous < AUTHENTICATED and reason is not None and reason.check(SSL.Error):
+            # e.g. a vhost with client_cert = "required" and no valid certificate
+            log.info("c2s {peer}: TLS failed for {host}: {error}", peer=self.peer,
+                     host=self.host or self._sni() or "(no SNI)", error=reason.getErrorMessage())
         if previous == BOUND:
             log.info("c2s {jid} from {peer}: session ended", jid=self.jid.full, peer=self.peer)
             self.server.router.unbind(self)
@@ -203,10 +209,18 @@ class C2SStream(protocol.Protocol):
         if self.phase == HEADER:
             self.phase = NEGOTIATING
         self._send_header()
+        if self.secure and not self._cert_logged:
+            self._cert_logged = True
+            self._log_client_certificate()
         self._send_features()
 
     def _tls_required(self) -> bool:
-        return not self.secure and self.server.config.c2s.tls == "required"
+        if self.secure:
+            return False
+        if self.server.config.c2s.tls == "required":
+            return True
+        # A vhost that requires client certificates must not be reachable without TLS.
+        return self.host is not None and self.server.config.client_cert(self.host).mode == "required"
 
     def _send_features(self) -> None:
         features = domish.Element((NS_STREAMS, "features"))
@@ -218,10 +232,12 @@ class C2SStream(protocol.Protocol):
                 starttls = features.addElement((NS_TLS, "starttls"))
                 if self._tls_required():
                     starttls.addElement("required")
-            if not self._tls_required():
+            names = self._mechanisms() if not self._tls_required() else []
+            if names:  # RFC 6120 §6.4.1: never an empty <mechanisms/>
                 mechs = features.addElement((NS_SASL, "mechanisms"))
-                for name in self._mechanisms():
+                for name in names:
                     mechs.addElement("mechanism", content=name)
+            if not self._tls_required():
                 binding_types = self._binding_types()
                 if binding_types:
                     # XEP-0440: which channel bindings -PLUS can use here.
@@ -243,13 +259,54 @@ class C2SStream(protocol.Protocol):
         handle = self.transport.getHandle()
         return handle if isinstance(handle, SSL.Connection) else None
 
+    def _sni(self) -> str | None:
+        try:
+            name = self.transport.getHandle().get_servername()
+        except Exception:
+            return None
+        return name.decode("ascii", "replace") if name else None
+
     def _binding_types(self) -> list[str]:
         conn = self._tls_connection()
         return channelbinding.available_types(conn) if conn is not None else []
 
+    def _client_certificate(self) -> ClientCertificate | None:
+        """The client certificate verified for this stream's vhost (EXTERNAL), or None.
+
+        A certificate verified for another vhost (direct TLS whose SNI named a
+        different host than the stream header) does not count.
+        """
+        if self.host is None or not self.server.config.client_cert(self.host).enabled:
+            return None
+        cert = client_certificate(self._tls_connection())
+        return cert if cert is not None and cert.verified_for(self.host) else None
+
+    def _log_client_certificate(self) -> None:
+        """Once per TLS connection: which client certificate came, and whether it verified."""
+        if self.host is None or not self.server.config.client_cert(self.host).enabled:
+            return
+        cert = client_certificate(self._tls_connection())
+        if cert is None:
+            log.debug("c2s {peer}: no client certificate for {host}", peer=self.peer, host=self.host)
+        elif cert.verified_for(self.host):
+            log.info("c2s {peer}: client certificate {cert} verified for {host}",
+                     peer=self.peer, cert=cert.describe(), host=self.host)
+        else:
+            if cert.verified:  # direct TLS: SNI named another vhost than the stream
+                problem = f"verified for {cert.host}, not {self.host}"
+            else:
+                problem = cert.problem or "not verified"
+            log.info("c2s {peer}: client certificate {cert} not accepted for {host}: {problem}"
+                     " (EXTERNAL not offered)", peer=self.peer, cert=cert.describe(),
+                     host=self.host, problem=problem)
+
     def _mechanisms(self) -> list[str]:
         connector = self.server.connector_for(self.host)
-        return sasl.available_mechanisms(connector, self.secure, bool(self._binding_types()))
+        return sasl.available_mechanisms(
+            connector, self.secure, bool(self._binding_types()),
+            external=self._client_certificate() is not None,
+            passwords=self.server.config.sasl_for(self.host).password_mechanisms,
+        )
 
     def _stream_end(self) -> None:
         log.debug("c2s {peer}: client closed the stream", peer=self.peer)
@@ -311,6 +368,7 @@ class C2SStream(protocol.Protocol):
                     sasl.SASLFailure("temporary-auth-failure", f"too many failures, retry in {int(wait)}s")
                 )
             conn = self._tls_connection()
+            client_cert = self._client_certificate()
             ctx = sasl.SASLContext(
                 host=self.host, connector=self.server.connector_for(self.host),
                 secure=self.secure, peer=self.peer,
@@ -319,6 +377,9 @@ class C2SStream(protocol.Protocol):
                     else (lambda _t: None)
                 ),
                 plus_offered=any(m.endswith("-PLUS") for m in self._mechanisms()),
+                client_cert=client_cert,
+                cert_identity=self.server.config.client_cert(self.host).identity,
+                auto_provision=self.server.config.sasl_for(self.host).external_auto_provision,
             )
             self.mechanism = sasl.create(name, ctx)
             try:

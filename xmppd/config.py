@@ -136,6 +136,37 @@ class TLSConfig:
     poll_interval: float
 
 
+CLIENT_CERT_MODES = ("optional", "required", "off")
+CLIENT_CERT_IDENTITIES = ("xmppaddr", "email", "cn")
+
+
+@dataclass(frozen=True)
+class ClientCertConfig:
+    """Client certificates of one vhost: ``[tls] client_*``, overridable per host.
+
+    ``mode`` is "off" unless ``client_cert`` says otherwise or a CA is
+    configured (then "optional").  See docs/external.rst.
+    """
+
+    mode: str = "off"
+    ca: tuple[str, ...] = ()
+    ca_system: bool = False
+    crl: tuple[str, ...] = ()
+    identity: tuple[str, ...] = ("xmppaddr",)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass(frozen=True)
+class SASLConfig:
+    """SASL settings of one vhost: ``[sasl]``, overridable in ``[hosts."x".sasl]``."""
+
+    password_mechanisms: bool = True  # false: certificate-only (EXTERNAL) vhost
+    external_auto_provision: bool = False
+
+
 @dataclass(frozen=True)
 class Config:
     path: str
@@ -149,6 +180,16 @@ class Config:
     auth: Section
     host_sections: dict = field(default_factory=dict)  # host -> Section
     sections: dict = field(default_factory=dict)  # other top-level tables, by name
+    client_certs: dict = field(default_factory=dict)  # host -> ClientCertConfig
+    host_sasl: dict = field(default_factory=dict)  # host -> SASLConfig
+
+    def client_cert(self, host: str) -> ClientCertConfig:
+        """The client-certificate settings of ``host`` (off when not configured)."""
+        return self.client_certs.get(host) or ClientCertConfig()
+
+    def sasl_for(self, host: str) -> SASLConfig:
+        """The SASL settings of ``host``."""
+        return self.host_sasl.get(host) or SASLConfig()
 
     def section(self, name: str) -> Section:
         """A plugin's own table (``[name]``), empty when absent."""
@@ -197,6 +238,58 @@ def _endpoints(sec: Section, name: str, default: tuple) -> tuple[str, ...]:
     return values
 
 
+def _paths(sec: Section, name: str, default: tuple) -> tuple[str, ...]:
+    values = sec.strings(name, default)
+    for v in values:
+        if not v.strip():
+            raise sec.error(name, v, "paths must not be empty")
+    return values
+
+
+def _client_cert(sec: Section, base: ClientCertConfig | None = None,
+                 base_mode: tuple[str | None, Section | None] = (None, None),
+                 validate: bool = True) -> tuple[ClientCertConfig, tuple[str | None, Section | None]]:
+    """
+    ``client_ca``, ``client_ca_system``, ``client_crl``, ``client_cert`` and
+    ``client_cert_identity`` of ``sec``; keys it leaves out come from ``base``
+    (the ``[tls]`` settings when ``sec`` is a host's table).  Returns the
+    settings and (explicit mode, section that set it) for the hosts to inherit.
+    ``validate`` is False for ``[tls]`` itself: a global ``client_cert`` may
+    rely on CAs that every host names in its own table.
+    """
+    base = base or ClientCertConfig()
+    ca = _paths(sec, "client_ca", base.ca)
+    system = sec.bool("client_ca_system", base.ca_system)
+    crl = _paths(sec, "client_crl", base.crl)
+    identity = sec.strings("client_cert_identity", base.identity)
+    if not identity:
+        raise sec.error("client_cert_identity", [], "must name at least one of "
+                        + ", ".join(map(repr, CLIENT_CERT_IDENTITIES)))
+    for v in identity:
+        if v not in CLIENT_CERT_IDENTITIES or identity.count(v) > 1:
+            raise sec.error("client_cert_identity", v, "each must be one of "
+                            + ", ".join(map(repr, CLIENT_CERT_IDENTITIES)) + ", once")
+    explicit = sec.choice("client_cert", CLIENT_CERT_MODES, None)
+    where = sec if explicit is not None else base_mode[1]
+    if explicit is None:
+        explicit = base_mode[0]
+    mode = explicit or ("optional" if ca or system else "off")
+    if validate and mode != "off" and not ca and not system:
+        if where is not None and where.table.get("client_cert") is not None:
+            raise where.error("client_cert", mode, "needs client_ca (CA files or directories) "
+                              "or client_ca_system = true")
+        raise sec.error("client_ca", list(ca), "must name a CA file or directory")
+    return (ClientCertConfig(mode, tuple(ca), system, tuple(crl), tuple(identity)),
+            (explicit, where))
+
+
+def _sasl_settings(sec: Section, base: SASLConfig) -> SASLConfig:
+    return SASLConfig(
+        password_mechanisms=sec.bool("password_mechanisms", base.password_mechanisms),
+        external_auto_provision=sec.bool("external_auto_provision", base.external_auto_provision),
+    )
+
+
 KNOWN_TABLES = ("server", "c2s", "tls", "auth", "sasl", "sm", "hosts")
 
 
@@ -230,10 +323,12 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         ciphers=tls_sec.str("ciphers", None),
         poll_interval=tls_sec.number("poll_interval", 30.0),
     )
-    tls_sec.reject_unknown(extra_allowed=("client_ca", "client_cert"))
+    client_default, client_mode = _client_cert(tls_sec, validate=False)
+    tls_sec.reject_unknown()
 
     sasl = Section(path, "sasl", data.get("sasl", {}))
     iterations = sasl.int("scram_iterations", 4096, minimum=4096)
+    sasl_default = _sasl_settings(sasl, SASLConfig())
     sasl.reject_unknown()
 
     sm = Section(path, "sm", data.get("sm", {}))
@@ -256,6 +351,13 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         if not isinstance(table, dict):
             raise ConfigError(path, f'hosts."{name}"', table, "must be a table")
         host_sections[name] = Section(path, f'hosts."{name}"', table)
+    client_certs, host_sasl = {}, {}
+    for host in hosts:
+        section = host_sections.get(host) or Section(path, f'hosts."{host}"', {})
+        client_certs[host], _ = _client_cert(section.table_of("tls"), client_default, client_mode)
+        host_sasl_sec = section.table_of("sasl")
+        host_sasl[host] = _sasl_settings(host_sasl_sec, sasl_default)
+        host_sasl_sec.reject_unknown()
 
     sections = {
         name: Section(path, name, table)
@@ -269,6 +371,7 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         path=path, hosts=hosts, data_dir=data_dir, admins=admins, c2s=c2s, tls=tls,
         scram_iterations=iterations, plugins=plugins, auth=auth,
         host_sections=host_sections, sections=sections,
+        client_certs=client_certs, host_sasl=host_sasl,
     )
 
 

@@ -108,7 +108,7 @@ class Server:
 
 def build_cert_store(config: Config):
     """The certificate store described by ``[tls]`` and ``[hosts.*.tls]`` (not loaded)."""
-    from xmppd.certs import CertificateStore, TLSPolicy
+    from xmppd.certs import CertificateStore, ClientCertPolicy, TLSPolicy
 
     tls = config.tls
     explicit = {}
@@ -118,10 +118,16 @@ def build_cert_store(config: Config):
         if cert is not None:
             explicit[host] = (cert, t.str("key", None))
     default_cert = (tls.default_cert, tls.default_key) if tls.default_cert else None
+    client_certs = {}
+    for host in config.hosts:
+        c = config.client_cert(host)
+        if c.enabled:
+            client_certs[host] = ClientCertPolicy(mode=c.mode, ca=c.ca, crl=c.crl,
+                                                  system=c.ca_system)
     return CertificateStore(
         hosts=list(config.hosts), data_dir=config.data_dir,
         certs_dir=tls.certs_dir, letsencrypt_dir=tls.letsencrypt_dir,
         explicit=explicit, default_cert=default_cert,
         policy=TLSPolicy(min_version=tls.min_version, ciphers=tls.ciphers),
-        default_host=config.default_host,
+        default_host=config.default_host, client_certs=client_certs,
     )

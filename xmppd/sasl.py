@@ -7,12 +7,15 @@ are networked) or raises :class:`SASLFailure` with the RFC 6120 §6.5
 condition.  SCRAM is delegated to ``scramp``; we only parse the client-first
 message ourselves to learn the username (and, for -PLUS, the channel-binding
 type) before fetching credentials, because ``scramp`` wants them synchronously.
+EXTERNAL (XEP-0178) takes the identity from the TLS client certificate that
+``xmppd.certs`` verified during the handshake.
 """
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import scramp.core
 from scramp import ScramException, ScramMechanism
@@ -20,7 +23,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from xmppd import jid as jidlib
-from xmppd.auth.base import IAuthConnector, ScramCredentials, TemporaryAuthFailure
+from xmppd.auth.base import (
+    IAuthConnector,
+    NotSupported,
+    ScramCredentials,
+    TemporaryAuthFailure,
+    UserExists,
+)
 
 log = Logger()
 
@@ -65,6 +74,12 @@ class SASLContext:
     # Channel binding data by type name, e.g. {"tls-server-end-point": b"..."}.
     channel_bindings: Callable[[str], bytes | None] = lambda _name: None
     plus_offered: bool = False
+    # EXTERNAL: the client certificate (xmppd.certs.ClientCertificate) verified
+    # for ``host``, or None; where its XMPP addresses come from; whether a
+    # missing account is created.
+    client_cert: Any = None
+    cert_identity: tuple[str, ...] = ("xmppaddr",)
+    auto_provision: bool = False
 
 
 class Mechanism:
@@ -251,23 +266,156 @@ class ScramPlus(Scram):
     plus = True
 
 
+class External(Mechanism):
+    """
+    SASL EXTERNAL with a TLS client certificate (RFC 6120 §6.4, XEP-0178).
+
+    The certificate's chain was verified during the handshake; here its XMPP
+    addresses (see ``SASLContext.cert_identity``) are matched against the
+    authorization identity the client sends (possibly empty):
+
+    * empty authzid: the one address of this vhost the certificate names;
+      none -> ``not-authorized``; several -> ``invalid-authzid`` (the client
+      must say which);
+    * authzid given: it must be a bare JID the certificate names, of this
+      vhost; otherwise ``invalid-authzid``;
+    * the account must exist on the connector (``not-authorized`` otherwise)
+      unless auto-provisioning creates it with a random password nobody knows.
+    """
+
+    name = "EXTERNAL"
+
+    def __init__(self, ctx: SASLContext) -> None:
+        super().__init__(ctx)
+        self._started = False
+
+    def start(self, initial: bytes | None) -> defer.Deferred:
+        if initial is None:  # RFC 6120 §6.4.2: empty challenge, the authzid comes next
+            return defer.succeed(Challenge(b""))
+        return self.respond(initial)
+
+    def respond(self, data: bytes) -> defer.Deferred:
+        if self._started:
+            return defer.fail(SASLFailure("malformed-request", "unexpected response"))
+        self._started = True
+        cert = self.ctx.client_cert
+        if cert is None or not cert.verified_for(self.ctx.host):
+            return defer.fail(SASLFailure("not-authorized", "no verified client certificate"))
+        try:
+            authzid = data.decode("utf-8")
+            jid = self._choose(cert, authzid)
+        except UnicodeDecodeError:
+            return defer.fail(self._refused(cert, SASLFailure("malformed-request")))
+        except SASLFailure as f:
+            return defer.fail(self._refused(cert, f))
+        d = defer.maybeDeferred(self.ctx.connector.user_exists, jid.user, jid.host)
+        d.addCallback(self._account, jid, cert)
+        d.addErrback(_backend_errors)
+
+        def refused(failure):
+            failure.trap(SASLFailure)
+            self._refused(cert, failure.value)
+            return failure
+
+        return d.addErrback(refused)
+
+    def _identities(self, cert) -> list[jidlib.JID]:
+        """Bare JIDs (with a localpart) the certificate names; invalid strings are skipped."""
+        found: dict[str, jidlib.JID] = {}
+        for raw in cert.identities(self.ctx.cert_identity):
+            try:
+                j = jidlib.parse(raw.strip())
+            except (jidlib.InvalidJID, ValueError):
+                continue
+            if j.user:
+                found.setdefault(j.bare, j.bare_jid())
+        return list(found.values())
+
+    def _choose(self, cert, authzid: str) -> jidlib.JID:
+        identities = self._identities(cert)
+        host = self.ctx.host
+        if not identities:
+            raise SASLFailure("not-authorized", "the certificate names no XMPP address")
+        local = [j for j in identities if j.host == host]
+        if not authzid:
+            if len(local) == 1:
+                return local[0]
+            if not local:
+                raise SASLFailure("not-authorized", f"the certificate is not for {host}")
+            raise SASLFailure("invalid-authzid", "the certificate names several addresses; "
+                                                 "send the one to use as authzid")
+        try:
+            requested = jidlib.parse(authzid)
+        except jidlib.InvalidJID:
+            raise SASLFailure("invalid-authzid", "not a JID") from None
+        if requested.resource or not requested.user:
+            raise SASLFailure("invalid-authzid", "must be a bare JID")
+        if requested.bare not in {j.bare for j in identities}:
+            raise SASLFailure("invalid-authzid", "the certificate does not name this address")
+        if requested.host != host:
+            raise SASLFailure("invalid-authzid", f"not an account of {host}")
+        return requested
+
+    def _account(self, exists: bool, jid: jidlib.JID, cert) -> defer.Deferred | Success:
+        if exists:
+            return self._success(jid, cert, "")
+        if not self.ctx.auto_provision:
+            raise SASLFailure("not-authorized", "no such account")
+        # Nobody knows this password: the account can log in only with the certificate.
+        d = defer.maybeDeferred(self.ctx.connector.add_user, jid.user, jid.host,
+                                secrets.token_urlsafe(32))
+
+        def added(_):
+            log.info("EXTERNAL: created account {jid} for certificate {cert}",
+                     jid=jid.bare, cert=cert.describe())
+            return self._success(jid, cert, ", account created")
+
+        def not_added(failure):
+            if failure.check(UserExists):  # created meanwhile by another connection
+                return self._success(jid, cert, "")
+            if failure.check(NotSupported):
+                raise SASLFailure("not-authorized", "no such account (the account backend "
+                                                    "cannot create accounts)")
+            return failure
+
+        return d.addCallbacks(added, not_added)
+
+    def _success(self, jid: jidlib.JID, cert, how: str) -> Success:
+        log.info("c2s {peer}: certificate {cert} authenticated {jid} (EXTERNAL{how})",
+                 peer=self.ctx.peer, cert=cert.describe(), jid=jid.bare, how=how,
+                 subject=cert.subject, serial=cert.serial, issuer=cert.issuer)
+        return Success(jid.user)
+
+    def _refused(self, cert, failure: SASLFailure) -> SASLFailure:
+        log.info("c2s {peer}: EXTERNAL refused for certificate {cert}: {condition}{text}",
+                 peer=self.ctx.peer, cert=cert.describe(), condition=failure.condition,
+                 text=f" ({failure.text})" if failure.text else "")
+        return failure
+
+
 MECHANISM_ORDER = (
     "SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN",
 )
 
 
-def available_mechanisms(connector: IAuthConnector, secure: bool, binding: bool = False) -> list[str]:
+def available_mechanisms(connector: IAuthConnector, secure: bool, binding: bool = False,
+                         external: bool = False, passwords: bool = True) -> list[str]:
     """Mechanism names to advertise, strongest first.
 
     PLAIN is never offered on an unencrypted stream; -PLUS only where the
     connection has channel bindings and the connector has SCRAM credentials.
+    EXTERNAL comes first, and only when ``external`` (a client certificate
+    verified for this vhost) on an encrypted stream.  ``passwords=False``
+    (a certificate-only vhost) drops PLAIN and SCRAM altogether.
     """
-    supported = set(connector.mechanisms())
+    supported = set(connector.mechanisms()) if passwords else set()
     if binding:
         supported |= {m + "-PLUS" for m in supported if m.startswith("SCRAM-")}
     names = [m for m in MECHANISM_ORDER if m in supported]
     if not secure:
         names = [m for m in names if m != "PLAIN"]
+    if external and secure:
+        names.insert(0, "EXTERNAL")
     return names
 
 
@@ -278,4 +426,6 @@ def create(name: str, ctx: SASLContext) -> Mechanism:
         return Scram(ctx, name)
     if name in ("SCRAM-SHA-1-PLUS", "SCRAM-SHA-256-PLUS"):
         return ScramPlus(ctx, name[: -len("-PLUS")])
+    if name == "EXTERNAL":
+        return External(ctx)
     raise SASLFailure("invalid-mechanism")
