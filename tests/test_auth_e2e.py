@@ -25,6 +25,7 @@ from tests.daemon import Daemon
 from tests.rawclient import RawClient
 from tests.xmpp import connect, login_fails, run
 from xmppd.auth.passwords import drupal_hash
+from xmppd.auth.sql import EXAMPLE_BOOKKEEPING, TABLE
 
 HOSTS = ("localhost", "sqlite.test", "pg.test", "drupal.test", "d7.test", "ldap.test",
          "ldapt.test", "down.test")
@@ -46,8 +47,9 @@ def e2e(tmp_path_factory):
     d7_uri = make_drupal_db(pg.create_database("drupal7_e2e"), 7, [
         DrupalUser("seven", "seven-secret", drupal_hash("seven-secret")),
     ])
-    extra = "".join([
-        auth_toml(sql_auth_table(sqlite_uri, "scram"), 'hosts."sqlite.test".auth'),
+    extra = "[limits]\nauth_failures_per_ip = 0  # this module fails logins on purpose\n" + "".join([
+        auth_toml(sql_auth_table(sqlite_uri, "scram", queries=EXAMPLE_BOOKKEEPING),
+                  'hosts."sqlite.test".auth'),
         auth_toml(sql_auth_table(pg_uri, "bcrypt"), 'hosts."pg.test".auth'),
         auth_toml(drupal_auth_table(d8_uri, 8), 'hosts."drupal.test".auth'),
         auth_toml(drupal_auth_table(d7_uri, 7), 'hosts."d7.test".auth'),
@@ -57,6 +59,7 @@ def e2e(tmp_path_factory):
     ])
     d = Daemon(tmp, hosts=HOSTS, extra=extra).start()
     d.down = down
+    d.sqlite_path = tmp / "accounts.db"
     yield d
     d.stop()
     down.destroy()
@@ -150,3 +153,36 @@ def test_stopped_backend_is_temporary_failure_not_wrong_password(e2e):
 def test_internal_still_serves_the_default_host(e2e):
     e2e.adduser("ivan@localhost", "ivan-secret")
     assert login(e2e, "ivan@localhost/x", "ivan-secret", "SCRAM-SHA-1")
+
+
+def test_sql_login_logout_bookkeeping(e2e):
+    import sqlite3
+    import time
+
+    assert login(e2e, "sam@sqlite.test/book", "sam-secret", "SCRAM-SHA-1")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        row = sqlite3.connect(e2e.sqlite_path).execute(
+            f"SELECT last_login, last_ip, last_logout FROM {TABLE} WHERE username='sam'").fetchone()
+        if row[2] is not None:
+            break
+        time.sleep(0.1)
+    assert row[0] is not None and row[1] == "127.0.0.1" and row[2] is not None
+
+
+def test_ctl_creates_sql_schema_then_accounts(tmp_path):
+    from tests.backends import auth_toml, sql_auth_table
+
+    db = tmp_path / "fresh.db"
+    extra = auth_toml(sql_auth_table(f"sqlite://{db}", "scram"), "auth")
+    d = Daemon(tmp_path, extra=extra)
+    r = d.ctl("adduser", "nora@localhost", "nora-secret", check=False)
+    assert r.returncode == 1  # no table yet: a clear error, not a traceback
+    assert "Traceback" not in r.stderr
+    assert "created the default sql schema" in d.ctl("create-schema").stdout
+    d.ctl("adduser", "nora@localhost", "nora-secret")
+    d.start()
+    try:
+        assert login(d, "nora@localhost/x", "nora-secret", "SCRAM-SHA-256")
+    finally:
+        d.stop()

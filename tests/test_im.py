@@ -354,3 +354,23 @@ def test_server_pings_idle_clients_and_drops_dead_ones(tmp_path):
         run(go())
     finally:
         d.stop()
+
+
+def test_registration_closed_on_certificate_only_host(tmp_path):
+    d = Daemon(tmp_path, hosts=("localhost", "certonly.test"), plugins=["disco", "register"], extra="""
+        [hosts."certonly.test".sasl]
+        password_mechanisms = false
+    """).start()
+    try:
+        c = RawClient(d.port, host="certonly.test")
+        c.open_stream()
+        c.starttls()
+        features = c.open_stream()
+        assert b"iq-register" not in features
+        c.send("<iq type='set' id='reg1'><query xmlns='jabber:iq:register'>"
+               "<username>x</username><password>long-enough</password></query></iq>")
+        assert b"not-allowed" in c.read_until(b"</iq>")
+        features, reply = _register(d.port, "y", "long-enough")
+        assert b"iq-register" in features and b"type='result'" in reply
+    finally:
+        d.stop()

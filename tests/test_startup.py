@@ -27,6 +27,9 @@ def _twistd(args, cwd, env=None, timeout=20):
     ("[server]\nhostz = ['x']\n", "server.hostz"),
     ("[server\n", "-"),
     ("[auth]\nconnector = 'kerberos'\n", "auth.connector"),
+    ("[blockin]\nbounce = false\n", "blockin"),
+    ("[server]\nhosts = ['a.test']\n[hosts.\"a.test\"]\nadmin = ['x@a.test']\n", 'hosts."a.test".admin'),
+    ("[blocking]\nbounce = 'no'\n", "blocking.bounce"),
 ])
 def test_config_error_is_one_line_naming_file_and_key(tmp_path, toml, key):
     cfg = tmp_path / "bad.toml"
@@ -126,3 +129,50 @@ def test_plugin_is_found_after_plain_install(tmp_path):
     out = subprocess.run([str(TWISTD), "--help"], env=env, cwd=tmp_path,
                          capture_output=True, text=True).stdout
     assert "xmppd" in out
+
+
+def test_brute_force_throttle_per_account_and_per_ip(tmp_path):
+    from tests.xmpp import login_fails
+
+    d = Daemon(tmp_path, extra="""
+        [limits]
+        auth_failures_per_account = 3
+        auth_failures_per_ip = 6
+        auth_failure_window = 60
+    """).start()
+    try:
+        d.adduser("zed@localhost", "zed-secret")
+        d.adduser("amy@localhost", "amy-secret")
+        for _ in range(3):
+            assert run(login_fails("zed@localhost", "guess", d.port, mech="PLAIN"))[0]["condition"] == "not-authorized"
+        # The right password no longer helps while the account is throttled...
+        failures = run(login_fails("zed@localhost", "zed-secret", d.port, mech="SCRAM-SHA-1"))
+        assert failures[0]["condition"] == "temporary-auth-failure"
+        # ...but other accounts are not affected until the address is throttled.
+
+        async def amy():
+            c = await connect("amy@localhost/x", "amy-secret", d.port)
+            c.disconnect()
+
+        run(amy())
+        for _ in range(3):
+            run(login_fails("amy@localhost", "guess", d.port, mech="PLAIN"))
+        failures = run(login_fails("amy@localhost", "amy-secret", d.port, mech="PLAIN"))
+        assert failures[0]["condition"] == "temporary-auth-failure"
+        assert "throttl" in d.logtext().lower()
+    finally:
+        d.stop()
+
+
+def test_example_config_is_valid(tmp_path):
+    """etc/xmppd.toml, with its paths pointed into a temp dir, passes xmppctl check."""
+    text = (REPO / "etc" / "xmppd.toml").read_text()
+    for path in ("/var/lib/xmppd", "/etc/xmppd/certs", "/etc/letsencrypt/live"):
+        (tmp_path / path.strip("/")).mkdir(parents=True, exist_ok=True)
+        text = text.replace(f'"{path}"', f'"{tmp_path / path.strip("/")}"')
+    cfg = tmp_path / "xmppd.toml"
+    cfg.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "xmppd.ctl", "--config", str(cfg), "check"],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout

@@ -106,8 +106,7 @@ class C2SStream(protocol.Protocol):
             log.info("c2s {peer}: TLS failed for {host}: {error}", peer=self.peer,
                      host=self.host or self._sni() or "(no SNI)", error=reason.getErrorMessage())
         if previous == BOUND:
-            log.info("c2s {jid} from {peer}: session ended", jid=self.jid.full, peer=self.peer)
-            self.server.router.unbind(self)
+            self._end_session()
 
     def _auth_timeout(self) -> None:
         self._timeout = None
@@ -177,7 +176,21 @@ class C2SStream(protocol.Protocol):
         self.phase = CLOSED
         self.transport.loseConnection()
         if was_bound:
-            self.server.router.unbind(self)
+            self._end_session()
+
+    def _end_session(self) -> None:
+        log.info("c2s {jid} from {peer}: session ended", jid=self.jid.full, peer=self.peer)
+        self.server.router.unbind(self)
+        self._bookkeeping("record_logout")
+
+    def _bookkeeping(self, what: str) -> None:
+        """Login/logout bookkeeping queries of connectors that have them (sql)."""
+        record = getattr(self.server.connector_for(self.host), what, None)
+        if record is not None:
+            record(self.username, self.host, self.peer).addErrback(
+                lambda f: log.warn("c2s {jid}: {what} failed: {err}", jid=self.jid.full,
+                                   what=what, err=f.getErrorMessage())
+            )
 
     # -- stream header -------------------------------------------------------
 
@@ -378,6 +391,7 @@ class C2SStream(protocol.Protocol):
                 ),
                 plus_offered=any(m.endswith("-PLUS") for m in self._mechanisms()),
                 client_cert=client_cert,
+                account_wait=self._account_wait,
                 cert_identity=self.server.config.client_cert(self.host).identity,
                 auto_provision=self.server.config.sasl_for(self.host).external_auto_provision,
             )
@@ -442,7 +456,12 @@ class C2SStream(protocol.Protocol):
             failure = failure.value
         self._sasl_failure(failure)
 
+    def _account_wait(self, username: str) -> float:
+        throttle = self.server.throttle
+        return throttle.blocked("", f"{username}@{self.host}") if throttle is not None else 0.0
+
     def _sasl_failure(self, failure: sasl.SASLFailure) -> None:
+        account = f"{self.mechanism.username}@{self.host}" if self.mechanism and self.mechanism.username else ""
         self.mechanism = None
         body = f"<failure xmlns='{NS_SASL}'><{failure.condition}/>"
         if failure.text:
@@ -451,7 +470,7 @@ class C2SStream(protocol.Protocol):
         if failure.condition in ("not-authorized", "invalid-authzid"):
             self.auth_failures += 1
             if self.server.throttle is not None:
-                self.server.throttle.record_failure(self.peer, "")
+                self.server.throttle.record_failure(self.peer, account)
             log.info(
                 "c2s {peer}: authentication failed ({condition}{text})",
                 peer=self.peer, condition=failure.condition,
@@ -491,6 +510,7 @@ class C2SStream(protocol.Protocol):
         result.addElement("jid", content=self.jid.full)
         self.send(iq_result(iq, result))
         log.info("c2s {jid} from {peer}: session bound", jid=self.jid.full, peer=self.peer)
+        self._bookkeeping("record_login")
 
     # -- stanzas of a bound session -----------------------------------------
 

@@ -291,6 +291,14 @@ def _sasl_settings(sec: Section, base: SASLConfig) -> SASLConfig:
 
 
 KNOWN_TABLES = ("server", "c2s", "tls", "auth", "sasl", "sm", "hosts")
+# Tables read by plugins and other parts at start-up (their keys are checked
+# there); any other top-level name is a typo.
+SECTION_TABLES = (
+    "limits", "acl", "adhoc", "blocking", "domain-filter", "offline", "ping",
+    "register", "vcard", "version",
+)
+# Keys of [hosts."<domain>"] tables.
+HOST_KEYS = ("auth", "tls", "sasl", "domain-filter", "admins")
 
 
 def from_dict(data: dict, path: str = "<defaults>") -> Config:
@@ -351,6 +359,10 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         if not isinstance(table, dict):
             raise ConfigError(path, f'hosts."{name}"', table, "must be a table")
         host_sections[name] = Section(path, f'hosts."{name}"', table)
+        for key in table:
+            if key not in HOST_KEYS:
+                raise ConfigError(path, f'hosts."{name}".{key}', table[key],
+                                  "unknown key; allowed: " + ", ".join(HOST_KEYS))
     client_certs, host_sasl = {}, {}
     for host in hosts:
         section = host_sections.get(host) or Section(path, f'hosts."{host}"', {})
@@ -367,6 +379,9 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
     for name, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(path, name, table, "top-level keys must be tables")
+        if name not in KNOWN_TABLES and name not in SECTION_TABLES:
+            raise ConfigError(path, name, "[...]", "unknown table; known: "
+                              + ", ".join(KNOWN_TABLES + SECTION_TABLES))
     return Config(
         path=path, hosts=hosts, data_dir=data_dir, admins=admins, c2s=c2s, tls=tls,
         scram_iterations=iterations, plugins=plugins, auth=auth,

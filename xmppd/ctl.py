@@ -72,9 +72,10 @@ def run(reactor, args) -> defer.Deferred:
         problems = yield check(config, reactor)
         for p in problems:
             print(p)
-        if problems:
-            raise CtlError(f"{len(problems)} problem(s) found")
-        print(f"{config.path}: OK")
+        errors = [p for p in problems if not p.startswith("warning:")]
+        if errors:
+            raise CtlError(f"{len(errors)} error(s) found")
+        print(f"{config.path}: OK" + (f" ({len(problems)} warning(s))" if problems else ""))
         return
     if args.command == "reload":
         pidfile = os.path.join(config.data_dir, "xmppd.pid")
@@ -100,6 +101,18 @@ def run(reactor, args) -> defer.Deferred:
             for reported in store.users(REPORTS):
                 for _key, r in store.items(REPORTS, reported):
                     print(f"{r['time']}  {reported}  reported by {r['reporter']}  {r['reason']}  {r['text']}")
+            return
+        if args.command == "create-schema":
+            done = set()
+            for host, connector in connectors.items():
+                create = getattr(connector, "create_schema", None)
+                if create is None or id(connector) in done:
+                    continue
+                done.add(id(connector))
+                yield create()
+                print(f"created the default {connector.name} schema for {host}")
+            if not done:
+                raise CtlError("no connector with a schema to create (only [auth] connector = \"sql\" has one)")
             return
         if args.command == "addusers":
             host = config.default_host
@@ -184,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("count", type=int)
     p.add_argument("password")
     sub.add_parser("check", help="validate config, certificates and backends")
+    sub.add_parser("create-schema", help="create the sql connector's default table(s)")
     sub.add_parser("reload", help="reload certificates in the running server (SIGHUP)")
     sub.add_parser("certs", help="show which certificate serves which host")
     sub.add_parser("blocklist", help="show a user's XEP-0191 blocklist").add_argument("jid")

@@ -80,6 +80,8 @@ class SASLContext:
     client_cert: Any = None
     cert_identity: tuple[str, ...] = ("xmppaddr",)
     auto_provision: bool = False
+    # Seconds an account must wait before trying again (brute-force throttle).
+    account_wait: Callable[[str], float] = lambda _username: 0.0
 
 
 class Mechanism:
@@ -87,6 +89,17 @@ class Mechanism:
 
     def __init__(self, ctx: SASLContext) -> None:
         self.ctx = ctx
+        # The prepared localpart once the client has named it (for logs and
+        # the per-account throttle).
+        self.username = ""
+
+    def _claim(self, username: str) -> str:
+        """Record who the client says it is; refuse while that account is throttled."""
+        self.username = username
+        wait = self.ctx.account_wait(username)
+        if wait:
+            raise SASLFailure("temporary-auth-failure", f"too many failures, retry in {int(wait) + 1}s")
+        return username
 
     def start(self, initial: bytes | None) -> defer.Deferred:
         raise NotImplementedError
@@ -141,8 +154,8 @@ class Plain(Mechanism):
             return defer.fail(SASLFailure("malformed-request"))
         if not authcid or not password:
             return defer.fail(SASLFailure("not-authorized"))
-        username = _prep_user(authcid) if authcid else ""
         try:
+            username = self._claim(_prep_user(authcid))
             _check_authzid(authzid, username, self.ctx.host)
         except SASLFailure as f:
             return defer.fail(f)
@@ -191,7 +204,6 @@ class Scram(Mechanism):
         self.hash_name = hash_name
         self.name = hash_name + ("-PLUS" if self.plus else "")
         self._server = None
-        self._username = ""
         self._unknown_user = False
 
     def start(self, initial: bytes | None) -> defer.Deferred:
@@ -201,15 +213,15 @@ class Scram(Mechanism):
             message = initial.decode("utf-8")
             flag, cbname, authzid, raw_user = parse_client_first(message)
             binding = self._binding_for(flag, cbname)
-            self._username = _prep_user(raw_user)
-            _check_authzid(authzid, self._username, self.ctx.host)
+            self._claim(_prep_user(raw_user))
+            _check_authzid(authzid, self.username, self.ctx.host)
         except UnicodeDecodeError:
             return defer.fail(SASLFailure("malformed-request"))
         except SASLFailure as f:
             return defer.fail(f)
         d = defer.maybeDeferred(
             self.ctx.connector.get_scram_credentials,
-            self._username, self.ctx.host, self.hash_name,
+            self.username, self.ctx.host, self.hash_name,
         )
         d.addCallback(self._first, message, binding)
         return d.addErrback(_backend_errors)
@@ -257,7 +269,7 @@ class Scram(Mechanism):
         if self._unknown_user:
             return defer.fail(SASLFailure("not-authorized"))
         final = self._server.get_server_final().encode("utf-8")
-        return defer.succeed(Success(self._username, final))
+        return defer.succeed(Success(self.username, final))
 
 
 class ScramPlus(Scram):

@@ -51,8 +51,14 @@ class RegisterPlugin(Plugin):
 
     # -- before authentication (account creation) ---------------------------
 
+    def _open_for(self, host: str) -> bool:
+        # A certificate-only vhost has no password logins: an account made
+        # here with a password could never log in.
+        return (self.allow_create and host in self.hosts
+                and self.server.config.sasl_for(host).password_mechanisms)
+
     def stream_feature(self, host: str) -> domish.Element | None:
-        if self.allow_create and host in self.hosts:
+        if self._open_for(host):
             return domish.Element((NS_FEATURE, "register"))
         return None
 
@@ -72,7 +78,7 @@ class RegisterPlugin(Plugin):
         d.addCallbacks(lambda reply: stream.send(reply), failed)
 
     def _pre_auth(self, stream, iq, query):
-        if not self.allow_create or stream.host not in self.hosts:
+        if not self._open_for(stream.host):
             raise StanzaError("not-allowed", text="registration is closed on this host")
         if iq.getAttribute("type") == "get":
             form = domish.Element((NS_REGISTER, "query"))
