@@ -20,7 +20,7 @@ import json
 import os
 import sqlite3
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 from zope.interface import Interface, implementer
 

@@ -6,9 +6,7 @@ PLAIN logins are verified by deriving the same keys from the offered password.
 """
 from __future__ import annotations
 
-import hmac
 
-from scramp import ScramMechanism
 from twisted.internet.defer import fail, succeed
 from zope.interface import implementer
 
@@ -18,31 +16,10 @@ from xmppd.auth.base import (
     ScramCredentials,
     UserExists,
 )
+from xmppd.auth.passwords import SCRAM_MECHANISMS, make_scram, scram_matches
 from xmppd.storage import IKeyValueStore
 
 STORE = "accounts"
-SCRAM_MECHANISMS = ("SCRAM-SHA-1", "SCRAM-SHA-256")
-
-
-def make_scram_credentials(password: str, iterations: int) -> dict:
-    """SCRAM credentials for both hash functions, JSON-ready."""
-    out = {}
-    for mech in SCRAM_MECHANISMS:
-        salt, stored_key, server_key, i = ScramMechanism(mech).make_auth_info(
-            password, iteration_count=iterations
-        )
-        out[mech] = ScramCredentials(salt, stored_key, server_key, i).to_json()
-    return out
-
-
-def verify_password(creds: ScramCredentials, mechanism: str, password: str) -> bool:
-    """Constant-time check of a clear password against stored SCRAM keys."""
-    _, stored_key, server_key, _ = ScramMechanism(mechanism).make_auth_info(
-        password, iteration_count=creds.iterations, salt=creds.salt
-    )
-    return hmac.compare_digest(stored_key, creds.stored_key) and hmac.compare_digest(
-        server_key, creds.server_key
-    )
 
 
 @implementer(IAuthConnector)
@@ -67,7 +44,7 @@ class InternalConnector:
             return succeed(False)
         mech = "SCRAM-SHA-256"
         return succeed(
-            verify_password(ScramCredentials.from_json(creds[mech]), mech, password)
+            scram_matches(ScramCredentials.from_json(creds[mech]), mech, password)
         )
 
     def get_scram_credentials(self, username: str, domain: str, mechanism: str):
@@ -114,5 +91,5 @@ class InternalConnector:
     def _write(self, username: str, domain: str, password: str) -> None:
         self.store.put(
             STORE, f"{username}@{domain}", "scram",
-            make_scram_credentials(password, self.iterations),
+            make_scram(password, self.iterations),
         )

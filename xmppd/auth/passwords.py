@@ -110,6 +110,14 @@ def encode(encoding: str, password: str, *, scram_iterations: int = 4096,
     raise ValueError(f"unknown password encoding {encoding!r}")
 
 
+def scram_matches(creds: ScramCredentials, mechanism: str, password: str) -> bool:
+    """Constant-time check of a clear password against stored SCRAM keys."""
+    d = derive_scram(password, mechanism, creds.salt, creds.iterations)
+    return hmac.compare_digest(d.stored_key, creds.stored_key) and hmac.compare_digest(
+        d.server_key, creds.server_key
+    )
+
+
 def verify(encoding: str, stored: str, password: str) -> bool:
     """Does ``password`` match ``stored``?  Raises BadStoredPassword on junk."""
     if encoding == "plain":
@@ -125,11 +133,7 @@ def verify(encoding: str, stored: str, password: str) -> bool:
     if encoding == "scram":
         creds = parse_scram(stored)
         mech = "SCRAM-SHA-256" if "SCRAM-SHA-256" in creds else "SCRAM-SHA-1"
-        c = creds[mech]
-        d = derive_scram(password, mech, c.salt, c.iterations)
-        return hmac.compare_digest(d.stored_key, c.stored_key) and hmac.compare_digest(
-            d.server_key, c.server_key
-        )
+        return scram_matches(creds[mech], mech, password)
     raise ValueError(f"unknown password encoding {encoding!r}")
 
 

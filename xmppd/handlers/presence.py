@@ -292,7 +292,6 @@ class PresencePlugin(Plugin):
                 self.router.deliver(_copy_to(last, sender.full), session.jid, sender)
 
     def _inbound_subscription(self, stanza, kind: str, contact: str, owner: JID) -> None:
-        bare = owner.bare
         self.router.user_exists(owner).addCallback(
             self._inbound_subscription_checked, stanza, kind, contact, owner
         ).addErrback(lambda f: log.failure("subscription handling failed", f))
