@@ -374,3 +374,45 @@ def test_registration_closed_on_certificate_only_host(tmp_path):
         assert b"iq-register" in features and b"type='result'" in reply
     finally:
         d.stop()
+
+
+def test_offline_quota_version_hidden_and_register_hosts(tmp_path):
+    d = Daemon(tmp_path, hosts=("localhost", "closed.test"), plugins=[
+        "roster", "presence", "disco", "version", "offline", "register"], extra="""
+        [offline]
+        max_messages = 2
+        [version]
+        hide = true
+        [register]
+        hosts = ["localhost"]
+    """).start()
+    try:
+        d.adduser("ann@localhost", "ann-secret")
+        d.adduser("ben@localhost", "ben-secret")
+        c = RawClient(d.port)
+        c.login("ann", "ann-secret")
+        for i in range(3):
+            c.send(f"<message to='ben@localhost' type='chat' id='q{i}'><body>note {i}</body></message>")
+        bounce = c.read_until(b"<message[^>]*id='q2'.*?</message>").decode()
+        assert "type='error'" in bounce and "service-unavailable" in bounce
+        c.send("<iq type='get' id='v' to='localhost'><query xmlns='jabber:iq:version'/></iq>")
+        assert b"service-unavailable" in c.read_until(b"</iq>")
+        c.send("<iq type='get' id='d' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        assert b"jabber:iq:version" not in c.read_until(b"</iq>")
+        c.close()
+        b = RawClient(d.port)
+        b.login("ben", "ben-secret")
+        b.send("<presence/>")
+        got = b.read_all(1.0)
+        assert b"note 0" in got and b"note 1" in got and b"note 2" not in got
+        b.close()
+        # registration only where allowed
+        closed = RawClient(d.port, host="closed.test")
+        closed.open_stream()
+        closed.starttls()
+        assert b"iq-register" not in closed.open_stream()
+        closed.close()
+        features, reply = _register(d.port, "newcomer", "newcomer-pw")
+        assert b"iq-register" in features and b"type='result'" in reply
+    finally:
+        d.stop()
