@@ -31,6 +31,7 @@ import os
 import pwd
 import re
 import stat
+import tempfile
 import weakref
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -1144,12 +1145,18 @@ class CertificateStore:
         policy: TLSPolicy = TLSPolicy(),
         default_host: str | None = None,
         client_certs: Mapping[str, ClientCertPolicy] | None = None,
+        generate: bool = True,
     ) -> None:
         if not hosts:
             raise ValueError("CertificateStore needs at least one host")
         self.hosts: list[str] = list(dict.fromkeys(hosts))
         self._keys = {_normalise(h): h for h in self.hosts}
         self.data_dir = data_dir
+        # False for operator tools (``xmppctl certs``/``check``): a missing
+        # self-signed certificate is made in a private temp dir for display,
+        # never in the server's data dir (it would be owned by the tool's user).
+        self.generate = generate
+        self._preview_dir: str | None = None
         self.certs_dir = certs_dir
         self.letsencrypt_dir = letsencrypt_dir
         self.explicit = {_normalise(h): paths for h, paths in (explicit or {}).items()}
@@ -1273,6 +1280,10 @@ class CertificateStore:
             pass
         if not create:
             return None, False
+        if not self.generate:
+            if self._preview_dir is None:
+                self._preview_dir = tempfile.mkdtemp(prefix="xmppd-cert-preview-")
+            source = _Source(GENERATED, os.path.join(self._preview_dir, os.path.basename(source.cert_path)), None)
         _generate_self_signed(_normalise(host), source.cert_path)
         run.written.append(source.cert_path)
         run._cache.pop(source, None)

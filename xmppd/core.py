@@ -106,7 +106,7 @@ class Server:
         self.store.close()
 
 
-def build_cert_store(config: Config):
+def build_cert_store(config: Config, generate: bool = True):
     """The certificate store described by ``[tls]`` and ``[hosts.*.tls]`` (not loaded)."""
     from xmppd.certs import CertificateStore, ClientCertPolicy, TLSPolicy
 
@@ -129,5 +129,5 @@ def build_cert_store(config: Config):
         certs_dir=tls.certs_dir, letsencrypt_dir=tls.letsencrypt_dir,
         explicit=explicit, default_cert=default_cert,
         policy=TLSPolicy(min_version=tls.min_version, ciphers=tls.ciphers),
-        default_host=config.default_host, client_certs=client_certs,
+        default_host=config.default_host, client_certs=client_certs, generate=generate,
     )

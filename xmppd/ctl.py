@@ -152,7 +152,7 @@ def run(reactor, args) -> defer.Deferred:
 def _cert_store(config):
     from xmppd.core import build_cert_store
 
-    return build_cert_store(config)
+    return build_cert_store(config, generate=False)
 
 
 @defer.inlineCallbacks
