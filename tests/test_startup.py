@@ -176,3 +176,52 @@ def test_example_config_is_valid(tmp_path):
                             env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
+
+
+def test_connection_limit_per_ip_and_auth_timeout(tmp_path):
+    from tests.rawclient import RawClient
+
+    d = Daemon(tmp_path)
+    d.write_config(extra="")
+    text = d.config_path.read_text().replace("max_connections_per_ip = 0",
+                                              "max_connections_per_ip = 2\nauth_timeout = 1")
+    d.config_path.write_text(text)
+    d.start()
+    import time
+    time.sleep(0.5)  # let the start-up port probe's connection be released
+    try:
+        first, second = RawClient(d.port), RawClient(d.port)
+        first.open_stream()
+        second.open_stream()
+        third = RawClient(d.port)
+        third.send("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' "
+                   "to='localhost' version='1.0'>")
+        assert b"<policy-violation" in third.read_all(3)
+        # the two admitted streams never authenticate: closed after auth_timeout
+        assert b"<connection-timeout" in first.read_all(4)
+        assert b"<connection-timeout" in second.read_all(4)
+        assert "too many connections" in d.logtext()
+    finally:
+        d.stop()
+
+
+def test_ctl_check_and_startup_name_a_broken_connector(tmp_path):
+    port = free_port()  # nothing listens here
+    d = Daemon(tmp_path, extra=f"""
+        [auth]
+        connector = "sql"
+        [auth.sql]
+        uri = "postgresql://x:y@127.0.0.1:{port}/nope"
+        timeout = 2
+    """)
+    r = d.ctl("check", check=False)
+    assert r.returncode == 1 and "auth.sql.uri" in r.stdout
+    d.start()
+    try:
+        import time
+        deadline = time.monotonic() + 10
+        while "auth.sql.uri" not in d.logtext():
+            assert time.monotonic() < deadline, d.logtext()
+            time.sleep(0.2)
+    finally:
+        d.stop()
