@@ -44,6 +44,23 @@ def _split(name: str) -> tuple[str, str]:
     return (uri, local) if sep else ("", name)
 
 
+def _refusal(what: str):
+    """An expat handler that ends the stream with ``restricted-xml``."""
+
+    def handler(*_args):
+        raise XMLStreamError("restricted-xml", f"{what} not allowed in XMPP")
+
+    return handler
+
+
+# Shared by every parser (one set per process, not per connection).
+_REFUSE_DOCTYPE = _refusal("DOCTYPE")
+_REFUSE_ENTITY = _refusal("entity declaration")
+_REFUSE_COMMENT = _refusal("comment")
+_REFUSE_PI = _refusal("processing instruction")
+_REFUSE_ENTITY_REF = _refusal("entity reference")
+
+
 class StreamParser:
     """Incremental XMPP stream parser with the hardening described above."""
 
@@ -68,7 +85,7 @@ class StreamParser:
         self._parser = self._make_parser()
 
     def _make_parser(self):
-        p = expat.ParserCreate("UTF-8", " ")
+        p = expat.ParserCreate("UTF-8", " ", intern=None)
         # Linear text accumulation.  The text buffer is allocated per
         # connection, so it is kept small (idle memory matters): text longer
         # than it is still joined in linear time, in 1 KiB steps.
@@ -79,20 +96,13 @@ class StreamParser:
         p.StartElementHandler = self._start
         p.EndElementHandler = self._end
         p.CharacterDataHandler = self._text
-        p.StartDoctypeDeclHandler = self._restricted("DOCTYPE")
-        p.EntityDeclHandler = self._restricted("entity declaration")
-        p.CommentHandler = self._restricted("comment")
-        p.ProcessingInstructionHandler = self._restricted("processing instruction")
+        p.StartDoctypeDeclHandler = _REFUSE_DOCTYPE
+        p.EntityDeclHandler = _REFUSE_ENTITY
+        p.CommentHandler = _REFUSE_COMMENT
+        p.ProcessingInstructionHandler = _REFUSE_PI
         p.StartNamespaceDeclHandler = self._ns_decl
-        p.SkippedEntityHandler = self._restricted("entity reference")
+        p.SkippedEntityHandler = _REFUSE_ENTITY_REF
         return p
-
-    @staticmethod
-    def _restricted(what: str):
-        def handler(*_args):
-            raise XMLStreamError("restricted-xml", f"{what} not allowed in XMPP")
-
-        return handler
 
     # -- feeding -----------------------------------------------------------
 
