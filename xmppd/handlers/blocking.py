@@ -38,17 +38,40 @@ REPORTS = "spam_reports"
 MAX_ITEMS = 10000
 
 
-def matches(blocked: frozenset | set, other: JID) -> bool:
+class Blocklist(frozenset):
+    """A user's blocked JIDs, with what the matcher needs precomputed.
+
+    Immutable: a change builds a new one (changes are rare, checks are on
+    every stanza).  ``has_domain_resource`` says whether any item is of the
+    ``domain/resource`` form, the only one whose check needs a new string.
+    """
+
+    __slots__ = ("has_domain_resource",)
+
+    def __new__(cls, items=()):
+        self = super().__new__(cls, items)
+        self.has_domain_resource = any("/" in i and "@" not in i.split("/", 1)[0] for i in self)
+        return self
+
+
+EMPTY = Blocklist()
+
+
+def matches(blocked: Blocklist, other: JID) -> bool:
     """XEP-0016 §2.1: does an item of ``blocked`` cover ``other``?
 
     An item ``user@domain/resource`` matches that full JID only,
     ``user@domain`` every resource of it, ``domain/resource`` that resource
     of any user at the domain, ``domain`` everything at the domain.
     """
-    if other.full in blocked or other.bare in blocked or other.host in blocked:
+    if other.bare in blocked or other.host in blocked:
+        return True
+    if other.resource is None:
+        return False
+    if other.full in blocked:
         return True
     return (
-        other.resource is not None
+        blocked.has_domain_resource
         and other.user is not None
         and f"{other.host}/{other.resource}" in blocked
     )
@@ -102,8 +125,8 @@ class BlockingPlugin(Plugin):
         sec = self.server.config.section("blocking")
         self.bounce_messages = sec.bool("bounce", True)
         sec.reject_unknown()
-        self.lists: dict[str, set[str]] = {}
-        self._offline_cache: dict[str, frozenset] = {}
+        self.lists: dict[str, Blocklist] = {}
+        self._offline_cache: dict[str, Blocklist] = {}
         self.handle_iq("get", NS_BLOCKING, "blocklist", self.on_get)
         self.handle_iq("set", NS_BLOCKING, "block", self.on_block)
         self.handle_iq("set", NS_BLOCKING, "unblock", self.on_unblock)
@@ -113,11 +136,15 @@ class BlockingPlugin(Plugin):
 
     # -- the per-user sets -------------------------------------------------
 
-    def load(self, bare: str) -> frozenset:
+    def _read(self, bare: str) -> Blocklist:
+        items = [k for k, _ in self.store.items(STORE, bare)]
+        return Blocklist(items) if items else EMPTY  # most users block nobody
+
+    def load(self, bare: str) -> Blocklist:
         """The list of a user with no session (bounded cache, cleared on change)."""
         cached = self._offline_cache.get(bare)
         if cached is None:
-            cached = frozenset(k for k, _ in self.store.items(STORE, bare))
+            cached = self._read(bare)
             if len(self._offline_cache) > 10000:
                 self._offline_cache.clear()
             self._offline_cache[bare] = cached
@@ -126,16 +153,16 @@ class BlockingPlugin(Plugin):
     def _bound(self, session) -> None:
         bare = session.jid.bare
         if bare not in self.lists:
-            self.lists[bare] = set(k for k, _ in self.store.items(STORE, bare))
+            self.lists[bare] = self._read(bare)
 
     def _closed(self, session) -> None:
         if not self.router.resources_of(session.jid.bare):
             self.lists.pop(session.jid.bare, None)
 
-    def _list(self, bare: str) -> set:
+    def _list(self, bare: str) -> Blocklist:
         current = self.lists.get(bare)
         if current is None:
-            current = set(self.load(bare))
+            current = self.load(bare)
         return current
 
     # -- IQ handlers -----------------------------------------------------------
@@ -176,12 +203,12 @@ class BlockingPlugin(Plugin):
             self.store.put_many(STORE, bare, {j: {} for j in new})
         for j, el in items:
             self._record_report(bare, j, el)
-        before = frozenset(current)
-        self._update(bare, current | set(new))
+        before = current
+        self._update(bare, Blocklist(current | set(new)))
         self.push(bare, "block", [j for j, _ in items])
         if new:
             log.info("{user} blocked {items}", user=bare, items=", ".join(new))
-            self._presence_after_block(bare, before, frozenset(new))
+            self._presence_after_block(bare, before, Blocklist(new))
         return None
 
     def on_unblock(self, request: Request):
@@ -191,15 +218,15 @@ class BlockingPlugin(Plugin):
         removed = set(current) if not items else {j for j, _ in items if j in current}
         if removed:
             self.store.delete_many(STORE, bare, sorted(removed))
-        remaining = set(current) - removed
+        remaining = Blocklist(current - removed)
         self._update(bare, remaining)
         self.push(bare, "unblock", [j for j, _ in items])
         if removed:
             log.info("{user} unblocked {items}", user=bare, items=", ".join(sorted(removed)))
-            self._presence_after_unblock(bare, frozenset(removed), frozenset(remaining))
+            self._presence_after_unblock(bare, Blocklist(removed), remaining)
         return None
 
-    def _update(self, bare: str, items: set) -> None:
+    def _update(self, bare: str, items: Blocklist) -> None:
         self._offline_cache.pop(bare, None)
         if bare in self.lists:
             self.lists[bare] = items
