@@ -24,7 +24,7 @@ test-deps: deps
 	sh scripts/install-test-deps.sh
 
 run: deps
-	$(VENV)/bin/twistd -n xmppd $(if $(CONFIG),--config $(CONFIG))
+	$(VENV)/bin/twistd -n --pidfile= xmppd $(if $(CONFIG),--config $(CONFIG))
 
 test: test-deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
