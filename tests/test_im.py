@@ -416,3 +416,29 @@ def test_offline_quota_version_hidden_and_register_hosts(tmp_path):
         assert b"iq-register" in features and b"type='result'" in reply
     finally:
         d.stop()
+
+
+def test_subscription_pre_approval(im):
+    im.adduser("pia@localhost", "pia-secret")
+    im.adduser("quin@localhost", "quin-secret")
+    p = RawClient(im.port)
+    p.login("pia", "pia-secret", "pre")
+    q = RawClient(im.port)
+    q.login("quin", "quin-secret", "pre")
+    for c in (p, q):
+        c.send("<iq type='get' id='r'><query xmlns='jabber:iq:roster'/></iq><presence/>")
+        c.read_until(b"id='r'.*?</iq>")
+    # pia approves quin before quin asks (RFC 6121 §3.4)
+    p.send("<presence to='quin@localhost' type='subscribed'/>")
+    push = p.read_until(b"</iq>").decode()
+    assert "approved='true'" in push and "jid='quin@localhost'" in push
+    # quin asks: the server answers for pia at once, pia is not asked
+    q.send("<presence to='pia@localhost' type='subscribe'/>")
+    got = q.read_until(b"<presence[^>]*type='subscribed'[^>]*/>").decode()
+    assert "from='pia@localhost'" in got
+    assert b"type='subscribe'" not in p.read_all(0.8)
+    q.send("<iq type='get' id='r2'><query xmlns='jabber:iq:roster'/></iq>")
+    roster = q.read_until(b"id='r2'.*?</iq>").decode()
+    assert "jid='pia@localhost'" in roster and "subscription='to'" in roster
+    p.close()
+    q.close()
