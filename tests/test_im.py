@@ -442,3 +442,20 @@ def test_subscription_pre_approval(im):
     assert "jid='pia@localhost'" in roster and "subscription='to'" in roster
     p.close()
     q.close()
+
+
+def test_own_presence_is_reflected_to_all_resources(im):
+    """RFC 6121 §4.2.2: initial presence also goes back to the sending resource."""
+    im.adduser("rae@localhost", "rae-secret")
+    one = RawClient(im.port)
+    one.login("rae", "rae-secret", "one")
+    one.send("<presence><status>first</status></presence>")
+    got = one.read_until(b"<presence[^>]*>.*?</presence>").decode()
+    assert "from='rae@localhost/one'" in got and "first" in got
+    two = RawClient(im.port)
+    two.login("rae", "rae-secret", "two")
+    two.send("<presence><status>second</status></presence>")
+    assert b"second" in two.read_until(b"second.*?</presence>")
+    assert b"from='rae@localhost/two'" in one.read_until(b"second.*?</presence>")
+    one.close()
+    two.close()

@@ -110,11 +110,11 @@ class PresencePlugin(Plugin):
         for contact, item in roster.items():
             if item.from_:
                 self._send_as(stanza, sender, contact)
-        # The user's other resources see it too.
+        # All of the user's available resources see it, the sender included
+        # (RFC 6121 §4.2.2, §4.4.2); unavailable goes to the others only.
         for other in self.router.resources_of(owner).values():
-            if other is not session and other.available:
-                copy = _copy_to(stanza, other.jid.full)
-                other.send(copy)
+            if other.available and (other is not session or kind is None):
+                other.send(_copy_to(stanza, other.jid.full))
         if kind == "unavailable":
             self._unavailable_to_directed(session, stanza)
         if initial:
