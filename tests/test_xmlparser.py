@@ -179,3 +179,19 @@ def test_serialize_round_trips(xml):
     second.parser.feed(HEADER + data)
     assert second.elements[0].toXml() == first.elements[0].toXml()
     assert serialize(second.elements[0]) == data
+
+
+def test_halted_parser_is_freed_without_the_cycle_collector():
+    import gc
+    import weakref
+
+    r = Recorder()
+    r.parser.feed(HEADER + b"<presence/>")
+    ref = weakref.ref(r.parser)
+    r.parser.halt()
+    gc.disable()
+    try:
+        r.parser = None
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -128,11 +128,21 @@ class StreamParser:
                 raise XMLStreamError("policy-violation", "stream header too large")
 
     def halt(self) -> None:
-        """Dispatch nothing more from this parser (before a stream reset)."""
+        """Dispatch nothing more from this parser (before a stream reset).
+
+        Every handler that refers back to this object is cleared, so the
+        parser and its ~10 kB of expat buffers are freed by reference counting
+        as soon as the stream drops it, not at some later cyclic collection
+        (each login restarts the stream twice).
+        """
         self._halted = True
-        self._parser.StartElementHandler = None
-        self._parser.EndElementHandler = None
-        self._parser.CharacterDataHandler = None
+        p = self._parser
+        p.StartElementHandler = None
+        p.EndElementHandler = None
+        p.CharacterDataHandler = None
+        p.StartNamespaceDeclHandler = None
+        self._on_stream_start = self._on_element = self._on_stream_end = None
+        self._current = None
 
     # -- expat callbacks ----------------------------------------------------
 
