@@ -32,38 +32,19 @@ import hashlib
 import os
 import pwd
 import shutil
-import socket
 import sqlite3
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.daemon import free_port, stop_process, wait_for_port
+
 INSTALL_HINT = "run scripts/install-test-deps.sh (as root) to install postgresql, slapd, ldap-utils"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None,
-                  logfile: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            log = logfile.read_text(errors="replace")[-3000:] if logfile else ""
-            raise RuntimeError(f"server exited with {proc.returncode}\n{log}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} not listening after {timeout}s")
 
 
 def _private_tmpdir(prefix: str, owner: str | None = None) -> Path:
@@ -408,13 +389,7 @@ access to *
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
     def destroy(self) -> None:

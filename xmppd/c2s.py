@@ -372,7 +372,8 @@ class C2SStream(protocol.Protocol):
             name = el.getAttribute("mechanism", "")
             if self.mechanism is not None:
                 return self._sasl_failure(sasl.SASLFailure("aborted", "exchange in progress"))
-            if name not in self._mechanisms():
+            offered = self._mechanisms()
+            if name not in offered:
                 return self._sasl_failure(sasl.SASLFailure("invalid-mechanism"))
             throttle = self.server.throttle
             wait = throttle.blocked(self.peer, "") if throttle is not None else 0
@@ -389,7 +390,7 @@ class C2SStream(protocol.Protocol):
                     (lambda t: channelbinding.binding_data(conn, t)) if conn is not None
                     else (lambda _t: None)
                 ),
-                plus_offered=any(m.endswith("-PLUS") for m in self._mechanisms()),
+                plus_offered=any(m.endswith("-PLUS") for m in offered),
                 client_cert=client_cert,
                 account_wait=self._account_wait,
                 cert_identity=self.server.config.client_cert(self.host).identity,

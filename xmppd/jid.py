@@ -44,9 +44,6 @@ class JID(NamedTuple):
             return self
         return JID(self.user, self.host, None, self.bare, self.bare)
 
-    def with_resource(self, resource: str) -> "JID":
-        return JID(self.user, self.host, resource, self.bare, f"{self.bare}/{resource}")
-
     def __str__(self) -> str:
         return self.full
 

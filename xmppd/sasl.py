@@ -71,7 +71,7 @@ class SASLContext:
     connector: IAuthConnector
     secure: bool
     peer: str
-    # Channel binding data by type name, e.g. {"tls-server-end-point": b"..."}.
+    # Channel-binding data for a type name ("tls-exporter", ...), None if unavailable.
     channel_bindings: Callable[[str], bytes | None] = lambda _name: None
     plus_offered: bool = False
     # EXTERNAL: the client certificate (xmppd.certs.ClientCertificate) verified

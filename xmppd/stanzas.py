@@ -107,13 +107,6 @@ def iq_result(iq: domish.Element, payload: domish.Element | None = None) -> domi
     return reply
 
 
-def make_element(uri: str, name: str, **attrs: str) -> domish.Element:
-    el = domish.Element((uri, name))
-    for k, v in attrs.items():
-        el[k] = v
-    return el
-
-
 _XML_NS = "http://www.w3.org/XML/1998/namespace"
 
 

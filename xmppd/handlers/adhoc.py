@@ -255,11 +255,18 @@ class AddUser(Command):
         verify = one(values, "password-verify", required=False)
         if verify is not None and verify != password:
             raise StanzaError("not-acceptable", text="the passwords differ")
-        d = ctx.server.connector_for(j.host).add_user(j.user, j.host, password)
-        d.addErrback(_map_connector_error, j.bare)
-        d.addCallback(lambda _: log.info("adhoc: {by} created {user}",
-                                         by=ctx.requester.full, user=j.bare))
-        return d.addCallback(lambda _: Done(f"Account {j.bare} created."))
+        connector = ctx.server.connector_for(j.host)
+        return _with_password(ctx, j, connector.add_user, password,
+                              "created", f"Account {j.bare} created.")
+
+
+def _with_password(ctx, j, operation, password: str, verb: str, done: str):
+    """Run a connector operation taking a password; log it; finish the command."""
+    d = operation(j.user, j.host, password)
+    d.addErrback(_map_connector_error, j.bare)
+    d.addCallback(lambda _: log.info("adhoc: {by} {verb} {user}",
+                                     by=ctx.requester.full, verb=verb, user=j.bare))
+    return d.addCallback(lambda _: Done(done))
 
 
 class DeleteUser(Command):
@@ -310,11 +317,9 @@ class ChangePassword(Command):
         j = account(one(values, "accountjid"))
         ctx.require(self.node, j)
         password = one(values, "password")
-        d = ctx.server.connector_for(j.host).set_password(j.user, j.host, password)
-        d.addErrback(_map_connector_error, j.bare)
-        d.addCallback(lambda _: log.info("adhoc: {by} changed the password of {user}",
-                                         by=ctx.requester.full, user=j.bare))
-        return d.addCallback(lambda _: Done(f"Password of {j.bare} changed."))
+        connector = ctx.server.connector_for(j.host)
+        return _with_password(ctx, j, connector.set_password, password,
+                              "changed the password of", f"Password of {j.bare} changed.")
 
 
 class EndUserSession(Command):

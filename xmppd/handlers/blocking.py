@@ -24,6 +24,7 @@ from twisted.words.xish import domish
 
 from xmppd import jid as jidlib
 from xmppd.jid import JID
+from xmppd.handlers.presence import copy_to
 from xmppd.plugin import Plugin, Request
 from xmppd.router import DROP
 from xmppd.stanzas import NS_CLIENT, StanzaError
@@ -276,7 +277,7 @@ class BlockingPlugin(Plugin):
                     pass
         return targets
 
-    def _presence_after_block(self, bare: str, before: frozenset, new: frozenset) -> None:
+    def _presence_after_block(self, bare: str, before: Blocklist, new: Blocklist) -> None:
         """Unavailable presence, from each available resource, to newly blocked receivers."""
         sessions = [s for s in self.router.resources_of(bare).values() if s.available]
         if not sessions:
@@ -291,7 +292,7 @@ class BlockingPlugin(Plugin):
                     # Bypass the filter on purpose: it would drop this.
                     self.router.deliver_unfiltered(el, session.jid, target)
 
-    def _presence_after_unblock(self, bare: str, removed: frozenset, remaining: frozenset) -> None:
+    def _presence_after_unblock(self, bare: str, removed: Blocklist, remaining: Blocklist) -> None:
         """Current presence to unblocked contacts entitled by subscription."""
         sessions = [s for s in self.router.resources_of(bare).values()
                     if s.available and s.state.get("last_presence") is not None]
@@ -299,9 +300,5 @@ class BlockingPlugin(Plugin):
             if why != "subscription" or not matches(removed, target) or matches(remaining, target):
                 continue
             for session in sessions:
-                last = session.state["last_presence"]
-                el = domish.Element((NS_CLIENT, "presence"))
-                el.attributes = dict(last.attributes)
-                el["to"] = target.full
-                el.children = list(last.children)
+                el = copy_to(session.state["last_presence"], target.full)
                 self.router.deliver(el, session.jid, target)

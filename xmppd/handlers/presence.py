@@ -114,7 +114,7 @@ class PresencePlugin(Plugin):
         # (RFC 6121 §4.2.2, §4.4.2); unavailable goes to the others only.
         for other in self.router.resources_of(owner).values():
             if other.available and (other is not session or kind is None):
-                other.send(_copy_to(stanza, other.jid.full))
+                other.send(copy_to(stanza, other.jid.full))
         if kind == "unavailable":
             self._unavailable_to_directed(session, stanza)
         if initial:
@@ -131,7 +131,7 @@ class PresencePlugin(Plugin):
             return
         if not self.router.is_local(to):
             return
-        self.router.deliver(_copy_to(stanza, contact), sender, to)
+        self.router.deliver(copy_to(stanza, contact), sender, to)
 
     def _probe_contacts(self, session, roster) -> None:
         """Answer for local contacts the user is subscribed to (RFC 6121 §4.3)."""
@@ -227,7 +227,7 @@ class PresencePlugin(Plugin):
             for session in self.router.resources_of(owner).values():
                 last = session.state.get("last_presence")
                 if last is not None and session.available:
-                    self.router.deliver(_copy_to(last, contact.bare), session.jid, contact)
+                    self.router.deliver(copy_to(last, contact.bare), session.jid, contact)
 
     def _send_unavailable_from_all(self, owner: str, contact: str) -> None:
         try:
@@ -289,7 +289,7 @@ class PresencePlugin(Plugin):
         for session in self.router.resources_of(owner.bare).values():
             last = session.state.get("last_presence")
             if last is not None and session.available:
-                self.router.deliver(_copy_to(last, sender.full), session.jid, sender)
+                self.router.deliver(copy_to(last, sender.full), session.jid, sender)
 
     def _inbound_subscription(self, stanza, kind: str, contact: str, owner: JID) -> None:
         self.router.user_exists(owner).addCallback(
@@ -347,7 +347,7 @@ class PresencePlugin(Plugin):
                 self._to_available(bare, clean)
 
 
-def _copy_to(stanza: domish.Element, to: str) -> domish.Element:
+def copy_to(stanza: domish.Element, to: str) -> domish.Element:
     """A shallow copy of a presence stanza with another ``to``."""
     copy = domish.Element((NS_CLIENT, stanza.name))
     copy.attributes = dict(stanza.attributes)
