@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.daemon import Daemon
 from tests.rawclient import RawClient
@@ -151,6 +152,8 @@ def test_full_disk_every_write_answered_logged_once_and_recovered(sd):
     assert "type='result'" in vcard_set(alice, "Alice Before", "v0")
     assert "type='result'" in block(alice, "spam@localhost", "b0")
     message(alice, "carol@localhost", "kept-before")
+    # A round trip: the daemon has stored the message before the disk fills.
+    assert "type='result'" in alice.iq("<iq type='get' id='p0'><ping xmlns='urn:xmpp:ping'/></iq>", "p0")
 
     filler = fill(sd.data_dir)
     try:
@@ -264,8 +267,6 @@ def test_open_transaction_left_by_a_failure_is_rolled_back(tmp_path):
 
 
 def test_identical_failures_are_logged_once_per_interval():
-    from twisted.logger import globalLogPublisher
-
     now = [0.0]
     flog = FailureLog(interval=60, clock=lambda: now[0])
     seen = []
@@ -281,8 +282,6 @@ def test_identical_failures_are_logged_once_per_interval():
         flog.report(err)
     finally:
         globalLogPublisher.removeObserver(seen.append)
-    from twisted.logger import formatEvent
-
     lines = [formatEvent(ev) for ev in seen if "store failure" in ev.get("log_format", "")]
     assert len(lines) == 2, lines
     assert "/d/xmppd.sqlite3" in lines[0] and "put vcard for a@b" in lines[0]
