@@ -97,6 +97,11 @@ class RawClient:
         self.open_stream()
         return self.bind(resource)
 
+    def iq(self, xml: str, ident: str, timeout: float | None = None) -> str:
+        """Send an IQ and return the reply with id ``ident`` (result or error)."""
+        self.send(xml)
+        return self.read_until(f"<iq[^>]*id='{ident}'[^>]*(/>|>.*?</iq>)", timeout).decode()
+
     def close(self) -> None:
         try:
             self.sock.close()

@@ -36,8 +36,7 @@ def raw(d, user, resource="raw", host="localhost"):
 
 
 def iq(c, xml, ident):
-    c.send(xml)
-    return c.read_until(f"<iq[^>]*id='{ident}'[^>]*(/>|>.*?</iq>)").decode()
+    return c.iq(xml, ident)
 
 
 def block(c, *jids, ident="b"):

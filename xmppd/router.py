@@ -23,6 +23,8 @@ from xmppd import jid as jidlib
 from xmppd.jid import JID
 from xmppd.plugin import Request
 from xmppd.stanzas import NS_CLIENT, StanzaError, error_reply, iq_result, serialize
+from xmppd.storage import StoreError
+from xmppd.storefail import stanza_error as store_failure
 
 log = Logger()
 
@@ -242,6 +244,8 @@ class Router:
     def _iq_failed(self, failure, request: Request) -> None:
         if failure.check(StanzaError):
             error = failure.value
+        elif failure.check(StoreError):
+            error = store_failure(failure.value)  # one log line, no traceback
         else:
             log.failure("IQ handler failed for {sender}", failure, sender=request.sender.full)
             error = StanzaError("internal-server-error")
@@ -316,7 +320,13 @@ class Router:
             if not known:
                 self.bounce(stanza, StanzaError("service-unavailable"), session)
             elif kind in ("normal", "chat") and self.offline_handler is not None:
-                if not self.offline_handler(stanza, to):
+                try:
+                    stored = self.offline_handler(stanza, to)
+                except StoreError as e:
+                    # Never a silent drop: the sender learns it was not kept.
+                    self.bounce(stanza, store_failure(e), session)
+                    return
+                if not stored:
                     self.bounce(stanza, StanzaError("service-unavailable"), session)
             elif kind != "headline":
                 self.bounce(stanza, StanzaError("service-unavailable"), session)

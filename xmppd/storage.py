@@ -27,8 +27,44 @@ from zope.interface import Interface, implementer
 __all__ = ["IKeyValueStore", "SQLiteStore", "MemoryStore", "StoreError"]
 
 
+# SQLite result codes (primary part) that mean "out of room or busy, try
+# again later" rather than "something is broken": the user is told
+# ``resource-constraint`` (type wait) for these, ``internal-server-error``
+# for the rest.  ENOSPC surfaces as SQLITE_FULL; a quota (EDQUOT) surfaces
+# as a generic SQLITE_IOERR_WRITE and cannot be told from a failing disk.
+_TRANSIENT = {
+    5: "busy",        # SQLITE_BUSY, after busy_timeout
+    6: "locked",      # SQLITE_LOCKED
+    7: "no memory",   # SQLITE_NOMEM
+    13: "disk full",  # SQLITE_FULL
+}
+
+
 class StoreError(Exception):
-    """The store cannot be opened or written; the message names the file."""
+    """A store operation failed.
+
+    Carries what the single log line and the stanza error need, so no
+    caller has to parse messages: ``path`` (the file), ``operation`` (e.g.
+    ``put roster``), ``user`` (whose data, may be empty), ``reason`` (the
+    SQLite message) and ``condition`` (the RFC 6120 stanza error condition
+    for the user who caused the write).
+    """
+
+    def __init__(self, path: str, operation: str, reason: str, user: str = "",
+                 condition: str = "internal-server-error") -> None:
+        super().__init__(f"{path}: {operation}{f' ({user})' if user else ''}: {reason}")
+        self.path = path
+        self.operation = operation
+        self.user = user
+        self.reason = reason
+        self.condition = condition
+
+    @classmethod
+    def from_sqlite(cls, path: str, operation: str, user: str, error: sqlite3.Error) -> "StoreError":
+        code = getattr(error, "sqlite_errorcode", None)
+        transient = code is not None and (code & 0xFF) in _TRANSIENT
+        return cls(path, operation, str(error), user,
+                   "resource-constraint" if transient else "internal-server-error")
 
 
 class IKeyValueStore(Interface):
@@ -42,6 +78,14 @@ class IKeyValueStore(Interface):
 
     def put_many(store: str, user: str, items: dict) -> None:
         """Atomically set several values of one user (one transaction)."""
+
+    def batch(puts: list = (), deletes: list = ()) -> None:
+        """Several changes in one transaction, across stores and users.
+
+        ``puts`` are ``(store, user, key, value)``, ``deletes`` ``(store,
+        user, key)``; either all happen or none (for changes that must stay
+        together, such as a roster item and the roster version).
+        """
 
     def delete(store: str, user: str, key: str) -> None:
         """Remove one value; absent keys are ignored."""
@@ -86,84 +130,106 @@ class SQLiteStore:
                 " WITHOUT ROWID"
             )
         except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"{self.path}: cannot open store: {e}") from e
+            raise StoreError(self.path, "open store", str(e)) from e
         # One connection shared with the ctl tool's threads is fine; the
         # lock keeps multi-statement transactions whole.
         self._lock = threading.Lock()
 
     def get(self, store: str, user: str, key: str, default: Any = None) -> Any:
-        row = self._db.execute(
-            "SELECT value FROM kv WHERE store=? AND user=? AND key=?",
-            (store, user, key),
-        ).fetchone()
-        return default if row is None else json.loads(row[0])
+        row = self._read(
+            f"read {store}", user,
+            "SELECT value FROM kv WHERE store=? AND user=? AND key=?", (store, user, key),
+        )
+        return default if not row else json.loads(row[0][0])
 
     def put(self, store: str, user: str, key: str, value: Any) -> None:
         self.put_many(store, user, {key: value})
 
     def put_many(self, store: str, user: str, items: dict) -> None:
         rows = [(store, user, k, _encode(v)) for k, v in items.items()]
-        with self._lock:
-            self._write(
-                lambda db: db.executemany(
-                    "INSERT OR REPLACE INTO kv VALUES (?,?,?,?)", rows
-                )
-            )
+        self._write(
+            f"put {store}", user,
+            lambda db: db.executemany("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)", rows),
+        )
 
     def delete(self, store: str, user: str, key: str) -> None:
-        with self._lock:
-            self._write(
-                lambda db: db.execute(
-                    "DELETE FROM kv WHERE store=? AND user=? AND key=?",
-                    (store, user, key),
-                )
-            )
+        self.delete_many(store, user, [key])
 
     def delete_many(self, store: str, user: str, keys: list) -> None:
-        with self._lock:
-            self._write(
-                lambda db: db.executemany(
-                    "DELETE FROM kv WHERE store=? AND user=? AND key=?",
-                    [(store, user, k) for k in keys],
-                )
-            )
+        self._write(
+            f"delete {store}", user,
+            lambda db: db.executemany(
+                "DELETE FROM kv WHERE store=? AND user=? AND key=?",
+                [(store, user, k) for k in keys],
+            ),
+        )
+
+    def batch(self, puts: list = (), deletes: list = ()) -> None:
+        rows = [(s, u, k, _encode(v)) for s, u, k, v in puts]
+        gone = list(deletes)
+        stores = sorted({r[0] for r in rows} | {d[0] for d in gone})
+        users = sorted({r[1] for r in rows} | {d[1] for d in gone})
+
+        def statement(db) -> None:
+            db.executemany("INSERT OR REPLACE INTO kv VALUES (?,?,?,?)", rows)
+            db.executemany("DELETE FROM kv WHERE store=? AND user=? AND key=?", gone)
+
+        self._write(f"write {'+'.join(stores)}", ", ".join(users), statement)
 
     def items(self, store: str, user: str) -> list:
-        rows = self._db.execute(
-            "SELECT key, value FROM kv WHERE store=? AND user=? ORDER BY key",
-            (store, user),
-        ).fetchall()
+        rows = self._read(
+            f"read {store}", user,
+            "SELECT key, value FROM kv WHERE store=? AND user=? ORDER BY key", (store, user),
+        )
         return [(k, json.loads(v)) for k, v in rows]
 
     def users(self, store: str) -> list:
-        rows = self._db.execute(
-            "SELECT DISTINCT user FROM kv WHERE store=? ORDER BY user", (store,)
-        ).fetchall()
+        rows = self._read(
+            f"list {store}", "", "SELECT DISTINCT user FROM kv WHERE store=? ORDER BY user", (store,)
+        )
         return [r[0] for r in rows]
 
     def delete_user(self, store: str | None, user: str) -> None:
-        with self._lock:
-            if store is None:
-                self._write(lambda db: db.execute("DELETE FROM kv WHERE user=?", (user,)))
-            else:
-                self._write(
-                    lambda db: db.execute(
-                        "DELETE FROM kv WHERE store=? AND user=?", (store, user)
-                    )
-                )
+        if store is None:
+            self._write("delete all stores", user,
+                        lambda db: db.execute("DELETE FROM kv WHERE user=?", (user,)))
+        else:
+            self._write(f"delete {store}", user,
+                        lambda db: db.execute("DELETE FROM kv WHERE store=? AND user=?", (store, user)))
 
-    def _write(self, statement) -> None:
-        db = self._db
+    def _read(self, operation: str, user: str, sql: str, args: tuple) -> list:
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                statement(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            return self._db.execute(sql, args).fetchall()
         except sqlite3.Error as e:
-            raise StoreError(f"{self.path}: write failed: {e}") from e
+            raise StoreError.from_sqlite(self.path, operation, user, e) from None
+
+    def _write(self, operation: str, user: str, statement) -> None:
+        """Run ``statement`` in one transaction; on any failure, leave none open.
+
+        SQLite rolls a transaction back by itself after some errors (a full
+        disk at COMMIT does) and not after others (SQLITE_BUSY): rolling
+        back only while one is still open keeps the shared connection usable,
+        so the next write after space is freed succeeds.
+        """
+        db = self._db
+        with self._lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                statement(db)
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._rollback()
+                raise StoreError.from_sqlite(self.path, operation, user, e) from None
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # nothing more to undo; the original error is what matters
 
     def close(self) -> None:
         self._db.close()
@@ -193,6 +259,13 @@ class MemoryStore:
     def delete_many(self, store: str, user: str, keys: list) -> None:
         for k in keys:
             self.delete(store, user, k)
+
+    def batch(self, puts: list = (), deletes: list = ()) -> None:
+        encoded = [(s, u, k, _encode(v)) for s, u, k, v in puts]  # may raise: before any change
+        for s, u, k, raw in encoded:
+            self._data.setdefault((s, u), {})[k] = raw
+        for s, u, k in deletes:
+            self.delete(s, u, k)
 
     def items(self, store: str, user: str) -> list:
         part = self._data.get((store, user), {})

@@ -200,10 +200,13 @@ class BlockingPlugin(Plugin):
         new = [j for j, _ in items if j not in current]
         if len(current) + len(new) > MAX_ITEMS:
             raise StanzaError("resource-constraint", text=f"at most {MAX_ITEMS} items")
-        if new:
-            self.store.put_many(STORE, bare, {j: {} for j in new})
+        # Reports first, the blocklist last, memory after both: a failed
+        # write (StoreError, answered by the router) leaves the list as it
+        # was, on disk and in memory; at worst a report is kept without it.
         for j, el in items:
             self._record_report(bare, j, el)
+        if new:
+            self.store.put_many(STORE, bare, {j: {} for j in new})
         before = current
         self._update(bare, Blocklist(current | set(new)))
         self.push(bare, "block", [j for j, _ in items])

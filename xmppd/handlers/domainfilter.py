@@ -53,6 +53,8 @@ from xmppd.jid import JID
 from xmppd.plugin import Plugin
 from xmppd.router import DROP
 from xmppd.stanzas import StanzaError
+from xmppd.storage import StoreError
+from xmppd.storefail import report
 
 log = Logger()
 
@@ -199,6 +201,9 @@ class DomainFilterPlugin(Plugin):
         """Apply changes made by ``xmppctl filter`` (another process) to online users."""
         try:
             changes = self.store.items(filtering.CHANGES, filtering.CHANGES_USER)
+        except StoreError as e:
+            report(e)  # every poll_interval: rate-limited, no traceback
+            return
         except Exception:
             log.failure("domain filter: cannot read changes")
             return

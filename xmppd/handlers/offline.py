@@ -4,6 +4,10 @@ A chat/normal message to an account with no available resource is stored
 (``offline/<bare JID>/<sequence>``) up to a per-user quota; over the quota
 the sender gets ``service-unavailable``.  Messages are delivered, oldest
 first, right after the session's initial presence, then deleted.
+
+A message that cannot be stored (disk full, I/O error) is not dropped: the
+:class:`~xmppd.storage.StoreError` reaches the router, which bounces it to
+the sender with the matching stanza error and logs one line.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from twisted.words.xish import domish
 
 from xmppd.plugin import Plugin
 from xmppd.stanzas import serialize
+from xmppd.storage import StoreError
+from xmppd.storefail import report
 
 log = Logger()
 
@@ -50,7 +56,11 @@ class OfflinePlugin(Plugin):
         delay["stamp"] = stamp
         delay.addContent("Offline storage")
         stanza.addChild(delay)
-        self.store.put(STORE, to.bare, f"{seq:012d}", serialize(stanza).decode("utf-8"))
+        try:
+            self.store.put(STORE, to.bare, f"{seq:012d}", serialize(stanza).decode("utf-8"))
+        except StoreError:
+            stanza.children.remove(delay)  # the bounce carries the message as sent
+            raise
         return True
 
     def deliver(self, session) -> None:
@@ -60,5 +70,11 @@ class OfflinePlugin(Plugin):
             return
         for _key, xml in stored:
             session.send_bytes(xml.encode("utf-8"))
-        self.store.delete_many(STORE, bare, [k for k, _ in stored])
+        try:
+            self.store.delete_many(STORE, bare, [k for k, _ in stored])
+        except StoreError as e:
+            # Delivered but still stored: sent again at the next login, a
+            # duplicate rather than a loss.
+            report(e)
+            return
         log.info("delivered {n} offline messages to {jid}", n=len(stored), jid=session.jid.full)

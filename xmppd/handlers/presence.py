@@ -9,6 +9,11 @@ blocking command first) on the path between them, as with s2s.
 
 Remote contacts are skipped in broadcasts and probes until s2s exists, so a
 login does not bounce one error per remote contact.
+
+Subscription state is written outside any IQ, so a failed write
+(:class:`~xmppd.storage.StoreError`) is handled here: the presence stanza
+that caused it is bounced to its sender with the matching error, nothing is
+sent on, and state that must change together changes in one transaction.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from xmppd.handlers.roster import Item, RosterPlugin, with_from, with_to
 from xmppd.jid import JID
 from xmppd.plugin import Plugin
 from xmppd.stanzas import NS_CLIENT, serialize
+from xmppd.storage import StoreError
+from xmppd.storefail import stanza_error as store_failure
 
 log = Logger()
 
@@ -51,6 +58,13 @@ class PendingRequests:
 
     def put(self, owner: str, contact: str) -> None:
         self.store.put(self.STORE, owner, contact, True)
+
+    def has(self, owner: str, contact: str) -> bool:
+        return self.store.get(self.STORE, owner, contact) is not None
+
+    def key(self, owner: str, contact: str) -> tuple[str, str, str]:
+        """The entry, for removal in another write's transaction."""
+        return (self.STORE, owner, contact)
 
     def pop(self, owner: str, contact: str) -> bool:
         if self.store.get(self.STORE, owner, contact) is None:
@@ -90,7 +104,10 @@ class PresencePlugin(Plugin):
                 self._broadcast(stanza, session, kind)
             return  # probes/subscriptions without 'to' are meaningless
         if kind in SUBSCRIPTION_TYPES:
-            self._outbound_subscription(stanza, kind, sender, to.bare_jid())
+            try:
+                self._outbound_subscription(stanza, kind, sender, to.bare_jid())
+            except StoreError as e:
+                self.router.bounce(stanza, store_failure(e), session)
         elif kind == "probe":
             return  # clients must not probe; the server does it for them
         else:
@@ -184,6 +201,8 @@ class PresencePlugin(Plugin):
         owner = sender.bare
         item = self.rosters.item(owner, contact.bare)
         changed = None
+        answered = ()  # the pending request this change answers, removed with it
+        unavailable_after = False
         if kind == "subscribe":
             item = Item(item) if item is not None else Item.new()
             if not item.to and not item.get("ask"):
@@ -197,9 +216,10 @@ class PresencePlugin(Plugin):
                 changed = item
         elif kind == "subscribed":
             item = Item(item) if item is not None else Item.new()
-            if self.pending.pop(owner, contact.bare):
+            if self.pending.has(owner, contact.bare):
                 item["subscription"] = with_from(item["subscription"], True)
                 changed = item
+                answered = (self.pending.key(owner, contact.bare),)
             elif not item.from_:
                 if item.get("approved"):
                     return
@@ -216,10 +236,11 @@ class PresencePlugin(Plugin):
                 item["subscription"] = with_from(item["subscription"], False)
                 item["approved"] = False
                 changed = item
-            if was_from:
-                self._send_unavailable_from_all(owner, contact.bare)
+            unavailable_after = was_from
         if changed is not None:
-            self.roster.update(owner, contact.bare, changed)
+            self.roster.update(owner, contact.bare, changed, answered)
+        if unavailable_after:
+            self._send_unavailable_from_all(owner, contact.bare)
         out = presence(kind, owner, contact.bare)
         self.router.deliver(out, sender.bare_jid(), contact)
         if kind == "subscribed" and changed is not None:
@@ -297,6 +318,13 @@ class PresencePlugin(Plugin):
         ).addErrback(lambda f: log.failure("subscription handling failed", f))
 
     def _inbound_subscription_checked(self, exists: bool, stanza, kind, contact: str, owner: JID):
+        try:
+            self._inbound_subscription_apply(exists, stanza, kind, contact, owner)
+        except StoreError as e:
+            # The contact asked for a change we could not record: say so.
+            self.router.bounce(stanza, store_failure(e), None)
+
+    def _inbound_subscription_apply(self, exists: bool, stanza, kind, contact: str, owner: JID):
         bare = owner.bare
         if not exists:
             if kind == "subscribe":
@@ -327,16 +355,17 @@ class PresencePlugin(Plugin):
                 self.roster.update(bare, contact, item)
                 self._to_available(bare, clean)
         elif kind == "unsubscribe":
-            was_pending = self.pending.pop(bare, contact)
             if item is not None and item.from_:
+                answered = ((self.pending.key(bare, contact),)
+                            if self.pending.has(bare, contact) else ())
                 item = Item(item)
                 was_from = item.from_
                 item["subscription"] = with_from(item["subscription"], False)
-                self.roster.update(bare, contact, item)
+                self.roster.update(bare, contact, item, answered)
                 self._to_available(bare, clean)
                 if was_from:
                     self._send_unavailable_from_all(bare, contact)
-            elif was_pending:
+            elif self.pending.pop(bare, contact):
                 self._to_available(bare, clean)
         elif kind == "unsubscribed":
             if item is not None and (item.to or item.get("ask")):

@@ -18,6 +18,8 @@ from xmppd import jid as jidlib
 from xmppd.auth.base import NoSuchUser, NotSupported, TemporaryAuthFailure, UserExists
 from xmppd.plugin import Plugin, Request
 from xmppd.stanzas import StanzaError, error_reply, iq_result
+from xmppd.storage import StoreError
+from xmppd.storefail import stanza_error as store_failure
 
 log = Logger()
 
@@ -68,11 +70,13 @@ class RegisterPlugin(Plugin):
         d = defer.maybeDeferred(self._pre_auth, stream, iq, query)
 
         def failed(f):
-            if not f.check(StanzaError):
+            if f.check(StanzaError):
+                error = f.value
+            elif f.check(StoreError):
+                error = store_failure(f.value)  # one log line, no traceback
+            else:
                 log.failure("registration failed", f)
                 error = StanzaError("internal-server-error")
-            else:
-                error = f.value
             stream.send(error_reply(iq, error))
 
         d.addCallbacks(lambda reply: stream.send(reply), failed)

@@ -3,7 +3,10 @@
 Rosters live in the store (``roster/<bare JID>/<contact>``) and, while the
 user has a session, in memory (:class:`Rosters`), so that presence broadcast
 and the subscription state machine read dicts, not the disk.  Every change is
-written through at once, in one transaction per item.
+written through at once: the item and the roster version in one transaction,
+and the in-memory copy is changed only after that transaction committed, so
+a failed write (:class:`~xmppd.storage.StoreError`) leaves memory and disk
+alike.
 """
 from __future__ import annotations
 
@@ -72,19 +75,24 @@ class Rosters:
     def item(self, bare: str, contact: str) -> Item | None:
         return self.get(bare).get(contact)
 
-    def save(self, bare: str, contact: str, item: Item) -> int:
-        """Store ``item``; returns the new roster version."""
+    def save(self, bare: str, contact: str, item: Item, also_delete: tuple = ()) -> int:
+        """Store ``item``; returns the new roster version.
+
+        ``also_delete`` are ``(store, user, key)`` entries removed in the
+        same transaction (a pending request the item now answers).
+        """
         version = self.store.get(SETTINGS, bare, VERSION_KEY, 0) + 1
-        self.store.put(STORE, bare, contact, dict(item))
-        self.store.put(SETTINGS, bare, VERSION_KEY, version)
+        self.store.batch(puts=[(STORE, bare, contact, dict(item)),
+                               (SETTINGS, bare, VERSION_KEY, version)],
+                         deletes=list(also_delete))
         if bare in self._cache:
             self._cache[bare][contact] = item
         return version
 
     def remove(self, bare: str, contact: str) -> int:
         version = self.store.get(SETTINGS, bare, VERSION_KEY, 0) + 1
-        self.store.delete(STORE, bare, contact)
-        self.store.put(SETTINGS, bare, VERSION_KEY, version)
+        self.store.batch(puts=[(SETTINGS, bare, VERSION_KEY, version)],
+                         deletes=[(STORE, bare, contact)])
         if bare in self._cache:
             self._cache[bare].pop(contact, None)
         return version
@@ -187,18 +195,19 @@ class RosterPlugin(Plugin):
 
     # -- API for the presence plugin ------------------------------------------
 
-    def update(self, owner: str, contact: str, item: Item) -> None:
-        version = self.rosters.save(owner, contact, item)
+    def update(self, owner: str, contact: str, item: Item, also_delete: tuple = ()) -> None:
+        version = self.rosters.save(owner, contact, item, also_delete)
         self.push(owner, contact, item, version)
 
     def remove_item(self, owner: str, contact: str) -> None:
         item = self.rosters.item(owner, contact)
         if item is None:
             raise StanzaError("item-not-found")
-        for hook in self.on_remove:
-            hook(owner, contact, item)
+        # Stored first: if that fails, no unsubscription has gone out yet.
         version = self.rosters.remove(owner, contact)
         self.push(owner, contact, None, version)
+        for hook in self.on_remove:
+            hook(owner, contact, item)
 
     def push(self, owner: str, contact: str, item: Item | None, version: int) -> None:
         """Roster push to every resource that asked for the roster."""
