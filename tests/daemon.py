@@ -65,6 +65,8 @@ class Daemon:
         self.data_dir = self.dir / "var"
         self.config_path = self.dir / "xmppd.toml"
         self.proc: subprocess.Popen | None = None
+        self.extra_env: dict[str, str] = {}  # e.g. NOTIFY_SOCKET
+        self.prefix: list[str] = []  # argv before twistd, e.g. setpriv
         self.write_config(extra, plugins, tls)
 
     def write_config(self, extra: str = "", plugins=None, tls: str = "required") -> None:
@@ -91,12 +93,13 @@ class Daemon:
     def env(self) -> dict:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(self.extra_env)
         return env
 
     def start(self, wait: bool = True) -> "Daemon":
         self.log = open(self.dir / "xmppd.log", "ab")
         self.proc = subprocess.Popen(
-            [str(TWISTD), "--nodaemon", "--pidfile=", "xmppd", "--config", str(self.config_path)],
+            [*self.prefix, str(TWISTD), "--nodaemon", "--pidfile=", "xmppd", "--config", str(self.config_path)],
             cwd=self.dir, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
         )
         if wait:

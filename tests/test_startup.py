@@ -21,6 +21,10 @@ def _twistd(args, cwd, env=None, timeout=20):
 @pytest.mark.parametrize("toml,key", [
     ("[server]\nhosts = 'localhost'\n", "server.hosts"),
     ("[c2s]\nlisten = ['nonsense:1']\n", "c2s.listen"),
+    ("[c2s]\nlisten = ['tcp:99999']\n", "c2s.listen"),
+    ("[c2s]\nlisten_tls = ['tcp:0']\n", "c2s.listen_tls"),
+    ("[c2s]\nlisten = []\nlisten_tls = []\n", "c2s.listen"),
+    ("[c2s]\nlisten = ['systemd:domain=INET:index=0']\n", "c2s.listen"),
     ("[c2s]\ntls = 'maybe'\n", "c2s.tls"),
     ("[c2s]\nmax_stanza_size = 10\n", "c2s.max_stanza_size"),
     ("[sm]\nplugins = ['roster', 'no-such-plugin']\n", "sm.plugins"),

@@ -232,9 +232,14 @@ def _endpoints(sec: Section, name: str, default: tuple) -> tuple[str, ...]:
     values = sec.strings(name, default)
     for v in values:
         try:
-            endpoints.serverFromString(reactor, v)
-        except (ValueError, TypeError, KeyError) as e:
+            endpoint = endpoints.serverFromString(reactor, v)
+        except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
             raise sec.error(name, v, f"not a Twisted server endpoint string ({e})") from None
+        # tcp:, tcp6: and ssl: endpoints keep their port here; Twisted only
+        # rejects an out-of-range one when it binds.
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int) and not 1 <= port <= 65535:
+            raise sec.error(name, v, f"port {port} is out of range (1-65535)")
     return values
 
 
@@ -320,6 +325,8 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         max_auth_failures=c2s_sec.int("max_auth_failures", 3, minimum=1),
     )
     c2s_sec.reject_unknown()
+    if not c2s.listen and not c2s.listen_tls:
+        raise c2s_sec.error("listen", [], "no listener: c2s.listen and c2s.listen_tls are both empty")
 
     tls_sec = Section(path, "tls", data.get("tls", {}))
     tls = TLSConfig(

@@ -78,7 +78,13 @@ def run(reactor, args) -> defer.Deferred:
         print(f"{config.path}: OK" + (f" ({len(problems)} warning(s))" if problems else ""))
         return
     if args.command == "reload":
+        from xmppd.pidfile import held_by_live_process
+
         pidfile = os.path.join(config.data_dir, "xmppd.pid")
+        # The server holds a lock on its pid file: without it, the pid in a
+        # leftover file may now belong to an unrelated process.
+        if not held_by_live_process(pidfile):
+            raise CtlError(f"xmppd is not running ({pidfile} is missing or not locked by a server)")
         try:
             pid = int(open(pidfile).read().strip())
             os.kill(pid, signal.SIGHUP)

@@ -1,8 +1,10 @@
 """``twistd xmppd``: options and the service tree.
 
-``makeService`` validates the whole config before anything listens; a bad
-config prints one line (file, key, value, what is allowed) and exits 1, so
-systemd shows the reason in ``systemctl status``.
+``makeService`` validates the whole config, locks the pid file and binds
+every listener before twistd starts the reactor; a bad config, a data
+directory in use by another xmppd or a listener that cannot bind prints one
+line (file, key, value, what went wrong) and exits 1, so systemd shows the
+reason in ``systemctl status`` and ``Restart=on-failure`` applies.
 """
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ import signal
 import sys
 
 from twisted.application import service
-from twisted.internet import endpoints
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
 from xmppd.config import ConfigError, load
+from xmppd.listen import listen_all
+from xmppd.pidfile import PidFile, PidFileLocked
+from xmppd.sdnotify import Notifier
 
 log = Logger()
 
@@ -30,23 +35,30 @@ class Options(usage.Options):
 
 
 class ServerService(service.MultiService):
-    """Owns the :class:`Server`; wires SIGHUP, the pid file and cert polling."""
+    """Owns the :class:`Server`, its bound listeners and the locked pid file.
 
-    def __init__(self, server) -> None:
+    Wires SIGHUP, cert polling and the service manager's notifications.
+    """
+
+    def __init__(self, server, pidfile: PidFile, ports: list) -> None:
         super().__init__()
         self.server = server
-        self.pidfile = os.path.join(server.config.data_dir, "xmppd.pid")
+        self.pidfile = pidfile
+        self.ports = ports
+        self.notifier = Notifier.from_environ()
 
     def startService(self) -> None:
         super().startService()
         from twisted.internet import reactor
 
+        # Written here, not in build(): twistd may have forked since.
+        self.pidfile.write()
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self._sighup))
-        with open(self.pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        # Close the store only after every connection's goodbye has run.
+        # Close the store only after every connection's goodbye has run, and
+        # give up the pid file (and its lock) last of all.
         reactor.addSystemEventTrigger("after", "shutdown", self.server.close)
+        reactor.addSystemEventTrigger("after", "shutdown", self.pidfile.release)
         # Unreachable or misconfigured backends are reported now, not at the
         # first login (logins through them fail closed until they answer).
         from xmppd.auth.factory import log_problems
@@ -55,69 +67,66 @@ class ServerService(service.MultiService):
         interval = self.server.config.tls.poll_interval
         if interval > 0:
             self.server.certs.start_polling(interval)
-        log.info(
-            "xmppd serving {hosts} (data in {data_dir})",
-            hosts=", ".join(self.server.config.hosts), data_dir=self.server.config.data_dir,
-        )
+        # Every listener was bound by build(): this line and READY=1 are true.
+        hosts = ", ".join(self.server.config.hosts)
+        log.info("xmppd serving {hosts} (data in {data_dir})",
+                 hosts=hosts, data_dir=self.server.config.data_dir)
+        self.notifier.ready(f"serving {hosts}")
 
     def _sighup(self) -> None:
+        self.notifier.reloading()
         log.info("SIGHUP: reloading certificates")
-        self.server.reload()
+        try:
+            self.server.reload()
+        finally:
+            self.notifier.ready()
 
     def stopService(self):
+        self.notifier.stopping()
         self.server.certs.stop_polling()
-        try:
-            os.unlink(self.pidfile)
-        except OSError:
-            pass
-        return super().stopService()
+        stopped = [defer.maybeDeferred(port.stopListening) for port in self.ports]
+        self.ports = []
+        return defer.gatherResults(stopped + [defer.maybeDeferred(super().stopService)])
 
 
 def build(config_path: str | None):
-    """Build the service tree; raises ConfigError/StoreError/CertificateError."""
+    """Build the service tree with every listener bound.
+
+    Order matters: the pid file is locked before anything in the data
+    directory is touched, so a second instance on the same data directory
+    stops here; the listeners are bound last, once the server they serve
+    exists.  Raises ConfigError/StoreError/CertificateError.
+    """
     from twisted.internet import reactor
 
     from xmppd.c2s import C2SFactory
     from xmppd.core import Server
 
     config = load(config_path)
-    server = Server(config)
-    top = ServerService(server)
-    starttls = C2SFactory(server, direct_tls=False)
-    listeners = [(desc, starttls) for desc in config.c2s.listen]
-    if config.c2s.listen_tls:
-        direct = server.certs.direct_tls_factory(C2SFactory(server, direct_tls=True))
-        listeners += [(desc, direct) for desc in config.c2s.listen_tls]
-    for desc, factory in listeners:
-        _EndpointService(endpoints.serverFromString(reactor, desc), factory, desc).setServiceParent(top)
-    return top
-
-
-class _EndpointService(service.Service):
-    """Listen on an endpoint with an already wrapped factory (direct TLS)."""
-
-    def __init__(self, endpoint, factory, description: str) -> None:
-        self.endpoint, self.factory, self.description = endpoint, factory, description
-        self._port = None
-
-    def startService(self) -> None:
-        super().startService()
-
-        def listening(port):
-            self._port = port
-
-        def failed(f):
-            log.error("cannot listen on {desc}: {err}", desc=self.description, err=f.getErrorMessage())
-            from twisted.internet import reactor
-
-            reactor.stop()
-
-        self.endpoint.listen(self.factory).addCallbacks(listening, failed)
-
-    def stopService(self):
-        super().stopService()
-        if self._port is not None:
-            return self._port.stopListening()
+    pidfile = PidFile(os.path.join(config.data_dir, "xmppd.pid"))
+    try:
+        stale = pidfile.acquire()
+    except PidFileLocked as e:
+        raise ConfigError(config.path, "server.data_dir", config.data_dir,
+                          f"in use by another xmppd ({e})") from None
+    except OSError as e:
+        raise ConfigError(config.path, "server.data_dir", config.data_dir,
+                          f"cannot lock {pidfile.path}: {e.strerror or e}") from None
+    if stale is not None:
+        log.warn("pid file {path} names pid {pid}, which holds no lock (not running): taking it over",
+                 path=pidfile.path, pid=stale)
+    try:
+        server = Server(config)
+        starttls = C2SFactory(server, direct_tls=False)
+        listeners = [("c2s.listen", desc, starttls) for desc in config.c2s.listen]
+        if config.c2s.listen_tls:
+            direct = server.certs.direct_tls_factory(C2SFactory(server, direct_tls=True))
+            listeners += [("c2s.listen_tls", desc, direct) for desc in config.c2s.listen_tls]
+        ports = listen_all(reactor, config.path, listeners)
+    except BaseException:
+        pidfile.release()
+        raise
+    return ServerService(server, pidfile, ports)
 
 
 def makeService(options: Options):
