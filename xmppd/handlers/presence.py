@@ -18,10 +18,10 @@ from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from xmppd import jid as jidlib
-from xmppd.handlers.roster import Item, RosterPlugin, with_from, with_to
+from xmppd.handlers.roster import Item, RosterFull, RosterPlugin, with_from, with_to
 from xmppd.jid import JID
 from xmppd.plugin import Plugin
-from xmppd.stanzas import NS_CLIENT, serialize
+from xmppd.stanzas import NS_CLIENT, StanzaError, serialize
 
 log = Logger()
 
@@ -90,7 +90,12 @@ class PresencePlugin(Plugin):
                 self._broadcast(stanza, session, kind)
             return  # probes/subscriptions without 'to' are meaningless
         if kind in SUBSCRIPTION_TYPES:
-            self._outbound_subscription(stanza, kind, sender, to.bare_jid())
+            try:
+                self._outbound_subscription(stanza, kind, sender, to.bare_jid())
+            except RosterFull as e:
+                # A new contact would overflow [roster] limits: nothing changes.
+                self.router.bounce(stanza, StanzaError("resource-constraint", "cancel", text=str(e)),
+                                   session)
         elif kind == "probe":
             return  # clients must not probe; the server does it for them
         else:
@@ -183,6 +188,8 @@ class PresencePlugin(Plugin):
     def _outbound_subscription(self, stanza, kind: str, sender: JID, contact: JID) -> None:
         owner = sender.bare
         item = self.rosters.item(owner, contact.bare)
+        if item is None and kind in ("subscribe", "subscribed"):
+            self.rosters.check(owner, contact.bare, Item.new())  # raises RosterFull
         changed = None
         if kind == "subscribe":
             item = Item(item) if item is not None else Item.new()
