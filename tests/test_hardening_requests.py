@@ -34,8 +34,10 @@ def dd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """A daemon with limits small enough to reach in a test."""
-    d = Daemon(tmp_path_factory.mktemp("hardening-small"), extra="""
+    """A daemon with limits small enough to reach in a test (ann is an admin)."""
+    plugins = ["roster", "presence", "disco", "ping", "vcard", "urn:xmpp:blocking",
+               "domain-filter", "adhoc"]
+    d = Daemon(tmp_path_factory.mktemp("hardening-small"), plugins=plugins, extra="""
         [roster]
         max_items = 5
         max_bytes = 1024
@@ -49,7 +51,14 @@ def small(tmp_path_factory):
         [vcard]
         max_size = 2048
         max_elements = 20
-    """).start()
+        [adhoc]
+        max_values = 3
+        [domain-filter]
+        max_entries = 2
+    """)
+    text = d.config_path.read_text()
+    d.config_path.write_text(text.replace("[server]\n", '[server]\nadmins = ["ann@localhost"]\n', 1))
+    d.start()
     for user in ("ann", "ben", "cat", "dan", "eve"):
         d.adduser(f"{user}@localhost", PW)
     yield d
@@ -344,6 +353,30 @@ def test_vcard_limits(small):
     c.close()
     stored = vcard_of(small, "eve")
     assert "Keep" in stored and "Lost" not in stored
+
+
+def command(c, ident, node, fields):
+    body = "".join(f"<field var='{var}'>" + "".join(f"<value>{v}</value>" for v in values) + "</field>"
+                   for var, values in fields.items())
+    return iq(c, f"<iq type='set' id='{ident}' to='localhost'><command xmlns='http://jabber.org/protocol/commands'"
+                 f" node='{node}' action='execute'><x xmlns='jabber:x:data' type='submit'>{body}</x>"
+                 f"</command></iq>", ident)
+
+
+def test_adhoc_multi_value_limits(small):
+    c = login(small, "ann")
+    end = "http://jabber.org/protocol/admin#end-user-session"
+    four = [f"u{i}@localhost" for i in range(4)]
+    assert_error(command(c, "e4", end, {"accountjids": four}), "policy-violation",
+                 "'accountjids': at most 3 values")
+    assert "status='completed'" in command(c, "e3", end, {"accountjids": four[:3]})
+    setf = "urn:xmppd:admin#set-domain-filter"
+    fields = {"accountjid": ["ben@localhost"], "policy": ["LIST"]}
+    assert_error(command(c, "f3", setf, {**fields, "domains": ["a.example", "b.example", "c.example"]}),
+                 "policy-violation", "'domains': at most 2 values")
+    assert "status='completed'" in command(c, "f2", setf, {**fields, "domains": ["a.example", "b.example"]})
+    c.close()
+    assert "LIST a.example b.example" in small.ctl("filter", "ben@localhost").stdout
 
 
 def test_limits_are_checked_at_startup(tmp_path):
