@@ -300,7 +300,7 @@ KNOWN_TABLES = ("server", "c2s", "tls", "auth", "sasl", "sm", "hosts")
 # there); any other top-level name is a typo.
 SECTION_TABLES = (
     "limits", "acl", "adhoc", "blocking", "domain-filter", "offline", "ping",
-    "register", "vcard", "version",
+    "register", "roster", "vcard", "version",
 )
 # Keys of [hosts."<domain>"] tables.
 HOST_KEYS = ("auth", "tls", "sasl", "domain-filter", "admins")

@@ -338,8 +338,8 @@ def save_setting(store, bare: str, policy: Policy | None, notify: bool = False) 
         store.put(CHANGES, CHANGES_USER, bare, now)
         old = [k for k, stamp in store.items(CHANGES, CHANGES_USER)
                if not isinstance(stamp, (int, float)) or stamp < now - 86400]
-        for k in old:
-            store.delete(CHANGES, CHANGES_USER, k)
+        if old:
+            store.delete_many(CHANGES, CHANGES_USER, old)  # one transaction, not one per key
 
 
 def configured_default(config, host: str) -> Policy:

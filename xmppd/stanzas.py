@@ -50,12 +50,17 @@ class StanzaError(Exception):
         type: str | None = None,
         text: str | None = None,
         extra: domish.Element | None = None,
+        echo: bool = True,
     ) -> None:
         super().__init__(condition if text is None else f"{condition}: {text}")
         self.condition = condition
         self.type = type or CONDITIONS.get(condition, "cancel")
         self.text = text
         self.extra = extra
+        # False: the bounce leaves out the offending payload (RFC 6120 §8.3.1
+        # makes echoing it optional).  For refusals of oversized requests, so
+        # that refusing costs nothing near what the request would have.
+        self.echo = echo
 
     def to_element(self) -> domish.Element:
         error = domish.Element((NS_CLIENT, "error"))
@@ -85,7 +90,7 @@ def error_reply(stanza: domish.Element, error: StanzaError) -> domish.Element | 
         # Messages and presence carry their payload back (RFC 6120 §8.3.1).
         for child in stanza.children:
             reply.children.append(child)
-    else:
+    elif error.echo:
         first = stanza.firstChildElement()
         if first is not None:
             reply.children.append(first)
@@ -110,6 +115,17 @@ def iq_result(iq: domish.Element, payload: domish.Element | None = None) -> domi
 _XML_NS = "http://www.w3.org/XML/1998/namespace"
 
 
+def text_of(element: domish.Element) -> str:
+    """All the character data directly inside ``element``.
+
+    ``str(element)`` is domish's *first* text node only, and the parser may
+    deliver one text in several nodes (expat buffer and feed boundaries), so
+    validation must look at the whole text.
+    """
+    texts = [c for c in element.children if isinstance(c, str)]
+    return texts[0] if len(texts) == 1 else "".join(texts)
+
+
 def _escape_text(text: str) -> str:
     if "&" in text:
         text = text.replace("&", "&amp;")
@@ -125,6 +141,10 @@ def _escape_attr(text: str) -> str:
     if "'" in text:
         text = text.replace("'", "&apos;")
     return text
+
+
+escape_text = _escape_text
+escape_attr = _escape_attr
 
 
 class _Unusual(Exception):
@@ -152,11 +172,28 @@ def _write(el: domish.Element, parent_uri: str, out: list) -> None:
         return
     out.append(">")
     for child in children:
-        if child.__class__ is str:
+        cls = child.__class__
+        if cls is str:
             out.append(_escape_text(child))
+        elif cls is domish.SerializedXML:
+            out.append(child)  # already XML (cached listings)
         else:
             _write(child, uri, out)
     out.append("</" + name + ">")
+
+
+def serialize_fragment(element: domish.Element, parent_uri: str = NS_CLIENT) -> str:
+    """XML text of ``element`` as a child of an element in ``parent_uri``.
+
+    For data kept as XML (the vCard store): the same fast writer as
+    :func:`serialize`, with domish's serializer as the fallback.
+    """
+    out: list = []
+    try:
+        _write(element, parent_uri, out)
+    except _Unusual:
+        return element.toXml(defaultUri=parent_uri)
+    return "".join(out)
 
 
 def serialize(element: domish.Element) -> bytes:

@@ -43,6 +43,10 @@ Configuration::
 
     [adhoc]
     session_timeout = 600     # seconds a multi-stage command may stay open
+    max_values = 100          # JIDs (lines) one multi-value field may carry
+
+A field with more values than ``max_values`` is refused with
+``policy-violation`` before any of them is parsed or acted on.
 """
 from __future__ import annotations
 
@@ -183,10 +187,13 @@ def one(values: dict, var: str, required: bool = True) -> str | None:
     return got[0]
 
 
-def many(values: dict, var: str) -> list[str]:
+def many(values: dict, var: str, limit: int) -> list[str]:
+    """The non-empty lines of a multi-value field; more than ``limit`` is refused."""
     out = []
     for v in values.get(var, []):
         out.extend(line.strip() for line in v.splitlines() if line.strip())
+        if len(out) > limit:
+            raise StanzaError("policy-violation", text=f"field {var!r}: at most {limit} values")
     return out
 
 
@@ -280,7 +287,7 @@ class DeleteUser(Command):
 
     @defer.inlineCallbacks
     def submit(self, ctx, values):
-        accounts = [account(t) for t in many(values, "accountjids")]
+        accounts = [account(t) for t in many(values, "accountjids", ctx.plugin.max_values)]
         if not accounts:
             raise StanzaError("bad-request", text="field 'accountjids' is required")
         for j in accounts:
@@ -332,7 +339,8 @@ class EndUserSession(Command):
         ]))
 
     def submit(self, ctx, values):
-        targets = [account(t, allow_full=True) for t in many(values, "accountjids")]
+        targets = [account(t, allow_full=True)
+                   for t in many(values, "accountjids", ctx.plugin.max_values)]
         if not targets:
             raise StanzaError("bad-request", text="field 'accountjids' is required")
         for j in targets:
@@ -485,8 +493,9 @@ class SetDomainFilter(Command):
             policy = None
         else:
             try:
-                policy = filtering.Policy(policy_name, many(values, "domains"), many(values, "rules"),
-                                          ctx.plugin.router.hosts, "user")
+                limit = plugin.max_entries
+                policy = filtering.Policy(policy_name, many(values, "domains", limit),
+                                          many(values, "rules", limit), ctx.plugin.router.hosts, "user")
             except filtering.FilterError as e:
                 raise StanzaError("not-acceptable", text=str(e)) from None
         effective = plugin.set_filter(j, policy, by=ctx.requester.full)
@@ -569,6 +578,7 @@ class AdHocPlugin(Plugin):
     def setup(self) -> None:
         sec = self.server.config.section("adhoc")
         self.session_timeout = sec.number("session_timeout", 600.0, minimum=1)
+        self.max_values = sec.int("max_values", 100, minimum=1)
         sec.reject_unknown()
         self.acl = acllib.for_server(self.server)
         self.commands: dict[str, Command] = {}

@@ -30,6 +30,7 @@ Configuration (read once at start-up)::
     domains = []                     # for LIST / BLACKLIST
     rules = []                       # for CUSTOM
     poll_interval = 5.0              # seconds; picks up `xmppctl filter` changes
+    max_entries = 1000               # domains or rules of one user's setting
 
     [hosts."example.org".domain-filter]   # per-vhost default, same keys
     default = "LOCAL"
@@ -111,6 +112,9 @@ class DomainFilterPlugin(Plugin):
         sec = config.section("domain-filter")
         self.server_default = filtering.from_section(sec, hosts)
         self.poll_interval = sec.number("poll_interval", 5.0)
+        # Per user: what one setting may list (the ad-hoc command checks it
+        # before parsing; checks per stanza cost the same whatever the length).
+        self.max_entries = sec.int("max_entries", 1000, minimum=1)
         sec.reject_unknown()
         self.defaults: dict[str, Policy] = {}
         for host in hosts:
@@ -190,6 +194,8 @@ class DomainFilterPlugin(Plugin):
 
     def set_filter(self, account: JID, policy: Policy | None, by: str = "") -> Policy:
         """Store ``policy`` for ``account`` (None: back to the defaults); effective at once."""
+        if policy is not None and max(len(policy.domains), len(policy.rules)) > self.max_entries:
+            raise StanzaError("policy-violation", text=f"at most {self.max_entries} domains or rules")
         filtering.save_setting(self.store, account.bare, policy)
         effective = self._refresh(account)
         log.info("domain filter of {user} set to {policy}{by}", user=account.bare,

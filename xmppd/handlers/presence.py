@@ -23,10 +23,10 @@ from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from xmppd import jid as jidlib
-from xmppd.handlers.roster import Item, RosterPlugin, with_from, with_to
+from xmppd.handlers.roster import Item, RosterFull, RosterPlugin, with_from, with_to
 from xmppd.jid import JID
 from xmppd.plugin import Plugin
-from xmppd.stanzas import NS_CLIENT, serialize
+from xmppd.stanzas import NS_CLIENT, StanzaError, serialize
 from xmppd.storage import StoreError
 from xmppd.storefail import stanza_error as store_failure
 
@@ -108,6 +108,10 @@ class PresencePlugin(Plugin):
                 self._outbound_subscription(stanza, kind, sender, to.bare_jid())
             except StoreError as e:
                 self.router.bounce(stanza, store_failure(e), session)
+            except RosterFull as e:
+                # A new contact would overflow [roster] limits: nothing changes.
+                self.router.bounce(stanza, StanzaError("resource-constraint", "cancel", text=str(e)),
+                                   session)
         elif kind == "probe":
             return  # clients must not probe; the server does it for them
         else:
@@ -200,6 +204,8 @@ class PresencePlugin(Plugin):
     def _outbound_subscription(self, stanza, kind: str, sender: JID, contact: JID) -> None:
         owner = sender.bare
         item = self.rosters.item(owner, contact.bare)
+        if item is None and kind in ("subscribe", "subscribed"):
+            self.rosters.check(owner, contact.bare, Item.new())  # raises RosterFull
         changed = None
         answered = ()  # the pending request this change answers, removed with it
         unavailable_after = False

@@ -48,6 +48,7 @@ class RegisterPlugin(Plugin):
         self.min_password = sec.int("min_password_length", 8, minimum=1)
         sec.reject_unknown()
         self._recent: dict[str, list[float]] = {}
+        self._sweep_at = 1024
         self.handle_iq("get", NS_REGISTER, "query", self.on_get)
         self.handle_iq("set", NS_REGISTER, "query", self.on_set)
 
@@ -111,10 +112,22 @@ class RegisterPlugin(Plugin):
         def created(_):
             recent.append(now)
             self._recent[stream.peer] = recent
+            self._forget_old(now)
             log.info("registered {user}@{host} from {peer}", user=username, host=stream.host, peer=stream.peer)
             return iq_result(iq)
 
         return d.addCallbacks(created, self._map_errors)
+
+    def _forget_old(self, now: float) -> None:
+        """Drop addresses with no registration in the window, so the table
+        holds only what the rate limit needs (not every address ever seen).
+        Swept when it has doubled since the last sweep: amortised O(1)."""
+        if len(self._recent) <= self._sweep_at:
+            return
+        window = self.window
+        self._recent = {peer: times for peer, times in self._recent.items()
+                        if times and now - times[-1] < window}
+        self._sweep_at = max(1024, 2 * len(self._recent))
 
     @staticmethod
     def _map_errors(failure):

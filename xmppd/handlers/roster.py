@@ -7,22 +7,64 @@ written through at once: the item and the roster version in one transaction,
 and the in-memory copy is changed only after that transaction committed, so
 a failed write (:class:`~xmppd.storage.StoreError`) leaves memory and disk
 alike.
+
+Every request costs time linear in its own size and in the limits below,
+never in their product: a roster set is checked with a set (duplicate
+groups) and counters that stop at the first excess, and a roster get sends
+a listing kept as XML text per online user (rebuilt after a change from
+per-item XML, so a change re-serialises one item, not the roster).
+
+Limits (``[roster]``, read once at start-up; RFC 6121 §2.1.2.2 suggests the
+1023-byte bounds):
+
+* ``max_items``: items per user (a new contact beyond it is refused with
+  ``resource-constraint``, from a roster set or an outbound subscription);
+* ``max_bytes``: the roster as sent in a roster result (the XML of every
+  item), bounding what each roster get and login costs;
+* ``max_groups``: ``<group/>`` elements per item;
+* ``max_group_length`` / ``max_name_length``: UTF-8 bytes of a group name
+  and of an item name (``not-acceptable``, RFC 6121 §2.3.3).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from twisted.words.xish import domish
 
 from xmppd import jid as jidlib
 from xmppd.plugin import Plugin, Request
-from xmppd.stanzas import NS_CLIENT, StanzaError
+from xmppd.stanzas import NS_CLIENT, StanzaError, escape_attr, escape_text, text_of
 
 NS_ROSTER = "jabber:iq:roster"
 STORE = "roster"
 VERSION_KEY = "roster_ver"
 SETTINGS = "settings"
-MAX_NAME = 1023
-MAX_GROUP = 1023
-MAX_ITEMS = 5000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one user's roster may hold (``[roster]``); defaults are documented in etc/xmppd.toml."""
+
+    max_items: int = 2000
+    max_bytes: int = 1048576
+    max_groups: int = 32
+    max_group_length: int = 1023
+    max_name_length: int = 1023
+
+    @classmethod
+    def from_section(cls, sec) -> "Limits":
+        d = cls()
+        return cls(
+            max_items=sec.int("max_items", d.max_items, minimum=1),
+            max_bytes=sec.int("max_bytes", d.max_bytes, minimum=1024),
+            max_groups=sec.int("max_groups", d.max_groups, minimum=1),
+            max_group_length=sec.int("max_group_length", d.max_group_length, minimum=1),
+            max_name_length=sec.int("max_name_length", d.max_name_length, minimum=1),
+        )
+
+
+class RosterFull(Exception):
+    """Adding this contact would exceed ``max_items`` or ``max_bytes``; the message says which."""
 
 
 class Item(dict):
@@ -52,28 +94,130 @@ def with_to(sub: str, value: bool) -> str:
     return ("both" if frm else "to") if value else ("from" if frm else "none")
 
 
+def item_xml(contact: str, item: Item) -> str:
+    """The ``<item/>`` of a roster result as XML text (same output as :func:`item_element`)."""
+    out = ["<item jid='", escape_attr(contact), "' subscription='", item["subscription"], "'"]
+    if item.get("ask"):
+        out.append(" ask='subscribe'")
+    if item.get("approved"):
+        out.append(" approved='true'")
+    if item.get("name"):
+        out += [" name='", escape_attr(item["name"]), "'"]
+    groups = item.get("groups") or ()
+    if not groups:
+        out.append("/>")
+        return "".join(out)
+    out.append(">")
+    for group in groups:
+        out += ["<group>", escape_text(group), "</group>"]
+    out.append("</item>")
+    return "".join(out)
+
+
+class Listing:
+    """One roster with its XML, for users online (kept) or offline (built for one request).
+
+    ``size`` is the UTF-8 length of all item XML, what ``max_bytes`` limits.
+    The XML of an item is made when the item changes; the joined listing
+    when it is asked for after a change.
+    """
+
+    __slots__ = ("items", "_xml", "size", "_joined")
+
+    def __init__(self, items: dict[str, Item]) -> None:
+        self.items = items
+        self._xml: dict[str, tuple[str, int]] = {}
+        self.size = 0
+        for contact, item in items.items():
+            self._add_xml(contact, item)
+        self._joined: str | None = None
+
+    def _add_xml(self, contact: str, item: Item) -> None:
+        xml = item_xml(contact, item)
+        n = len(xml.encode("utf-8"))
+        self._xml[contact] = (xml, n)
+        self.size += n
+
+    def cost_of(self, contact: str, item: Item) -> tuple[int, int]:
+        """(items, bytes) of the roster with ``item`` stored for ``contact``."""
+        old = self._xml.get(contact)
+        n = len(item_xml(contact, item).encode("utf-8"))
+        if old is None:
+            return len(self.items) + 1, self.size + n
+        return len(self.items), self.size - old[1] + n
+
+    def set(self, contact: str, item: Item) -> None:
+        old = self._xml.pop(contact, None)
+        if old is not None:
+            self.size -= old[1]
+        self.items[contact] = item
+        self._add_xml(contact, item)
+        self._joined = None
+
+    def remove(self, contact: str) -> None:
+        old = self._xml.pop(contact, None)
+        if old is not None:
+            self.size -= old[1]
+        self.items.pop(contact, None)
+        self._joined = None
+
+    def xml(self) -> str:
+        if self._joined is None:
+            xml = self._xml
+            self._joined = "".join(xml[c][0] for c in sorted(xml))
+        return self._joined
+
+
 class Rosters:
     """In-memory rosters of online users over the store, written through."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, limits: Limits | None = None) -> None:
         self.store = store
-        self._cache: dict[str, dict[str, Item]] = {}
+        self.limits = limits or Limits()
+        self._cache: dict[str, Listing] = {}
+
+    def _load(self, bare: str) -> Listing:
+        return Listing({k: Item(v) for k, v in self.store.items(STORE, bare)})
+
+    def listing(self, bare: str) -> Listing:
+        cached = self._cache.get(bare)
+        return cached if cached is not None else self._load(bare)
 
     def get(self, bare: str) -> dict[str, Item]:
-        roster = self._cache.get(bare)
-        if roster is None:
-            roster = {k: Item(v) for k, v in self.store.items(STORE, bare)}
-        return roster
+        cached = self._cache.get(bare)
+        if cached is not None:
+            return cached.items
+        return {k: Item(v) for k, v in self.store.items(STORE, bare)}
 
     def pin(self, bare: str) -> None:
         if bare not in self._cache:
-            self._cache[bare] = self.get(bare)
+            self._cache[bare] = self._load(bare)
 
     def unpin(self, bare: str) -> None:
         self._cache.pop(bare, None)
 
     def item(self, bare: str, contact: str) -> Item | None:
-        return self.get(bare).get(contact)
+        cached = self._cache.get(bare)
+        if cached is not None:
+            return cached.items.get(contact)
+        # One row, not the whole roster, for users without a session.
+        value = self.store.get(STORE, bare, contact)
+        return None if value is None else Item(value)
+
+    def check(self, bare: str, contact: str, item: Item) -> None:
+        """Raise :class:`RosterFull` if storing ``item`` would exceed the limits.
+
+        Only growth is refused: a change that does not add an item or bytes
+        (a subscription state moving on) always passes, even over a limit
+        lowered since.
+        """
+        listing = self.listing(bare)
+        count, size = listing.cost_of(contact, item)
+        limits = self.limits
+        if count > limits.max_items and count > len(listing.items):
+            raise RosterFull(f"roster full: at most {limits.max_items} items")
+        if size > limits.max_bytes and size > listing.size:
+            raise RosterFull(f"roster full: at most {limits.max_bytes} bytes of items")
 
     def save(self, bare: str, contact: str, item: Item, also_delete: tuple = ()) -> int:
         """Store ``item``; returns the new roster version.
@@ -85,16 +229,18 @@ class Rosters:
         self.store.batch(puts=[(STORE, bare, contact, dict(item)),
                                (SETTINGS, bare, VERSION_KEY, version)],
                          deletes=list(also_delete))
-        if bare in self._cache:
-            self._cache[bare][contact] = item
+        cached = self._cache.get(bare)
+        if cached is not None:
+            cached.set(contact, item)
         return version
 
     def remove(self, bare: str, contact: str) -> int:
         version = self.store.get(SETTINGS, bare, VERSION_KEY, 0) + 1
         self.store.batch(puts=[(SETTINGS, bare, VERSION_KEY, version)],
                          deletes=[(STORE, bare, contact)])
-        if bare in self._cache:
-            self._cache[bare].pop(contact, None)
+        cached = self._cache.get(bare)
+        if cached is not None:
+            cached.remove(contact)
         return version
 
     def version(self, bare: str) -> int:
@@ -124,7 +270,10 @@ class RosterPlugin(Plugin):
     features = ("urn:xmpp:features:rosterver",)
 
     def setup(self) -> None:
-        self.rosters = Rosters(self.store)
+        sec = self.server.config.section("roster")
+        self.limits = Limits.from_section(sec)
+        sec.reject_unknown()
+        self.rosters = Rosters(self.store, self.limits)
         self.handle_iq("get", NS_ROSTER, "query", self.on_get)
         self.handle_iq("set", NS_ROSTER, "query", self.on_set)
         self.router.on_bound.append(lambda s: self.rosters.pin(s.jid.bare))
@@ -150,17 +299,21 @@ class RosterPlugin(Plugin):
             return None  # RFC 6121 §2.6.3: empty result, changes come as pushes
         query = domish.Element((NS_ROSTER, "query"))
         query["ver"] = str(version)
-        for contact, item in sorted(self.rosters.get(bare).items()):
-            query.addChild(item_element(contact, item))
+        listing = self.rosters.listing(bare).xml()
+        if listing:
+            query.addChild(domish.SerializedXML(listing))
         return query
 
     def on_set(self, request: Request):
         if request.to is not None:
             raise StanzaError("forbidden", text="rosters are private")
-        items = list(request.payload.elements(NS_ROSTER, "item"))
-        if len(items) != 1:
+        el = None
+        for child in request.payload.elements(NS_ROSTER, "item"):
+            if el is not None:
+                raise StanzaError("bad-request", text="exactly one item per roster set", echo=False)
+            el = child
+        if el is None:
             raise StanzaError("bad-request", text="exactly one item per roster set")
-        el = items[0]
         try:
             contact = jidlib.parse(el.getAttribute("jid", "")).full
         except jidlib.InvalidJID:
@@ -169,29 +322,43 @@ class RosterPlugin(Plugin):
         if el.getAttribute("subscription") == "remove":
             self.remove_item(owner, contact)
             return None
+        limits = self.limits
         name = el.getAttribute("name")
-        if name is not None and len(name.encode()) > MAX_NAME:
-            raise StanzaError("not-acceptable", text="name too long")
-        groups = []
-        for g in el.elements(NS_ROSTER, "group"):
-            text = str(g)
-            if not text or len(text.encode()) > MAX_GROUP:
-                raise StanzaError("not-acceptable", text="empty or too long group")
-            if text in groups:
-                raise StanzaError("bad-request", text="duplicate group")
-            groups.append(text)
+        if name is not None and len(name.encode()) > limits.max_name_length:
+            raise StanzaError("not-acceptable", text=f"name longer than {limits.max_name_length} bytes")
+        groups = self._groups(el)
         roster = self.rosters.get(owner)
         item = roster.get(contact)
-        if item is None:
-            if len(roster) >= MAX_ITEMS:
-                raise StanzaError("not-allowed", text="roster is full")
-            item = Item.new()
-        else:
-            item = Item(item)
+        item = Item.new() if item is None else Item(item)
         item["name"] = name
         item["groups"] = groups
+        try:
+            self.rosters.check(owner, contact, item)
+        except RosterFull as e:
+            raise StanzaError("resource-constraint", "cancel", text=str(e)) from None
         self.update(owner, contact, item)
         return None
+
+    def _groups(self, item: domish.Element) -> list[str]:
+        """The item's group names, checked in one pass that stops at the first excess."""
+        limits = self.limits
+        groups: list[str] = []
+        seen: set[str] = set()
+        for g in item.elements(NS_ROSTER, "group"):
+            if len(groups) >= limits.max_groups:
+                raise StanzaError("not-acceptable", text=f"more than {limits.max_groups} groups",
+                                  echo=False)
+            text = text_of(g)
+            if not text:
+                raise StanzaError("not-acceptable", text="empty group name")
+            if len(text.encode()) > limits.max_group_length:
+                raise StanzaError("not-acceptable",
+                                  text=f"group name longer than {limits.max_group_length} bytes")
+            if text in seen:
+                raise StanzaError("bad-request", text="duplicate group")
+            seen.add(text)
+            groups.append(text)
+        return groups
 
     # -- API for the presence plugin ------------------------------------------
 

@@ -2,13 +2,19 @@
 
 The vCard is kept as serialised XML (``vcard/<bare JID>/vcard``) after a
 size check, and returned as it was stored.
+
+``[vcard] max_size`` bounds the stored XML.  It is checked twice: first on a
+walk of the tree that adds up the bytes of names, attributes and text and
+stops as soon as they exceed the limit (so a vCard near the stanza size
+limit is refused without being serialised), then on the serialised text.
+``max_elements`` bounds the elements (what a get costs to parse again).
 """
 from __future__ import annotations
 
 from twisted.words.xish import domish
 
 from xmppd.plugin import Plugin, Request
-from xmppd.stanzas import StanzaError
+from xmppd.stanzas import NS_CLIENT, StanzaError, serialize_fragment
 from xmppd.xmlparser import StreamParser, XMLStreamError
 
 NS_VCARD = "vcard-temp"
@@ -23,6 +29,36 @@ def _parse_fragment(xml: str) -> domish.Element:
     return found[0]
 
 
+class TooLarge(Exception):
+    """The vCard exceeds a limit; the message names it."""
+
+
+def check_size(vcard: domish.Element, max_bytes: int, max_elements: int) -> None:
+    """Raise :class:`TooLarge` as soon as a lower bound of the XML size, or the element count, is over.
+
+    Iterative (no recursion on hostile depth) and linear; each element adds
+    at least its name twice (start and end tag) and its attributes' text.
+    """
+    total = 0
+    elements = 0
+    stack = [vcard]
+    while stack:
+        el = stack.pop()
+        elements += 1
+        if elements > max_elements:
+            raise TooLarge(f"vCard has more than {max_elements} elements")
+        total += 2 * len(el.name) + 5
+        for key, value in el.attributes.items():
+            total += len(value) + (len(key) if key.__class__ is str else len(key[1])) + 4
+        for child in el.children:
+            if child.__class__ is str:
+                total += len(child)
+            else:
+                stack.append(child)
+        if total > max_bytes:
+            raise TooLarge(f"vCard larger than {max_bytes} bytes")
+
+
 class VCardPlugin(Plugin):
     name = "vcard"
     features = (NS_VCARD,)
@@ -31,6 +67,7 @@ class VCardPlugin(Plugin):
     def setup(self) -> None:
         sec = self.server.config.section("vcard")
         self.max_size = sec.int("max_size", 65536, minimum=1024)
+        self.max_elements = sec.int("max_elements", 1000, minimum=16)
         sec.reject_unknown()
         self.handle_iq("get", NS_VCARD, "vCard", self.on_get)
         self.handle_iq("set", NS_VCARD, "vCard", self.on_set)
@@ -51,8 +88,14 @@ class VCardPlugin(Plugin):
     def on_set(self, request: Request):
         if request.to is not None:
             raise StanzaError("forbidden", text="only your own vCard")
-        xml = request.payload.toXml()
+        vcard = request.payload
+        try:
+            check_size(vcard, self.max_size, self.max_elements)
+        except TooLarge as e:
+            raise StanzaError("not-acceptable", text=str(e), echo=False) from None
+        xml = serialize_fragment(vcard, NS_CLIENT)
         if len(xml.encode("utf-8")) > self.max_size:
-            raise StanzaError("not-acceptable", text=f"vCard larger than {self.max_size} bytes")
+            raise StanzaError("not-acceptable", text=f"vCard larger than {self.max_size} bytes",
+                              echo=False)
         self.store.put(STORE, request.sender.bare, "vcard", xml)
         return None
