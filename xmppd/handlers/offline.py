@@ -4,6 +4,10 @@ A chat/normal message to an account with no available resource is stored
 (``offline/<bare JID>/<sequence>``) up to a per-user quota; over the quota
 the sender gets ``service-unavailable``.  Messages are delivered, oldest
 first, right after the session's initial presence, then deleted.
+
+Stored messages are re-parsed with the stream's limits before delivery: one
+beyond them (written by an older version without those limits) is skipped
+with a log line and left in the store, never sent to the client.
 """
 from __future__ import annotations
 
@@ -14,11 +18,16 @@ from twisted.words.xish import domish
 
 from xmppd.plugin import Plugin
 from xmppd.stanzas import serialize
+from xmppd.xmlparser import Limits, XMLStreamError, parse_fragment
 
 log = Logger()
 
 STORE = "offline"
 NS_DELAY = "urn:xmpp:delay"
+# What storing adds to a stanza that passed the parser: the stamped 'from'
+# (up to a 3071-byte JID) and the <delay/> element with its two attributes.
+STORED_EXTRA_BYTES = 4096
+STORED_EXTRA_NODES = 8
 
 
 class OfflinePlugin(Plugin):
@@ -29,6 +38,9 @@ class OfflinePlugin(Plugin):
         sec = self.server.config.section("offline")
         self.quota = sec.int("max_messages", 100, minimum=0)
         sec.reject_unknown()
+        c2s = self.server.config.c2s
+        self.limits = Limits(c2s.max_stanza_size + STORED_EXTRA_BYTES, c2s.max_depth,
+                             c2s.max_stanza_nodes + STORED_EXTRA_NODES)
         self.router.offline_handler = self.store_message
         presence = self.server.plugin("presence")
         if presence is not None:
@@ -58,7 +70,17 @@ class OfflinePlugin(Plugin):
         stored = self.store.items(STORE, bare)
         if not stored:
             return
-        for _key, xml in stored:
+        delivered = []
+        for key, xml in stored:
+            try:
+                parse_fragment(xml, self.limits)
+            except XMLStreamError as e:
+                log.warn("offline message {key} of {user} kept in store, not delivered: {error}",
+                         key=key, user=bare, error=e)
+                continue
             session.send_bytes(xml.encode("utf-8"))
-        self.store.delete_many(STORE, bare, [k for k, _ in stored])
-        log.info("delivered {n} offline messages to {jid}", n=len(stored), jid=session.jid.full)
+            delivered.append(key)
+        if delivered:
+            self.store.delete_many(STORE, bare, delivered)
+            log.info("delivered {n} offline messages to {jid}", n=len(delivered),
+                     jid=session.jid.full)
