@@ -348,3 +348,19 @@ def test_config_caps_max_depth():
     c2s = from_dict({"server": {"hosts": ["localhost"]}}).c2s
     assert (c2s.max_depth, c2s.max_stanza_nodes) == (48, 1500)
     assert (c2s.max_preauth_stanza_size, c2s.max_preauth_stanza_nodes) == (16384, 100)
+
+
+def test_a_stanza_at_the_limits_is_still_readable_once_stored():
+    """Re-serialising declares each prefixed element's namespace: for_stored allows it."""
+    from xmppd.stanzas import serialize
+
+    limits = Limits(262_144, depth=10, nodes=200)
+    r = Recorder(limits)
+    children = b"<p:a/>" * 196  # 196 + message + x + declaration + 1 attribute = 200
+    r.parser.feed(HEADER + b"<message><x xmlns:p='urn:p' y=''>" + children + b"</x></message>")
+    (msg,) = r.elements
+    msg["from"] = "a@b/c"  # what the server stamps
+    stored = serialize(msg).decode()
+    with pytest.raises(XMLStreamError):
+        parse_fragment(stored, limits)
+    assert parse_fragment(stored, limits.for_stored(4096)).name == "message"

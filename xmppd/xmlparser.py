@@ -82,6 +82,17 @@ class Limits:
     nodes: int = DEFAULT_MAX_NODES
     header_size: int = DEFAULT_MAX_PREAUTH_SIZE
 
+    def for_stored(self, extra_bytes: int) -> "Limits":
+        """The limits for re-reading what was stored from a stanza under these.
+
+        Depth is unchanged (what the server adds sits at level 2).  Bytes
+        grow by what the server adds (``extra_bytes``); nodes may double,
+        because re-serialising declares the namespace on each element a
+        client had written with a prefix, and declarations count as nodes.
+        """
+        return Limits(self.stanza_size + extra_bytes, self.depth, 2 * self.nodes + 8,
+                      self.header_size)
+
 
 class XMLStreamError(Exception):
     """A condition for a stream error (RFC 6120 §4.9.3) plus a log text."""
@@ -136,7 +147,7 @@ class StreamParser:
         # at stream depth depth + 1.
         self._max_depth = limits.depth + 1
         self._max_nodes = limits.nodes
-        self._slice = max(1024, min(16384, min(limits.stanza_size, limits.header_size) // 4))
+        self._slice = max(1024, min(16384, limits.stanza_size // 4))
         self._fed = 0
         self._boundary = 0
         self._depth = 0

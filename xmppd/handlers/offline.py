@@ -25,9 +25,8 @@ log = Logger()
 STORE = "offline"
 NS_DELAY = "urn:xmpp:delay"
 # What storing adds to a stanza that passed the parser: the stamped 'from'
-# (up to a 3071-byte JID) and the <delay/> element with its two attributes.
+# (up to a 3071-byte JID) and the <delay/> element.
 STORED_EXTRA_BYTES = 4096
-STORED_EXTRA_NODES = 8
 
 
 class OfflinePlugin(Plugin):
@@ -39,8 +38,8 @@ class OfflinePlugin(Plugin):
         self.quota = sec.int("max_messages", 100, minimum=0)
         sec.reject_unknown()
         c2s = self.server.config.c2s
-        self.limits = Limits(c2s.max_stanza_size + STORED_EXTRA_BYTES, c2s.max_depth,
-                             c2s.max_stanza_nodes + STORED_EXTRA_NODES)
+        self.limits = Limits(c2s.max_stanza_size, c2s.max_depth,
+                             c2s.max_stanza_nodes).for_stored(STORED_EXTRA_BYTES)
         self.router.offline_handler = self.store_message
         presence = self.server.plugin("presence")
         if presence is not None:

@@ -30,7 +30,7 @@ class VCardPlugin(Plugin):
         self.max_size = sec.int("max_size", 65536, minimum=1024)
         sec.reject_unknown()
         c2s = self.server.config.c2s
-        self.limits = Limits(self.max_size + 1024, c2s.max_depth, c2s.max_stanza_nodes)
+        self.limits = Limits(self.max_size, c2s.max_depth, c2s.max_stanza_nodes).for_stored(1024)
         self.handle_iq("get", NS_VCARD, "vCard", self.on_get)
         self.handle_iq("set", NS_VCARD, "vCard", self.on_set)
 
