@@ -179,7 +179,8 @@ def test_stored_data_beyond_the_limits_is_skipped(users):
                   "<message from='alice@localhost/x' to='carol@localhost' type='chat'>"
                   "<body>fine</body></message>")
         store.put("vcard", "dave@localhost", "vcard",
-                  "<vCard xmlns='vcard-temp'><FN>Too Deep Card</FN>" + "<X>" * 100 + "</X>" * 100 + "</vCard>")
+                  "<vCard xmlns='vcard-temp'><FN>Too Deep Card</FN>"
+                  + "<X>" * 100 + "</X>" * 100 + "</vCard>")
     finally:
         store.close()
     carol = login(users, "carol", "stored", presence=False)
