@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from xmppd.xmlparser import StreamParser, XMLStreamError
+from xmppd.xmlparser import Limits, StreamParser, XMLStreamError, parse_fragment
 
 HEADER = (
     b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'"
@@ -14,7 +14,7 @@ HEADER = (
 
 
 class Recorder:
-    def __init__(self, limit: int = 10_000) -> None:
+    def __init__(self, limit: "int | Limits" = 10_000) -> None:
         self.starts, self.elements, self.ends = [], [], 0
         self.parser = StreamParser(self.start, self.elements.append, self.end, limit)
 
@@ -195,3 +195,172 @@ def test_halted_parser_is_freed_without_the_cycle_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+# -- issue 17: depth, node count, stream header --------------------------------
+
+
+def nested(levels: int, close: bool = True) -> bytes:
+    """A message whose tree is ``levels`` deep, the message itself included."""
+    inner = levels - 1
+    return (b"<message>" + b"<a>" * inner
+            + ((b"</a>" * inner + b"</message>") if close else b""))
+
+
+def test_depth_at_the_limit_passes_and_one_more_is_refused():
+    r = Recorder(Limits(100_000, depth=10))
+    r.parser.feed(HEADER + nested(10))
+    assert len(r.elements) == 1
+    with pytest.raises(XMLStreamError) as e:
+        r.parser.feed(nested(11))
+    assert e.value.condition == "policy-violation"
+    assert "deeper than 10" in e.value.text
+    assert len(r.elements) == 1
+
+
+def test_deep_nesting_is_refused_in_the_start_handler_before_any_deeper_tree():
+    """1,000 levels (3 KB, the RecursionError of issue 17) never become a tree."""
+    r = Recorder(Limits(262_144))  # default depth
+    r.parser.feed(HEADER)
+    with pytest.raises(XMLStreamError) as e:
+        r.parser.feed(nested(1000, close=False))  # refused without any end tag
+    assert e.value.condition == "policy-violation"
+    # The tree held at the moment of refusal is exactly as deep as allowed.
+    depth, el = 1, r.parser._current
+    while el.parent is not None:
+        depth, el = depth + 1, el.parent
+    assert depth == r.parser.limits.depth == 48
+
+
+def test_node_limit_counts_elements_while_parsing():
+    r = Recorder(Limits(262_144, nodes=1500))
+    r.parser.feed(HEADER)
+    with pytest.raises(XMLStreamError) as e:
+        r.parser.feed(b"<message>" + b"<a/>" * 65_000)  # unfinished
+    assert e.value.condition == "policy-violation"
+    assert "1500 elements and attributes" in e.value.text
+    assert len(r.parser._current.children) < 1500
+
+
+def test_node_limit_counts_attributes_and_namespace_declarations():
+    r = Recorder(Limits(262_144, nodes=100))
+    r.parser.feed(HEADER + b"<message><x" + b"".join(b" a%d=''" % i for i in range(98)) + b"/></message>")
+    assert len(r.elements) == 1  # 2 elements + 98 attributes = 100
+    with pytest.raises(XMLStreamError):
+        r.parser.feed(b"<message><x" + b"".join(b" a%d=''" % i for i in range(99)) + b"/></message>")
+    r = Recorder(Limits(262_144, nodes=100))
+    with pytest.raises(XMLStreamError):
+        r.parser.feed(HEADER + b"<message><x" + b"".join(b" xmlns:p%d='u'" % i for i in range(99)) + b"/>")
+
+
+def test_node_count_is_per_stanza():
+    r = Recorder(Limits(262_144, nodes=100))
+    r.parser.feed(HEADER + (b"<message>" + b"<a/>" * 99 + b"</message>") * 50)
+    assert len(r.elements) == 50
+
+
+def test_memory_of_a_max_size_stanza_is_a_small_multiple_of_its_bytes():
+    """The default limits keep any tree within ~4x max_stanza_size."""
+    import tracemalloc
+
+    size = 262_144
+    worst = {
+        "empty children": b"<message>" + b"<a/>" * 65_000,
+        "nesting": b"<message>" + (b"<a>" * 40 + b"</a>" * 40) * 2000,
+        "attributes": b"<message>" + b"".join(b"<a x='' y='' z=''/>" for _ in range(20_000)),
+        "nodes then text": b"<message>" + (b"<a>" * 40 + b"</a>" * 40) * 37 + b"<b>" + b"x" * size,
+    }
+    for name, data in worst.items():
+        r = Recorder(Limits(size))
+        r.parser.feed(HEADER)
+        tracemalloc.start()
+        try:
+            with pytest.raises(XMLStreamError):
+                r.parser.feed(data[:size])
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert held < 4 * size, (name, held)
+
+
+def test_stream_header_is_bounded_in_attributes_and_bytes():
+    r = Recorder(Limits(262_144))
+    with pytest.raises(XMLStreamError) as e:
+        r.parser.feed(HEADER[:-1] + b"".join(b" a%d='x'" % i for i in range(40)) + b">")
+    assert e.value.condition == "policy-violation"
+    assert not r.starts
+    r = Recorder(Limits(262_144, header_size=4096))
+    with pytest.raises(XMLStreamError) as e:
+        r.parser.feed(HEADER[:-1] + b" id='" + b"x" * 20_000)
+    assert e.value.condition == "policy-violation" and "header" in e.value.text
+
+
+@pytest.mark.parametrize("unfinished", [False, True])
+def test_second_stream_header_is_a_stream_error_at_once(unfinished):
+    r = Recorder()
+    r.parser.feed(HEADER + b"<presence/>")
+    second = HEADER if unfinished else HEADER + b"<message><body>x</body></message>"
+    with pytest.raises(XMLStreamError) as e:
+        r.parser.feed(second)
+    assert e.value.condition == "unsupported-stanza-type"
+    assert [el.name for el in r.elements] == ["presence"]
+
+
+def test_stream_element_deeper_inside_a_stanza_is_just_payload():
+    r = Recorder()
+    r.parser.feed(HEADER + b"<message><stream:stream/></message>")
+    assert len(r.elements) == 1
+
+
+def test_parse_fragment_applies_the_limits():
+    limits = Limits(10_000, depth=10, nodes=50)
+    el = parse_fragment("<message to='a@b'><body>hi</body></message>", limits)
+    assert el.name == "message" and str(el.body) == "hi"
+    for bad in (nested(11).decode(), "<message>" + "<a/>" * 60 + "</message>", "<message>",
+                "<message/><message/>"):
+        with pytest.raises(XMLStreamError):
+            parse_fragment(bad, limits)
+
+
+def test_serializers_handle_the_deepest_allowed_tree():
+    """Every allowed depth serialises, also through domish's fallback."""
+    from xmppd.config import MAX_DEPTH
+    from xmppd.stanzas import serialize
+
+    r = Recorder(Limits(262_144, depth=MAX_DEPTH))
+    inner = b"<a xmlns:p='urn:p' p:x='1'/>"  # a foreign attribute: the fallback
+    r.parser.feed(HEADER + b"<message>" + b"<a>" * (MAX_DEPTH - 2) + inner
+                  + b"</a>" * (MAX_DEPTH - 2) + b"</message>")
+    (msg,) = r.elements
+    out = serialize(msg)
+    assert out.count(b"<a") == MAX_DEPTH - 1
+    r2 = Recorder(Limits(262_144, depth=MAX_DEPTH))
+    r2.parser.feed(HEADER + out)
+    assert len(r2.elements) == 1
+
+
+def test_config_caps_max_depth():
+    from xmppd.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError) as e:
+        from_dict({"server": {"hosts": ["localhost"]}, "c2s": {"max_depth": 1000}})
+    assert "c2s.max_depth" in str(e.value)
+    c2s = from_dict({"server": {"hosts": ["localhost"]}}).c2s
+    assert (c2s.max_depth, c2s.max_stanza_nodes) == (48, 1500)
+    assert (c2s.max_preauth_stanza_size, c2s.max_preauth_stanza_nodes) == (16384, 100)
+
+
+def test_a_stanza_at_the_limits_is_still_readable_once_stored():
+    """Re-serialising declares each prefixed element's namespace: for_stored allows it."""
+    from xmppd.stanzas import serialize
+
+    limits = Limits(262_144, depth=10, nodes=200)
+    r = Recorder(limits)
+    children = b"<p:a/>" * 196  # 196 + message + x + declaration + 1 attribute = 200
+    r.parser.feed(HEADER + b"<message><x xmlns:p='urn:p' y=''>" + children + b"</x></message>")
+    (msg,) = r.elements
+    msg["from"] = "a@b/c"  # what the server stamps
+    stored = serialize(msg).decode()
+    with pytest.raises(XMLStreamError):
+        parse_fragment(stored, limits)
+    assert parse_fragment(stored, limits.for_stored(4096)).name == "message"

@@ -35,7 +35,7 @@ from xmppd.stanzas import (
     iq_result,
     serialize,
 )
-from xmppd.xmlparser import StreamParser, XMLStreamError
+from xmppd.xmlparser import Limits, StreamParser, XMLStreamError
 
 if TYPE_CHECKING:
     from xmppd.core import Server
@@ -117,10 +117,9 @@ class C2SStream(protocol.Protocol):
     def _new_parser(self) -> None:
         if self.parser is not None:
             self.parser.halt()
-        self.parser = StreamParser(
-            self._stream_start, self._element, self._stream_end,
-            self.server.config.c2s.max_stanza_size,
-        )
+        # Until SASL succeeds, the much smaller pre-authentication limits.
+        limits = self.factory.limits if self.phase >= AUTHENTICATED else self.factory.preauth_limits
+        self.parser = StreamParser(self._stream_start, self._element, self._stream_end, limits)
         self.header_sent = False
 
     def dataReceived(self, data: bytes) -> None:
@@ -531,6 +530,19 @@ class C2SStream(protocol.Protocol):
         self.server.router.route(el, self)
 
 
+def parser_limits(c2s) -> tuple[Limits, Limits]:
+    """Parser limits after and before authentication, from ``[c2s]``.
+
+    Every stream header is held to the pre-authentication size: it never
+    needs more, and it arrives before authentication.
+    """
+    header = min(c2s.max_preauth_stanza_size, c2s.max_stanza_size)
+    after = Limits(c2s.max_stanza_size, c2s.max_depth, c2s.max_stanza_nodes, header)
+    before = Limits(header, c2s.max_depth,
+                    min(c2s.max_preauth_stanza_nodes, c2s.max_stanza_nodes), header)
+    return after, before
+
+
 class C2SFactory(protocol.ServerFactory):
     """Creates client streams; enforces the per-address connection limit."""
 
@@ -540,6 +552,7 @@ class C2SFactory(protocol.ServerFactory):
         self.server = server
         self.direct_tls = direct_tls
         self.per_ip: dict[str, int] = {}
+        self.limits, self.preauth_limits = parser_limits(server.config.c2s)
 
     def admit(self, ip: str) -> bool:
         count = self.per_ip.get(ip, 0) + 1

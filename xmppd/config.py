@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xmppd import jid as jidlib
+from xmppd.xmlparser import (
+    DEFAULT_MAX_DEPTH, DEFAULT_MAX_PREAUTH_SIZE, DEFAULT_MAX_NODES, DEFAULT_MAX_PREAUTH_NODES,
+)
 
 
 class ConfigError(Exception):
@@ -120,6 +123,10 @@ class C2SConfig:
     listen_tls: tuple[str, ...]
     tls: str
     max_stanza_size: int
+    max_stanza_nodes: int
+    max_depth: int
+    max_preauth_stanza_size: int
+    max_preauth_stanza_nodes: int
     auth_timeout: float
     max_connections_per_ip: int
     max_auth_failures: int
@@ -306,6 +313,18 @@ SECTION_TABLES = (
 HOST_KEYS = ("auth", "tls", "sasl", "domain-filter", "admins")
 
 
+# The cap on [c2s] max_depth: every recursive walk of a tree (serialising,
+# domish's toXml) must stay far below Python's recursion limit (1000).
+MAX_DEPTH = 200
+
+
+def _max_depth(sec: Section) -> int:
+    value = sec.int("max_depth", DEFAULT_MAX_DEPTH, minimum=8)
+    if value > MAX_DEPTH:
+        raise sec.error("max_depth", value, f"must be an integer between 8 and {MAX_DEPTH}")
+    return value
+
+
 def from_dict(data: dict, path: str = "<defaults>") -> Config:
     """Validate a parsed TOML document."""
     server = Section(path, "server", data.get("server", {}))
@@ -320,6 +339,13 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         listen_tls=_endpoints(c2s_sec, "listen_tls", ("tcp:5223:interface=127.0.0.1",)),
         tls=c2s_sec.choice("tls", ("required", "optional"), "required"),
         max_stanza_size=c2s_sec.int("max_stanza_size", 262144, minimum=1024),
+        # Why these defaults: xmppd/xmlparser.py and etc/xmppd.toml.
+        max_stanza_nodes=c2s_sec.int("max_stanza_nodes", DEFAULT_MAX_NODES, minimum=64),
+        max_depth=_max_depth(c2s_sec),
+        max_preauth_stanza_size=c2s_sec.int(
+            "max_preauth_stanza_size", DEFAULT_MAX_PREAUTH_SIZE, minimum=4096),
+        max_preauth_stanza_nodes=c2s_sec.int(
+            "max_preauth_stanza_nodes", DEFAULT_MAX_PREAUTH_NODES, minimum=32),
         auth_timeout=c2s_sec.number("auth_timeout", 60.0, minimum=1),
         max_connections_per_ip=c2s_sec.int("max_connections_per_ip", 100, minimum=0),
         max_auth_failures=c2s_sec.int("max_auth_failures", 3, minimum=1),

@@ -13,13 +13,21 @@ each one:
   top-level item are checked after every slice, so the size limit holds
   however the bytes arrive;
 * :meth:`StreamParser.halt` stops all dispatching immediately, also for
-  stanzas still queued in the current slice (STARTTLS / SASL stream resets).
+  stanzas still queued in the current slice (STARTTLS / SASL stream resets);
+* nesting depth and the number of nodes (elements plus attributes) of a
+  stanza are checked in the start handler, before the element that would
+  exceed them is built, so neither recursion (serialising) nor memory (about
+  0.4-0.55 kB per element, 0.12-0.18 kB per attribute, whatever its bytes)
+  can be driven past what :class:`Limits` allows;
+* the stream header is bounded in bytes and attributes, and a second
+  ``<stream:stream>`` inside the stream is an error at once.
 
 It builds ``domish.Element`` trees so wokkel's parsers and builders work on
 them unchanged.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 from xml.parsers import expat
 
@@ -27,6 +35,63 @@ from twisted.words.xish import domish
 
 NS_STREAMS = "http://etherx.jabber.org/streams"
 _XML_NS = "http://www.w3.org/XML/1998/namespace"
+
+
+# [c2s] max_depth: levels a stanza may nest (the stanza itself is level 1).
+# The deepest legitimate stanzas known need about a dozen: a MAM result
+# wrapping a forwarded carbon wrapping a message with an OMEMO payload is
+# message/result/forwarded/message/sent/forwarded/message/encrypted/header/key
+# (10 levels); PubSub payloads with XHTML-IM content reach about 15.  48 leaves
+# room for further forwarding layers (2-3 levels each) and keeps every
+# recursive walk of a tree (one Python frame per level) small.
+DEFAULT_MAX_DEPTH = 48
+# [c2s] max_stanza_nodes: elements + attributes (+ namespace declarations) of
+# one stanza.  Measured with tracemalloc, a parsed element costs 0.40 kB
+# (empty sibling) to 0.54 kB (nested), an attribute 0.12-0.18 kB, whatever
+# their bytes: 65,000 empty children (260 KB) made a 26 MB tree.  1500 nodes
+# cost at most ~0.8 MB, about 3x a 256 KiB stanza (text costs ~1x on top);
+# the largest legitimate client stanzas (an OMEMO bundle with 100 pre-keys:
+# ~230 nodes; legacy XEP-0048 bookmarks: 5 nodes per room) fit.
+DEFAULT_MAX_NODES = 1500
+# [c2s] max_preauth_stanza_nodes: before SASL success a stanza is SASL (1-2
+# elements) or an in-band registration form (~25-40 nodes).  100 nodes cost
+# at most ~55 kB.
+DEFAULT_MAX_PREAUTH_NODES = 100
+# A stream header needs at most 7 attributes and namespace declarations
+# (to, from, id, version, xml:lang, xmlns, xmlns:stream); anything near this
+# is not a client.
+MAX_HEADER_ATTRIBUTES = 32
+# [c2s] max_preauth_stanza_size, also the bound on every stream header: the
+# largest SASL element is a SCRAM-PLUS client-final-message with the longest
+# legal authzid (3071 bytes) and channel binding data (<= 64 bytes), base64
+# inside base64: under 8 KB.  PLAIN with 1023-byte names is under 7 KB.
+DEFAULT_MAX_PREAUTH_SIZE = 16384
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one stanza (and the stream header) may cost.
+
+    ``depth`` counts levels from the stanza element (the stanza itself is
+    level 1); ``nodes`` counts the stanza's elements plus attributes,
+    because those, not bytes, are what the tree costs in memory.
+    """
+
+    stanza_size: int
+    depth: int = DEFAULT_MAX_DEPTH
+    nodes: int = DEFAULT_MAX_NODES
+    header_size: int = DEFAULT_MAX_PREAUTH_SIZE
+
+    def for_stored(self, extra_bytes: int) -> "Limits":
+        """The limits for re-reading what was stored from a stanza under these.
+
+        Depth is unchanged (what the server adds sits at level 2).  Bytes
+        grow by what the server adds (``extra_bytes``); nodes may double,
+        because re-serialising declares the namespace on each element a
+        client had written with a prefix, and declarations count as nodes.
+        """
+        return Limits(self.stanza_size + extra_bytes, self.depth, 2 * self.nodes + 8,
+                      self.header_size)
 
 
 class XMLStreamError(Exception):
@@ -69,16 +134,25 @@ class StreamParser:
         on_stream_start: Callable[[str, str, dict, dict], None],
         on_element: Callable[[domish.Element], None],
         on_stream_end: Callable[[], None],
-        max_stanza_size: int,
+        limits: Limits | int,
     ) -> None:
+        if isinstance(limits, int):
+            limits = Limits(limits)
         self._on_stream_start = on_stream_start
         self._on_element = on_element
         self._on_stream_end = on_stream_end
-        self.max_stanza_size = max_stanza_size
-        self._slice = max(1024, min(16384, max_stanza_size // 4))
+        self.limits = limits
+        self.max_stanza_size = limits.stanza_size
+        # Stream depth 1 is the header, so a stanza of `depth` levels ends
+        # at stream depth depth + 1.
+        self._max_depth = limits.depth + 1
+        self._max_nodes = limits.nodes
+        self._slice = max(1024, min(16384, limits.stanza_size // 4))
         self._fed = 0
         self._boundary = 0
         self._depth = 0
+        self._nodes = 0
+        self._header_attrs = 0
         self._current: domish.Element | None = None
         self._halted = False
         self._decls: dict[str, str] = {}
@@ -123,7 +197,7 @@ class StreamParser:
                     "policy-violation",
                     f"stanza larger than {self.max_stanza_size} bytes",
                 )
-            if self._depth == 0 and self._fed > self.max_stanza_size:
+            if self._depth == 0 and self._fed > self.limits.header_size:
                 # An endless stream header (attributes without end).
                 raise XMLStreamError("policy-violation", "stream header too large")
 
@@ -147,18 +221,56 @@ class StreamParser:
     # -- expat callbacks ----------------------------------------------------
 
     def _ns_decl(self, prefix: str | None, uri: str) -> None:
+        # Called before the start handler of the element that declares it.
         if self._depth == 0:
+            self._header_attrs += 1
+            if self._header_attrs > MAX_HEADER_ATTRIBUTES:
+                raise XMLStreamError("policy-violation", "too many attributes in the stream header")
             self._decls[prefix or ""] = uri
+        else:
+            self._count(1)  # a declaration costs expat memory like an attribute
+
+    def _count(self, n: int) -> None:
+        nodes = self._nodes = self._nodes + n
+        if nodes > self._max_nodes:
+            raise XMLStreamError(
+                "policy-violation",
+                f"stanza has more than {self._max_nodes} elements and attributes",
+            )
 
     def _start(self, name: str, attrs: dict) -> None:
         if self._halted:
             return
-        depth = self._depth = self._depth + 1
-        uri, local = _split(name)
+        depth = self._depth + 1
         if depth == 1:
+            if self._header_attrs + len(attrs) > MAX_HEADER_ATTRIBUTES:
+                raise XMLStreamError("policy-violation", "too many attributes in the stream header")
+            self._depth = 1
             self._boundary = self._parser.CurrentByteIndex
-            self._on_stream_start(uri, local, attrs, self._decls)
+            self._on_stream_start(*_split(name), attrs, self._decls)
             return
+        if depth > self._max_depth:
+            # Refused before the element exists: nothing deeper is ever
+            # built, so nothing downstream recurses deeper either.
+            raise XMLStreamError(
+                "policy-violation", f"stanza nested deeper than {self.limits.depth} levels"
+            )
+        self._count(1 + len(attrs))
+        self._depth = depth
+        uri, local = _split(name)
+        if depth == 2 and local == "stream" and uri == NS_STREAMS:
+            # A stream header where a stanza belongs: the client thinks it
+            # restarted the stream, but only STARTTLS and SASL success restart
+            # one (with a fresh parser).  Left alone it would be an open
+            # element swallowing every later stanza until the size limit.
+            # RFC 6120 §4.9.3.24 unsupported-stanza-type: the XML is
+            # well-formed (not not-well-formed), this server does not validate
+            # (not invalid-xml), and it is a first-level child of the stream
+            # that the server does not support -- the same condition a bound
+            # session gets for any other non-stanza element.
+            raise XMLStreamError(
+                "unsupported-stanza-type", "stream header inside the stream (no restart here)"
+            )
         plain = {}
         for key, value in attrs.items():
             if " " in key:
@@ -185,6 +297,7 @@ class StreamParser:
         el = self._current
         if depth == 2:
             self._current = None
+            self._nodes = 0
             self._boundary = self._parser.CurrentByteIndex
             self._on_element(el)
         else:
@@ -198,3 +311,26 @@ class StreamParser:
         else:
             # Whitespace keepalives between stanzas: nothing pending.
             self._boundary = self._parser.CurrentByteIndex + len(data.encode())
+
+
+def _ignore(*_args) -> None:
+    pass
+
+
+def parse_fragment(xml: str, limits: Limits) -> domish.Element:
+    """Re-parse one stored element (offline message, vCard) under ``limits``.
+
+    Stored XML is read with the limits of a live stream, so no tree the
+    server handles is deeper or larger than one a client could send; data
+    beyond them (written by an older version, or by hand) raises
+    :class:`XMLStreamError` for the caller to skip and log.
+    """
+    found: list[domish.Element] = []
+    parser = StreamParser(_ignore, found.append, _ignore, limits)
+    try:
+        parser.feed(b"<s xmlns='jabber:client'>" + xml.encode("utf-8") + b"</s>")
+    finally:
+        parser.halt()
+    if len(found) != 1:
+        raise XMLStreamError("not-well-formed", f"{len(found)} elements stored, expected one")
+    return found[0]

@@ -8,6 +8,10 @@ first, right after the session's initial presence, then deleted.
 A message that cannot be stored (disk full, I/O error) is not dropped: the
 :class:`~xmppd.storage.StoreError` reaches the router, which bounces it to
 the sender with the matching stanza error and logs one line.
+
+Stored messages are re-parsed with the stream's limits before delivery: one
+beyond them (written by an older version without those limits) is skipped
+with a log line and left in the store, never sent to the client.
 """
 from __future__ import annotations
 
@@ -20,11 +24,15 @@ from xmppd.plugin import Plugin
 from xmppd.stanzas import serialize
 from xmppd.storage import StoreError
 from xmppd.storefail import report
+from xmppd.xmlparser import Limits, XMLStreamError, parse_fragment
 
 log = Logger()
 
 STORE = "offline"
 NS_DELAY = "urn:xmpp:delay"
+# What storing adds to a stanza that passed the parser: the stamped 'from'
+# (up to a 3071-byte JID) and the <delay/> element.
+STORED_EXTRA_BYTES = 4096
 
 
 class OfflinePlugin(Plugin):
@@ -35,6 +43,9 @@ class OfflinePlugin(Plugin):
         sec = self.server.config.section("offline")
         self.quota = sec.int("max_messages", 100, minimum=0)
         sec.reject_unknown()
+        c2s = self.server.config.c2s
+        self.limits = Limits(c2s.max_stanza_size, c2s.max_depth,
+                             c2s.max_stanza_nodes).for_stored(STORED_EXTRA_BYTES)
         self.router.offline_handler = self.store_message
         presence = self.server.plugin("presence")
         if presence is not None:
@@ -68,13 +79,23 @@ class OfflinePlugin(Plugin):
         stored = self.store.items(STORE, bare)
         if not stored:
             return
-        for _key, xml in stored:
+        delivered = []
+        for key, xml in stored:
+            try:
+                parse_fragment(xml, self.limits)
+            except XMLStreamError as e:
+                log.warn("offline message {key} of {user} kept in store, not delivered: {error}",
+                         key=key, user=bare, error=e)
+                continue
             session.send_bytes(xml.encode("utf-8"))
+            delivered.append(key)
+        if not delivered:
+            return
         try:
-            self.store.delete_many(STORE, bare, [k for k, _ in stored])
+            self.store.delete_many(STORE, bare, delivered)
         except StoreError as e:
             # Delivered but still stored: sent again at the next login, a
             # duplicate rather than a loss.
             report(e)
             return
-        log.info("delivered {n} offline messages to {jid}", n=len(stored), jid=session.jid.full)
+        log.info("delivered {n} offline messages to {jid}", n=len(delivered), jid=session.jid.full)
