@@ -3,7 +3,8 @@
 A chat/normal message to an account with no available resource is stored
 (``offline/<bare JID>/<sequence>``) up to a per-user quota; over the quota
 the sender gets ``service-unavailable``.  Messages are delivered, oldest
-first, right after the session's initial presence, then deleted.
+first, right after the session's initial presence, then deleted, at the
+pace the client reads them (see :meth:`OfflinePlugin.deliver`).
 """
 from __future__ import annotations
 
@@ -54,11 +55,25 @@ class OfflinePlugin(Plugin):
         return True
 
     def deliver(self, session) -> None:
+        """Send the stored messages, as fast as the client reads them.
+
+        A message is deleted once it was handed to the transport.  When the
+        transport is full (a slow client, or many large messages) the rest
+        waits in the store, not in the session's bounded backlog, and
+        follows when the transport has drained; if the session ends first,
+        it stays stored for the next login.
+        """
         bare = session.jid.bare
         stored = self.store.items(STORE, bare)
         if not stored:
             return
-        for _key, xml in stored:
+        sent = []
+        for key, xml in stored:
+            if not session.writable:
+                session.when_drained(lambda: self.deliver(session))
+                break
             session.send_bytes(xml.encode("utf-8"))
-        self.store.delete_many(STORE, bare, [k for k, _ in stored])
-        log.info("delivered {n} offline messages to {jid}", n=len(stored), jid=session.jid.full)
+            sent.append(key)
+        if sent:
+            self.store.delete_many(STORE, bare, sent)
+            log.info("delivered {n} offline messages to {jid}", n=len(sent), jid=session.jid.full)
