@@ -35,10 +35,11 @@ class OutboundBacklog:
         self.limit = limit
 
     def add(self, data: bytes) -> bool:
-        """Hold ``data``; False once the held bytes exceed the limit."""
+        """Hold ``data``; True when this made the held bytes exceed the limit."""
+        size = self.size
         self.chunks.append(data)
-        self.size += len(data)
-        return self.size <= self.limit
+        self.size = size + len(data)
+        return size <= self.limit < self.size
 
     def popleft(self) -> bytes:
         data = self.chunks.popleft()

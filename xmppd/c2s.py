@@ -96,7 +96,7 @@ class C2SStream(protocol.Protocol):
         self._paused = False
         self._producing = False  # registered as the transport's producer
         self._backlog: OutboundBacklog | None = None  # only for slow sessions
-        self._drained: list[Callable[[], None]] = []
+        self._drained: list[Callable[[], None]] | None = None
         self._refusal: str | None = None
         self._cert_logged = False
         # Per-session state owned by plugins (e.g. blocking interest).
@@ -222,19 +222,30 @@ class C2SStream(protocol.Protocol):
         if self._direct:
             callback()
         elif self.phase != CLOSED:
+            if self._drained is None:
+                self._drained = []
             self._drained.append(callback)
 
     def _hold(self, data: bytes) -> None:
         """Keep output while the transport is paused; too much of it ends the session."""
-        if not self._backlog.add(data):
-            backlog = self._backlog
-            log.warn("c2s {jid} from {peer}: client is not reading; {size} bytes of output held"
-                     " (max_outbound_bytes = {limit}), closing",
-                     jid=self.jid.full, peer=self.peer, size=backlog.size, limit=backlog.limit)
-            # policy-violation (RFC 6120 §4.9.3.14): the client broke a
-            # configured limit of this server.  resource-constraint would
-            # tell it the server is short of resources, which it is not.
-            self.stream_error("policy-violation", "too much output waiting: read your stream")
+        if self._backlog.add(data):
+            # Not now: we are inside some delivery loop over the sessions,
+            # which closing (unbinding) would change under it.  Until then
+            # the session stays bound and keeps what it is sent, so that it
+            # all takes the offline path together.
+            self.server.clock.callLater(0, self._overflowed)
+
+    def _overflowed(self) -> None:
+        backlog = self._backlog
+        if self.phase == CLOSED or backlog is None:
+            return  # gone first (its backlog was released then), or caught up
+        log.warn("c2s {jid} from {peer}: client is not reading; {size} bytes of output held"
+                 " (max_outbound_bytes = {limit}), closing",
+                 jid=self.jid.full, peer=self.peer, size=backlog.size, limit=backlog.limit)
+        # policy-violation (RFC 6120 §4.9.3.14): the client broke a
+        # configured limit of this server.  resource-constraint would tell
+        # it the server is short of resources, which it is not.
+        self.stream_error("policy-violation", "too much output waiting: read your stream")
 
     # IPushProducer: the transport tells a bound session when its buffer is full.
 
@@ -256,10 +267,12 @@ class C2SStream(protocol.Protocol):
             # transport.write may pause us again at once: stop there.
             while backlog.chunks and not self._paused:
                 write(backlog.popleft())
+            if not backlog.chunks:
+                self._backlog = None  # a session that caught up holds nothing
         if not self._paused:
             self._direct = True
-            callbacks, self._drained = self._drained, []
-            for callback in callbacks:
+            callbacks, self._drained = self._drained, None
+            for callback in callbacks or ():
                 callback()
 
     def stopProducing(self) -> None:
@@ -328,7 +341,7 @@ class C2SStream(protocol.Protocol):
         ends.
         """
         backlog, self._backlog = self._backlog, None
-        self._drained = []
+        self._drained = None
         if backlog is None or not backlog.chunks:
             return
         held, size = len(backlog.chunks), backlog.size
