@@ -22,6 +22,7 @@ import ssl
 import time
 
 import pytest
+from twisted.words.xish import domish
 
 from tests.daemon import Daemon
 from tests.rawclient import RawClient
@@ -226,3 +227,52 @@ def test_slow_reader_is_bounded_closed_and_loses_nothing(tmp_path):
         slow.close()
         sender.close()
         d.stop()
+
+
+def test_overflow_inside_a_delivery_loop_closes_after_it():
+    """Two paused resources overflow while one broadcast loops over them.
+
+    Closing unbinds, which would change the router's session dict under the
+    loop: the close waits for the next reactor turn, and what the sessions
+    were given meanwhile takes the offline path with the rest.
+    """
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from xmppd import config
+    from xmppd import jid as jidlib
+    from xmppd.c2s import BOUND, CLOSED, C2SFactory
+    from xmppd.core import Server
+    from xmppd.storage import MemoryStore
+
+    clock = Clock()
+    server = Server(config.from_dict({"c2s": {"max_outbound_bytes": 65536}}),
+                    store=MemoryStore(), clock=clock, certs=object())
+    server.connector_for("localhost").add_user("u", "localhost", "pw")
+    factory = C2SFactory(server)
+    sessions = []
+    for resource in ("a", "b"):
+        s = factory.buildProtocol(None)
+        s.makeConnection(StringTransport())
+        s.username, s.host = "u", "localhost"
+        s.jid = jidlib.make("u", "localhost", resource)
+        s.phase = BOUND
+        server.router.bind(s)
+        s.transport.registerProducer(s, True)
+        s._producing = True
+        s.pauseProducing()  # as the transport does when its buffer is full
+        sessions.append(s)
+    bare = jidlib.parse("u@localhost")
+    for i in range(3):
+        msg = domish.Element((None, "message"))
+        msg["type"], msg["id"], msg["from"] = "chat", f"m{i}", "v@localhost/x"
+        msg.addElement("body", content="y" * 40000)
+        server.router.send_from_server(msg, bare)  # loops over both sessions
+    assert all(s.phase == BOUND for s in sessions)  # not inside the loop
+    clock.advance(0)
+    assert all(s.phase == CLOSED for s in sessions)
+    assert all(b"<policy-violation" in s.transport.value() for s in sessions)
+    stored = server.store.items("offline", "u@localhost")
+    # each resource held all three; both gave them back (the duplicates are
+    # the price of two stalled resources, not a loss)
+    assert [re.search(r"id='(m\d)'", xml).group(1) for _k, xml in stored] == ["m0", "m1", "m2"] * 2
