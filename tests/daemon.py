@@ -56,7 +56,7 @@ class Daemon:
     """One xmppd process with a generated config."""
 
     def __init__(self, tmp: Path, hosts=("localhost",), extra: str = "", plugins=None,
-                 tls: str = "required", direct_tls: bool = False) -> None:
+                 tls: str = "required", direct_tls: bool = False, c2s: str = "") -> None:
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = tuple(hosts)
@@ -67,6 +67,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.extra_env: dict[str, str] = {}  # e.g. NOTIFY_SOCKET
         self.prefix: list[str] = []  # argv before twistd, e.g. setpriv
+        self.c2s = c2s  # extra lines for the [c2s] table, e.g. "auth_timeout = 2"
         self.write_config(extra, plugins, tls)
 
     def write_config(self, extra: str = "", plugins=None, tls: str = "required") -> None:
@@ -84,10 +85,11 @@ class Daemon:
             listen_tls = {listen_tls}
             tls = "{tls}"
             max_connections_per_ip = 0
-
+            {{c2s_lines}}
             [sm]
             {plugin_line}
             """)
+        text = text.replace("{c2s_lines}", textwrap.dedent(self.c2s).strip() + "\n")
         self.config_path.write_text(text + textwrap.dedent(extra))
 
     def env(self) -> dict:

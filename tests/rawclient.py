@@ -13,10 +13,18 @@ import time
 
 
 class RawClient:
-    def __init__(self, port: int, host: str = "localhost", timeout: float = 10.0) -> None:
+    def __init__(self, port: int, host: str = "localhost", timeout: float = 10.0,
+                 rcvbuf: int | None = None) -> None:
         self.host = host
         self.timeout = timeout
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if rcvbuf is None:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        else:
+            # Before connect(), so the advertised window is small from the start.
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect(("127.0.0.1", port))
         self.buffer = b""
 
     def send(self, data: bytes | str) -> None:

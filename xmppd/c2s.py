@@ -8,6 +8,17 @@ is the user's *session*: the router delivers to it with :meth:`send` /
 
 Every violation ends in the RFC 6120 §4.9 stream error before the close, and
 is logged with the peer address.
+
+Every way out is bounded in time: a connection that does not finish its TLS
+handshake by ``[c2s] auth_timeout`` is aborted (a TLS close would wait for
+the handshake forever), and a graceful close that has not completed after
+``[c2s] close_timeout`` (a peer that never reads its stream error or never
+answers close_notify) is aborted too.
+
+A bound session is a streaming producer on its transport: while the
+transport's buffer is full, output is held in an
+:class:`~xmppd.backlog.OutboundBacklog` bounded by ``[c2s]
+max_outbound_bytes`` instead of growing the buffer without limit.
 """
 from __future__ import annotations
 
@@ -15,16 +26,19 @@ import base64
 import binascii
 import os
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from twisted.internet import protocol
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.logger import Logger
 from twisted.words.xish import domish
+from zope.interface import implementer
 
 from OpenSSL import SSL
 
 from xmppd import channelbinding, sasl
 from xmppd import jid as jidlib
+from xmppd.backlog import OutboundBacklog
 from xmppd.certs import ClientCertificate, client_certificate
 from xmppd.stanzas import (
     NS_CLIENT,
@@ -54,6 +68,7 @@ _STANZAS = frozenset(("message", "presence", "iq"))
 HEADER, NEGOTIATING, AUTHENTICATED, BOUND, CLOSED = range(5)
 
 
+@implementer(IHandshakeListener, IPushProducer)
 class C2SStream(protocol.Protocol):
     """A client connection, and after binding the user's session."""
 
@@ -73,6 +88,15 @@ class C2SStream(protocol.Protocol):
         self.parser: StreamParser | None = None
         self.peer = "?"
         self._timeout = None
+        self._closer = None  # aborts a close that does not complete
+        self.tls_pending = False  # a TLS handshake has started and not finished
+        # Output flow (see send_bytes): True while output goes straight to
+        # the transport; False while the transport is paused or once closed.
+        self._direct = True
+        self._paused = False
+        self._producing = False  # registered as the transport's producer
+        self._backlog: OutboundBacklog | None = None  # only for slow sessions
+        self._drained: list[Callable[[], None]] | None = None
         self._refusal: str | None = None
         self._cert_logged = False
         # Per-session state owned by plugins (e.g. blocking interest).
@@ -87,7 +111,7 @@ class C2SStream(protocol.Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
-        self.secure = self.factory.direct_tls
+        self.secure = self.tls_pending = self.factory.direct_tls
         if not self.factory.admit(self.peer):
             self._refusal = "policy-violation"
             log.warn("c2s {peer}: too many connections from this address", peer=self.peer)
@@ -96,10 +120,18 @@ class C2SStream(protocol.Protocol):
         self.last_active = clock.seconds()
         self._timeout = clock.callLater(self.server.config.c2s.auth_timeout, self._auth_timeout)
 
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake (direct or STARTTLS) finished."""
+        self.tls_pending = False
+
     def connectionLost(self, reason=None) -> None:
         previous, self.phase = self.phase, CLOSED
+        self._direct = False
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
+        if self._closer is not None and self._closer.active():
+            self._closer.cancel()
+        self._closer = None
         self.factory.release(self.peer)
         if self.secure and previous < AUTHENTICATED and reason is not None and reason.check(SSL.Error):
             # e.g. a vhost with client_cert = "required" and no valid certificate
@@ -110,9 +142,32 @@ class C2SStream(protocol.Protocol):
 
     def _auth_timeout(self) -> None:
         self._timeout = None
-        if self.phase < BOUND:
-            log.info("c2s {peer}: no authenticated session in time", peer=self.peer)
-            self.stream_error("connection-timeout", "authenticate sooner")
+        if self.phase >= BOUND:
+            return
+        if self.tls_pending:
+            # Nothing can reach a peer that has not finished its handshake,
+            # and a TLS close would wait for that handshake: abort.
+            log.info("c2s {peer}: TLS handshake not completed in time", peer=self.peer)
+            self._abort()
+            return
+        log.info("c2s {peer}: no authenticated session in time", peer=self.peer)
+        self.stream_error("connection-timeout", "authenticate sooner")
+
+    def _abort(self) -> None:
+        """Drop the connection now, whatever is buffered (connectionLost follows)."""
+        if self.phase != CLOSED:
+            self.parser.halt()
+            was_bound, self.phase = self.phase == BOUND, CLOSED
+            self._direct = False
+            if was_bound:
+                self._end_session()
+        self.transport.abortConnection()
+
+    def _close_timed_out(self) -> None:
+        self._closer = None
+        log.info("c2s {peer}: connection not closed after {t:g}s (peer not reading?), aborting",
+                 peer=self.peer, t=self.server.config.c2s.close_timeout)
+        self.transport.abortConnection()
 
     def _new_parser(self) -> None:
         if self.parser is not None:
@@ -138,12 +193,89 @@ class C2SStream(protocol.Protocol):
     # -- output ----------------------------------------------------------------
 
     def send(self, element: domish.Element) -> None:
-        if self.phase != CLOSED:
+        if self._direct:
             self.transport.write(serialize(element))
+        elif self.phase != CLOSED:
+            self._hold(serialize(element))
 
     def send_bytes(self, data: bytes) -> None:
-        if self.phase != CLOSED:
+        # The hot path is the first test: one attribute, as before flow
+        # control existed.  Only a paused (or closed) session goes further.
+        if self._direct:
             self.transport.write(data)
+        elif self.phase != CLOSED:
+            self._hold(data)
+
+    @property
+    def writable(self) -> bool:
+        """True while output goes straight to the transport (not paused, not closed)."""
+        return self._direct
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once held output has reached the transport.
+
+        For senders of bulk output (offline delivery) that should wait for a
+        slow client instead of filling the backlog.  Never called if the
+        session closes first.
+        """
+        if self._direct:
+            callback()
+        elif self.phase != CLOSED:
+            if self._drained is None:
+                self._drained = []
+            self._drained.append(callback)
+
+    def _hold(self, data: bytes) -> None:
+        """Keep output while the transport is paused; too much of it ends the session."""
+        if self._backlog.add(data):
+            # Not now: we are inside some delivery loop over the sessions,
+            # which closing (unbinding) would change under it.  Until then
+            # the session stays bound and keeps what it is sent, so that it
+            # all takes the offline path together.
+            self.server.clock.callLater(0, self._overflowed)
+
+    def _overflowed(self) -> None:
+        backlog = self._backlog
+        if self.phase == CLOSED or backlog is None:
+            return  # gone first (its backlog was released then), or caught up
+        log.warn("c2s {jid} from {peer}: client is not reading; {size} bytes of output held"
+                 " (max_outbound_bytes = {limit}), closing",
+                 jid=self.jid.full, peer=self.peer, size=backlog.size, limit=backlog.limit)
+        # policy-violation (RFC 6120 §4.9.3.14): the client broke a
+        # configured limit of this server.  resource-constraint would tell
+        # it the server is short of resources, which it is not.
+        self.stream_error("policy-violation", "too much output waiting: read your stream")
+
+    # IPushProducer: the transport tells a bound session when its buffer is full.
+
+    def pauseProducing(self) -> None:
+        if self.phase == CLOSED:
+            return
+        self._paused = True
+        self._direct = False
+        if self._backlog is None:
+            self._backlog = OutboundBacklog(self.server.config.c2s.max_outbound_bytes)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.phase == CLOSED:
+            return
+        backlog = self._backlog
+        if backlog is not None:
+            write = self.transport.write
+            # transport.write may pause us again at once: stop there.
+            while backlog.chunks and not self._paused:
+                write(backlog.popleft())
+            if not backlog.chunks:
+                self._backlog = None  # a session that caught up holds nothing
+        if not self._paused:
+            self._direct = True
+            callbacks, self._drained = self._drained, None
+            for callback in callbacks or ():
+                callback()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; connectionLost does the cleanup."""
 
     def _send_header(self, stream_id: str | None = None) -> None:
         host = self.host or self.server.config.default_host
@@ -173,14 +305,53 @@ class C2SStream(protocol.Protocol):
         self.parser.halt()
         was_bound = self.phase == BOUND
         self.phase = CLOSED
+        self._direct = False
+        if self._producing:
+            # A registered producer keeps a TLS transport from sending
+            # close_notify and a TCP one from closing after its last write.
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+        # A peer that never reads (or never answers close_notify) would keep
+        # the connection forever: bound the close in time.
+        self._closer = self.server.clock.callLater(
+            self.server.config.c2s.close_timeout, self._close_timed_out
+        )
         if was_bound:
             self._end_session()
 
     def _end_session(self) -> None:
         log.info("c2s {jid} from {peer}: session ended", jid=self.jid.full, peer=self.peer)
         self.server.router.unbind(self)
+        self._release_backlog()
         self._bookkeeping("record_logout")
+
+    def _release_backlog(self) -> None:
+        """Output never handed to the transport: messages go to offline storage.
+
+        They take the router's offline path as if the user had had no
+        available resource (normal/chat stored, over quota bounced to the
+        sender; filters already ran when they were routed here); other
+        stanzas are dropped.
+
+        XEP-0198 hook: with stream management, a resumable session would
+        keep this backlog (and the unacknowledged stanzas) for resumption
+        instead, and release it like this only when the resumption window
+        ends.
+        """
+        backlog, self._backlog = self._backlog, None
+        self._drained = None
+        if backlog is None or not backlog.chunks:
+            return
+        held, size = len(backlog.chunks), backlog.size
+        messages = backlog.messages()
+        backlog.clear()
+        to = self.jid.bare_jid()
+        for stanza in messages:
+            self.server.router.undelivered(stanza, to)
+        log.info("c2s {jid}: {held} stanzas ({size} bytes) were never sent; {n} messages"
+                 " take the offline path", jid=self.jid.full, held=held, size=size,
+                 n=len(messages))
 
     def _bookkeeping(self, what: str) -> None:
         """Login/logout bookkeeping queries of connectors that have them (sql)."""
@@ -361,7 +532,7 @@ class C2SStream(protocol.Protocol):
         # Anything pipelined after <starttls/> arrived in plaintext: drop it
         # with the old parser, so nothing from before the handshake survives.
         self.transport.startTLS(options)
-        self.secure = True
+        self.secure = self.tls_pending = True
         self._new_parser()
 
     # -- SASL --------------------------------------------------------------------
@@ -502,6 +673,9 @@ class C2SStream(protocol.Protocol):
         self.phase = BOUND
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
+        # From now on the transport tells us when the client stops reading.
+        self.transport.registerProducer(self, True)
+        self._producing = True
         old = self.server.router.bind(self)
         if old is not None:
             log.info("c2s {jid}: new session replaces the old one", jid=self.jid.full)

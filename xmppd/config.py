@@ -130,6 +130,8 @@ class C2SConfig:
     auth_timeout: float
     max_connections_per_ip: int
     max_auth_failures: int
+    max_outbound_bytes: int
+    close_timeout: float
 
 
 @dataclass(frozen=True)
@@ -349,6 +351,12 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         auth_timeout=c2s_sec.number("auth_timeout", 60.0, minimum=1),
         max_connections_per_ip=c2s_sec.int("max_connections_per_ip", 100, minimum=0),
         max_auth_failures=c2s_sec.int("max_auth_failures", 3, minimum=1),
+        # Output held for one session while its client does not read; past it
+        # the session is closed and its held messages go to offline storage.
+        max_outbound_bytes=c2s_sec.int("max_outbound_bytes", 2 * 1024 * 1024, minimum=65536),
+        # Seconds a closing connection gets to flush its last bytes (stream
+        # error, TLS close_notify) before it is aborted.
+        close_timeout=c2s_sec.number("close_timeout", 10.0, minimum=1),
     )
     c2s_sec.reject_unknown()
     if not c2s.listen and not c2s.listen_tls:

@@ -42,6 +42,12 @@ class Session(Protocol):
     def send(self, element: domish.Element) -> None: ...
     def send_bytes(self, data: bytes) -> None: ...
 
+    # Flow control, for bulk senders (offline delivery): False while the
+    # client does not keep up; when_drained calls back once it has.
+    writable: bool
+
+    def when_drained(self, callback: Callable[[], None]) -> None: ...
+
 
 class StanzaFilter(Protocol):
     """One link of the filter chain.
@@ -334,6 +340,18 @@ class Router:
         self.user_exists(to).addCallback(exists).addErrback(
             lambda f: log.failure("offline delivery failed", f)
         )
+
+    def undelivered(self, stanza: domish.Element, to: JID) -> None:
+        """A message a session accepted for ``to`` (bare) but never sent: the session closed.
+
+        It takes the offline path as if no resource had been available
+        (normal/chat stored, over quota bounced to its sender).  The filter
+        chain is not run again: it ran when the message was routed.  Other
+        message types are ephemeral and dropped.
+        """
+        kind = stanza.getAttribute("type", "normal")
+        if kind in ("normal", "chat"):
+            self._message_offline(stanza, to, kind, None)
 
     def _to_full(self, stanza, sender: JID, to: JID, session) -> None:
         name = stanza.name

@@ -3,7 +3,8 @@
 A chat/normal message to an account with no available resource is stored
 (``offline/<bare JID>/<sequence>``) up to a per-user quota; over the quota
 the sender gets ``service-unavailable``.  Messages are delivered, oldest
-first, right after the session's initial presence, then deleted.
+first, right after the session's initial presence, then deleted, at the
+pace the client reads them (see :meth:`OfflinePlugin.deliver`).
 
 A message that cannot be stored (disk full, I/O error) is not dropped: the
 :class:`~xmppd.storage.StoreError` reaches the router, which bounces it to
@@ -75,12 +76,23 @@ class OfflinePlugin(Plugin):
         return True
 
     def deliver(self, session) -> None:
+        """Send the stored messages, as fast as the client reads them.
+
+        A message is deleted once it was handed to the transport.  When the
+        transport is full (a slow client, or many large messages) the rest
+        waits in the store, not in the session's bounded backlog, and
+        follows when the transport has drained; if the session ends first,
+        it stays stored for the next login.
+        """
         bare = session.jid.bare
         stored = self.store.items(STORE, bare)
         if not stored:
             return
         delivered = []
         for key, xml in stored:
+            if not session.writable:
+                session.when_drained(lambda: self.deliver(session))
+                break
             try:
                 parse_fragment(xml, self.limits)
             except XMLStreamError as e:
