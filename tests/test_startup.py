@@ -30,6 +30,9 @@ def _twistd(args, cwd, env=None, timeout=20):
     ("[blockin]\nbounce = false\n", "blockin"),
     ("[server]\nhosts = ['a.test']\n[hosts.\"a.test\"]\nadmin = ['x@a.test']\n", 'hosts."a.test".admin'),
     ("[blocking]\nbounce = 'no'\n", "blocking.bounce"),
+    ("[tls]\ngroups = ['X25519', 'X999']\n", "tls.groups"),
+    ("[limits]\nauth_ipv6_prefix = 129\n", "limits.auth_ipv6_prefix"),
+    ("[limits]\nauth_failures_per_ip_account = -1\n", "limits.auth_failures_per_ip_account"),
 ])
 def test_config_error_is_one_line_naming_file_and_key(tmp_path, toml, key):
     cfg = tmp_path / "bad.toml"

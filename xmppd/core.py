@@ -144,6 +144,6 @@ def build_cert_store(config: Config, generate: bool = True):
         hosts=list(config.hosts), data_dir=config.data_dir,
         certs_dir=tls.certs_dir, letsencrypt_dir=tls.letsencrypt_dir,
         explicit=explicit, default_cert=default_cert,
-        policy=TLSPolicy(min_version=tls.min_version, ciphers=tls.ciphers),
+        policy=TLSPolicy(min_version=tls.min_version, ciphers=tls.ciphers, groups=tls.groups),
         default_host=config.default_host, client_certs=client_certs, generate=generate,
     )
