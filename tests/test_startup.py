@@ -163,6 +163,8 @@ def test_brute_force_throttle_per_account_and_per_ip(tmp_path):
         failures = run(login_fails("amy@localhost", "amy-secret", d.port, mech="PLAIN"))
         assert failures[0]["condition"] == "temporary-auth-failure"
         assert "throttl" in d.logtext().lower()
+        # A per-account limit that engages before the per-address+account one is flagged.
+        assert "limits.auth_failures_per_account = 3 is not above" in d.logtext()
     finally:
         d.stop()
 
