@@ -12,19 +12,29 @@ import ssl
 import time
 
 
+def unverified_context() -> ssl.SSLContext:
+    """A client context that accepts the test daemon's self-signed certificates."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 class RawClient:
     def __init__(self, port: int, host: str = "localhost", timeout: float = 10.0,
-                 rcvbuf: int | None = None) -> None:
+                 rcvbuf: int | None = None, source: str | None = None) -> None:
+        """``rcvbuf``: a small receive buffer (a client that reads slowly);
+        ``source``: a loopback address to connect from (127.0.0.2, ...), as another client host."""
         self.host = host
         self.timeout = timeout
-        if rcvbuf is None:
-            self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        else:
-            # Before connect(), so the advertised window is small from the start.
-            self.sock = socket.socket()
+        # Options before connect(): the advertised window is small from the start.
+        self.sock = socket.socket()
+        if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            self.sock.settimeout(timeout)
-            self.sock.connect(("127.0.0.1", port))
+        if source:
+            self.sock.bind((source, 0))
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
         self.buffer = b""
 
     def send(self, data: bytes | str) -> None:
@@ -72,12 +82,12 @@ class RawClient:
         )
         return self.read_until(b"</stream:features>")
 
-    def starttls(self, server_hostname: str | None = None) -> ssl.SSLSocket:
+    def starttls(self, server_hostname: str | None = None,
+                 context: ssl.SSLContext | None = None) -> ssl.SSLSocket:
+        """STARTTLS; ``context`` replaces the default (no certificate checks) one."""
         self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
         self.read_until(b"<proceed[^>]*/>")
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+        ctx = context or unverified_context()
         self.sock = ctx.wrap_socket(self.sock, server_hostname=server_hostname or self.host)
         self.buffer = b""
         return self.sock

@@ -400,6 +400,36 @@ def test_add_change_password_and_delete_user(ad):
     assert "adhoc: admin@a.test/users created newbie@a.test" in ad.logtext()
 
 
+def test_overlong_passwords_are_not_acceptable(ad):
+    """add-user and change-user-password share the one password check (1024 bytes)."""
+    long_pw = "p" * 1025
+
+    async def go():
+        admin = await login(ad, "admin@a.test/users")
+        try:
+            err = await command(admin, "a.test", ADMIN_NS + "#add-user",
+                                {"accountjid": "longpw@a.test", "password": long_pw,
+                                 "password-verify": long_pw}, expect_error=True)
+            assert err[0] == "not-acceptable" and "longer than 1024 bytes" in err[2]
+            assert await login_fails("longpw@a.test", long_pw, ad.port)
+            await command(admin, "a.test", ADMIN_NS + "#add-user",
+                          {"accountjid": "longpw@a.test", "password": "short-pw",
+                           "password-verify": "short-pw"})
+            err = await command(admin, "a.test", ADMIN_NS + "#change-user-password",
+                                {"accountjid": "longpw@a.test", "password": long_pw},
+                                expect_error=True)
+            assert err[0] == "not-acceptable" and "longer than 1024 bytes" in err[2]
+            user = await login(ad, "longpw@a.test/x", "short-pw")  # unchanged
+            user.disconnect()
+        finally:
+            admin.disconnect()
+
+    try:
+        run(go())
+    finally:  # later tests count the accounts of a.test
+        ad.ctl("deluser", "longpw@a.test", check=False)
+
+
 def test_online_users_counts_and_list(ad):
     async def go():
         u1 = await login(ad, "u1@a.test/count")

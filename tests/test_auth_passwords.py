@@ -213,3 +213,52 @@ def test_dn_escaping_rfc4514(value, escaped):
 def test_split_dn_rejects_typos(dn):
     with pytest.raises(ValueError):
         split_dn(dn)
+
+
+# -- the limit on new passwords (docs/auth.rst, "Password length") -------------
+
+
+class _Bcrypt:
+    max_password_bytes = passwords.BCRYPT_MAX_BYTES
+
+
+def test_new_password_limit_in_bytes_before_and_after_saslprep():
+    check = passwords.check_new_password
+    check("x" * 1024)
+    check("\u00e9" * 512)  # 2 bytes each: exactly 1024
+    with pytest.raises(passwords.UnacceptablePassword, match="longer than 1024 bytes"):
+        check("x" * 1025)
+    with pytest.raises(passwords.UnacceptablePassword, match="longer than 1024 bytes"):
+        check("\u00e9" * 513)
+    # U+FDFA is 3 bytes but becomes 18 characters (33 bytes) under NFKC.
+    with pytest.raises(passwords.UnacceptablePassword, match="after SASLprep"):
+        check("\ufdfa" * 40)
+    with pytest.raises(passwords.UnacceptablePassword, match="SASLprep"):
+        check("bell\x07")
+    with pytest.raises(passwords.UnacceptablePassword, match="empty after SASLprep"):
+        check("\u00ad")  # soft hyphen: mapped to nothing
+    with pytest.raises(passwords.UnacceptablePassword, match="shorter than 8"):
+        check("short", min_length=8)
+
+
+def test_bcrypt_connectors_lower_the_limit_to_72_bytes():
+    passwords.check_new_password("x" * 72, _Bcrypt())
+    with pytest.raises(passwords.UnacceptablePassword, match="72 bytes.*bcrypt"):
+        passwords.check_new_password("x" * 73, _Bcrypt())
+
+
+def test_xmppctl_refuses_overlong_passwords_in_one_line(tmp_path):
+    from tests.daemon import Daemon
+
+    d = Daemon(tmp_path)  # not started: xmppctl works on the config and store
+    for args in (("adduser", "long@localhost", "x" * 1025),
+                 ("addusers", "bulk", "2", "x" * 1025)):
+        r = d.ctl(*args, check=False)
+        assert r.returncode == 1
+        assert r.stderr == "xmppctl: password refused: password longer than 1024 bytes\n"
+    r = d.ctl("adduser", "long@localhost", input="y" * 2000 + "\n", check=False)
+    assert r.stderr.startswith("xmppctl: password refused")
+    d.adduser("long@localhost", "fine-password")
+    r = d.ctl("passwd", "long@localhost", "x" * 1025, check=False)
+    assert r.returncode == 1 and "password longer than 1024 bytes" in r.stderr
+    assert "no such account" in d.ctl("passwd", "bulk1@localhost", "pw", check=False).stderr

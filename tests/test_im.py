@@ -297,6 +297,22 @@ def test_registration_on(im):
     assert b"resource-constraint" in reply
 
 
+def test_overlong_passwords_are_not_acceptable(im):
+    _, reply = _register(im.port, "longpw", "p" * 1025)
+    assert b"<not-acceptable" in reply and b"longer than 1024 bytes" in reply
+    assert "no such account" in im.ctl("deluser", "longpw@localhost", check=False).stderr
+    im.adduser("hank@localhost", "hank-old-pw")
+    c = RawClient(im.port)
+    c.login("hank", "hank-old-pw")
+    c.send("<iq type='set' id='pw1'><query xmlns='jabber:iq:register'>"
+           f"<username>hank</username><password>{'p' * 1025}</password></query></iq>")
+    reply = c.read_until(b"</iq>")
+    assert b"type='error'" in reply and b"<not-acceptable" in reply
+    assert b"longer than 1024 bytes" in reply
+    c.close()
+    RawClient(im.port).login("hank", "hank-old-pw")  # the password did not change
+
+
 def test_registration_off_by_default(daemon):
     features, reply = _register(daemon.port, "nope", "nope-pw-12")
     assert b"iq-register" not in features

@@ -34,6 +34,9 @@ def _twistd(args, cwd, env=None, timeout=20):
     ("[blockin]\nbounce = false\n", "blockin"),
     ("[server]\nhosts = ['a.test']\n[hosts.\"a.test\"]\nadmin = ['x@a.test']\n", 'hosts."a.test".admin'),
     ("[blocking]\nbounce = 'no'\n", "blocking.bounce"),
+    ("[tls]\ngroups = ['X25519', 'X999']\n", "tls.groups"),
+    ("[limits]\nauth_ipv6_prefix = 129\n", "limits.auth_ipv6_prefix"),
+    ("[limits]\nauth_failures_per_ip_account = -1\n", "limits.auth_failures_per_ip_account"),
 ])
 def test_config_error_is_one_line_naming_file_and_key(tmp_path, toml, key):
     cfg = tmp_path / "bad.toml"
@@ -164,6 +167,8 @@ def test_brute_force_throttle_per_account_and_per_ip(tmp_path):
         failures = run(login_fails("amy@localhost", "amy-secret", d.port, mech="PLAIN"))
         assert failures[0]["condition"] == "temporary-auth-failure"
         assert "throttl" in d.logtext().lower()
+        # A per-account limit that engages before the per-address+account one is flagged.
+        assert "limits.auth_failures_per_account = 3 is not above" in d.logtext()
     finally:
         d.stop()
 

@@ -628,8 +628,9 @@ class C2SStream(protocol.Protocol):
         self._sasl_failure(failure)
 
     def _account_wait(self, username: str) -> float:
+        """Seconds this address must wait before trying ``username`` (every throttle mode)."""
         throttle = self.server.throttle
-        return throttle.blocked("", f"{username}@{self.host}") if throttle is not None else 0.0
+        return throttle.blocked(self.peer, f"{username}@{self.host}") if throttle is not None else 0.0
 
     def _sasl_failure(self, failure: sasl.SASLFailure) -> None:
         account = f"{self.mechanism.username}@{self.host}" if self.mechanism and self.mechanism.username else ""

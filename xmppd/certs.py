@@ -63,6 +63,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from xmppd import tlsgroups
+
 try:
     import idna as _idna
 except ImportError:  # pragma: no cover - idna comes with service_identity
@@ -128,6 +130,8 @@ class TLSPolicy:
 
     min_version: str = "TLSv1.2"
     ciphers: str | None = None
+    #: Key-exchange groups, most preferred first (xmppd.tlsgroups).
+    groups: tuple[str, ...] = tlsgroups.DEFAULT_GROUPS
 
     def __post_init__(self) -> None:
         if self.min_version not in _TLS_VERSIONS:
@@ -135,6 +139,7 @@ class TLSPolicy:
             raise ValueError(f"[tls] min_version must be {allowed}, not {self.min_version!r}")
         if self.ciphers is not None and not self.ciphers.strip():
             raise ValueError("[tls] ciphers must not be empty (leave it out for the default)")
+        object.__setattr__(self, "groups", tlsgroups.validate(self.groups))
 
 
 #: ``[tls] client_cert`` values: whether a vhost asks TLS clients for a certificate.
@@ -635,6 +640,7 @@ def _new_context(policy: TLSPolicy, session_name: str) -> SSL.Context:
     ctx.set_options(_CONTEXT_OPTIONS)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.set_cipher_list((policy.ciphers or DEFAULT_CIPHERS).encode("ascii"))
+    tlsgroups.apply(ctx, policy.groups)
     # Session-id cache and RFC 5077 tickets (OpenSSL's default) both stay on.
     ctx.set_session_id(_session_id(session_name))
     ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)

@@ -143,6 +143,7 @@ class TLSConfig:
     min_version: str
     ciphers: str | None
     poll_interval: float
+    groups: tuple[str, ...]
 
 
 CLIENT_CERT_MODES = ("optional", "required", "off")
@@ -297,6 +298,17 @@ def _client_cert(sec: Section, base: ClientCertConfig | None = None,
             (explicit, where))
 
 
+def _tls_groups(sec: Section) -> tuple[str, ...]:
+    """``[tls] groups``, each name checked against OpenSSL now, not at the first handshake."""
+    from xmppd import tlsgroups
+
+    groups = sec.strings("groups", tlsgroups.DEFAULT_GROUPS)
+    try:
+        return tlsgroups.validate(groups)
+    except tlsgroups.GroupError as e:
+        raise sec.error("groups", e.value, e.reason) from None
+
+
 def _sasl_settings(sec: Section, base: SASLConfig) -> SASLConfig:
     return SASLConfig(
         password_mechanisms=sec.bool("password_mechanisms", base.password_mechanisms),
@@ -371,6 +383,7 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         min_version=tls_sec.choice("min_version", ("TLSv1.2", "TLSv1.3"), "TLSv1.2"),
         ciphers=tls_sec.str("ciphers", None),
         poll_interval=tls_sec.number("poll_interval", 30.0),
+        groups=_tls_groups(tls_sec),
     )
     client_default, client_mode = _client_cert(tls_sec, validate=False)
     tls_sec.reject_unknown()

@@ -62,13 +62,29 @@ class Server:
         return connectors
 
     def _build_throttle(self):
-        from xmppd.auth.throttle import LoginThrottle
+        """The login throttle of ``[limits]`` (docs/auth.rst, "Brute-force protection")."""
+        from xmppd.auth.throttle import DEFAULT_IPV6_PREFIX, DEFAULT_MAX_ENTRIES, LoginThrottle
 
         sec = self.config.section("limits")
+        per_ip_account = sec.int("auth_failures_per_ip_account", 10, minimum=0)
+        per_account = sec.int("auth_failures_per_account", 100, minimum=0)
+        prefix = sec.int("auth_ipv6_prefix", DEFAULT_IPV6_PREFIX, minimum=1)
+        if prefix > 128:
+            raise sec.error("auth_ipv6_prefix", prefix, "must be an integer from 1 to 128")
+        if 0 < per_account <= per_ip_account:
+            log.warn(
+                "{key} = {value} is not above auth_failures_per_ip_account = {pair}: anyone "
+                "who knows a JID can lock that account out from every address with that many "
+                "wrong passwords; the per-account limit is a last resort (default 100)",
+                key=sec.key("auth_failures_per_account"), value=per_account, pair=per_ip_account,
+            )
         return LoginThrottle(
-            max_failures_per_ip=sec.int("auth_failures_per_ip", 20, minimum=0),
-            max_failures_per_account=sec.int("auth_failures_per_account", 10, minimum=0),
+            per_ip_account=per_ip_account,
+            per_ip=sec.int("auth_failures_per_ip", 20, minimum=0),
+            per_account=per_account,
             window=sec.number("auth_failure_window", 300.0, minimum=1),
+            ipv6_prefix=prefix,
+            max_entries=sec.int("auth_throttle_max_entries", DEFAULT_MAX_ENTRIES, minimum=100),
             clock=self.clock,
         )
 
@@ -128,6 +144,6 @@ def build_cert_store(config: Config, generate: bool = True):
         hosts=list(config.hosts), data_dir=config.data_dir,
         certs_dir=tls.certs_dir, letsencrypt_dir=tls.letsencrypt_dir,
         explicit=explicit, default_cert=default_cert,
-        policy=TLSPolicy(min_version=tls.min_version, ciphers=tls.ciphers),
+        policy=TLSPolicy(min_version=tls.min_version, ciphers=tls.ciphers, groups=tls.groups),
         default_host=config.default_host, client_certs=client_certs, generate=generate,
     )

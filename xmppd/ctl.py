@@ -48,6 +48,17 @@ def _password(given: str | None) -> str:
     return line
 
 
+def _acceptable(password: str, connector) -> str:
+    """``password`` if the connector may store it (docs/auth.rst, "Password length")."""
+    from xmppd.auth.passwords import UnacceptablePassword, check_new_password
+
+    try:
+        check_new_password(password, connector)
+    except UnacceptablePassword as e:
+        raise CtlError(f"password refused: {e}") from None
+    return password
+
+
 def _connectors(config, reactor):
     from xmppd.auth.factory import build_connector
     from xmppd.storage import SQLiteStore
@@ -123,6 +134,7 @@ def run(reactor, args) -> defer.Deferred:
         if args.command == "addusers":
             host = config.default_host
             connector = connectors[host]
+            _acceptable(args.password, connector)
             for i in range(1, args.count + 1):
                 yield connector.add_user(jidlib.prep_localpart(f"{args.prefix}{i}"), host, args.password)
             print(f"created {args.count} accounts {args.prefix}1..{args.prefix}{args.count}@{host}")
@@ -130,10 +142,12 @@ def run(reactor, args) -> defer.Deferred:
         account = _parse_account(args.jid, config)
         connector = connectors[account.host]
         if args.command == "adduser":
-            yield connector.add_user(account.user, account.host, _password(args.password))
+            password = _acceptable(_password(args.password), connector)
+            yield connector.add_user(account.user, account.host, password)
             print(f"created {account.bare}")
         elif args.command == "passwd":
-            yield connector.set_password(account.user, account.host, _password(args.password))
+            password = _acceptable(_password(args.password), connector)
+            yield connector.set_password(account.user, account.host, password)
             print(f"password changed for {account.bare}")
         elif args.command == "deluser":
             yield connector.remove_user(account.user, account.host)

@@ -80,7 +80,8 @@ class SASLContext:
     client_cert: Any = None
     cert_identity: tuple[str, ...] = ("xmppaddr",)
     auto_provision: bool = False
-    # Seconds an account must wait before trying again (brute-force throttle).
+    # Seconds before this client may try the account again (brute-force
+    # throttle: per address+account, address and account).
     account_wait: Callable[[str], float] = lambda _username: 0.0
 
 

@@ -47,6 +47,51 @@ class BadStoredPassword(ValueError):
     """The stored value is not in the configured format (a data problem)."""
 
 
+# -- new passwords -------------------------------------------------------------
+
+#: Longest new password, in UTF-8 bytes as given and after SASLprep.  Every
+#: SCRAM login runs PBKDF2 and SASLprep (pure Python, per character) over it,
+#: so a client must not choose stanza-sized input; 1024 bytes is far beyond any
+#: passphrase.  docs/auth.rst, "Password length".
+MAX_PASSWORD_BYTES = 1024
+#: bcrypt hashes only the first 72 bytes.
+BCRYPT_MAX_BYTES = 72
+
+
+class UnacceptablePassword(ValueError):
+    """A new password that must not be stored; ``str()`` is one line for the user."""
+
+
+def check_new_password(password: str, connector: object = None, min_length: int = 1) -> None:
+    """Refuse a new or changed password before any hashing cost is paid.
+
+    The one check behind registration, password change, the admin ad-hoc
+    commands and ``xmppctl``.  ``connector`` may lower the limit with a
+    ``max_password_bytes`` attribute (bcrypt storage: 72).  The size is
+    checked before SASLprep (bounding its cost) and after it (NFKC may
+    expand a string); a password SASLprep refuses could never be used with
+    SCRAM and is refused too.
+    """
+    from scramp.utils import ScramException, saslprep
+
+    limit = min(MAX_PASSWORD_BYTES, getattr(connector, "max_password_bytes", None) or MAX_PASSWORD_BYTES)
+    if len(password) < min_length:
+        raise UnacceptablePassword(f"password shorter than {min_length} characters")
+    too_long = f"password longer than {limit} bytes"
+    if limit == BCRYPT_MAX_BYTES:
+        too_long += " (this host stores bcrypt hashes, which use only the first 72 bytes)"
+    if len(password.encode("utf-8", "surrogatepass")) > limit:
+        raise UnacceptablePassword(too_long)
+    try:
+        prepared = saslprep(password)
+    except ScramException as e:
+        raise UnacceptablePassword(f"password not allowed by SASLprep (RFC 4013): {e.args[0]}") from None
+    if not prepared:
+        raise UnacceptablePassword("password is empty after SASLprep (RFC 4013)")
+    if len(prepared.encode("utf-8")) > limit:
+        raise UnacceptablePassword(too_long + " after SASLprep (RFC 4013)")
+
+
 # -- the SQL connector's encodings -----------------------------------------
 
 

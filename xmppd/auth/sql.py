@@ -134,6 +134,9 @@ class SQLConnector:
         self.db = db
         self.reactor = reactor
         self.encoding = password_encoding
+        # Read by passwords.check_new_password: bcrypt hashes only 72 bytes.
+        self.max_password_bytes = (
+            passwords.BCRYPT_MAX_BYTES if password_encoding == "bcrypt" else None)
         self.scram_iterations = scram_iterations
         self.bcrypt_rounds = bcrypt_rounds
         self.queries: dict[str, Query | None] = {}

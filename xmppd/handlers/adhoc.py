@@ -61,6 +61,7 @@ from twisted.words.xish import domish
 
 from xmppd import acl as acllib
 from xmppd import jid as jidlib
+from xmppd.auth.passwords import UnacceptablePassword, check_new_password
 from xmppd.config import ConfigError
 from xmppd.jid import JID
 from xmppd.plugin import Plugin, Request
@@ -268,7 +269,11 @@ class AddUser(Command):
 
 
 def _with_password(ctx, j, operation, password: str, verb: str, done: str):
-    """Run a connector operation taking a password; log it; finish the command."""
+    """Check the password, run a connector operation taking it; log it; finish the command."""
+    try:
+        check_new_password(password, ctx.server.connector_for(j.host))
+    except UnacceptablePassword as e:
+        raise StanzaError("not-acceptable", text=str(e)) from None
     d = operation(j.user, j.host, password)
     d.addErrback(_map_connector_error, j.bare)
     d.addCallback(lambda _: log.info("adhoc: {by} {verb} {user}",

@@ -16,6 +16,7 @@ from twisted.words.xish import domish
 
 from xmppd import jid as jidlib
 from xmppd.auth.base import NoSuchUser, NotSupported, TemporaryAuthFailure, UserExists
+from xmppd.auth.passwords import UnacceptablePassword, check_new_password
 from xmppd.plugin import Plugin, Request
 from xmppd.stanzas import StanzaError, error_reply, iq_result
 from xmppd.storage import StoreError
@@ -98,15 +99,13 @@ class RegisterPlugin(Plugin):
             username = jidlib.prep_localpart(fields.get("username", ""))
         except jidlib.InvalidJID:
             raise StanzaError("jid-malformed", "modify", text="invalid username") from None
-        password = fields.get("password", "")
-        if len(password) < self.min_password:
-            raise StanzaError("not-acceptable", text=f"password shorter than {self.min_password}")
+        connector = self.server.connector_for(stream.host)
+        password = self._acceptable(fields.get("password", ""), connector)
         now = self.server.clock.seconds()
         recent = [t for t in self._recent.get(stream.peer, []) if now - t < self.window]
         if self.max_per_ip and len(recent) >= self.max_per_ip:
             log.warn("registration from {peer} refused: rate limit", peer=stream.peer)
             raise StanzaError("resource-constraint", "wait", text="too many registrations")
-        connector = self.server.connector_for(stream.host)
         d = connector.add_user(username, stream.host, password)
 
         def created(_):
@@ -128,6 +127,14 @@ class RegisterPlugin(Plugin):
         self._recent = {peer: times for peer, times in self._recent.items()
                         if times and now - times[-1] < window}
         self._sweep_at = max(1024, 2 * len(self._recent))
+
+    def _acceptable(self, password: str, connector) -> str:
+        """``password`` if it may be stored (length limits, SASLprep), else not-acceptable."""
+        try:
+            check_new_password(password, connector, min_length=self.min_password)
+        except UnacceptablePassword as e:
+            raise StanzaError("not-acceptable", text=str(e)) from None
+        return password
 
     @staticmethod
     def _map_errors(failure):
@@ -171,9 +178,7 @@ class RegisterPlugin(Plugin):
         fields = _fields(query)
         if fields.get("username") not in (None, sender.user):
             raise StanzaError("bad-request", text="you can only change your own password")
-        password = fields.get("password", "")
-        if len(password) < self.min_password:
-            raise StanzaError("not-acceptable", text=f"password shorter than {self.min_password}")
+        password = self._acceptable(fields.get("password", ""), connector)
         d = connector.set_password(sender.user, sender.host, password)
 
         def changed(_):
