@@ -364,3 +364,22 @@ def test_a_stanza_at_the_limits_is_still_readable_once_stored():
     with pytest.raises(XMLStreamError):
         parse_fragment(stored, limits)
     assert parse_fragment(stored, limits.for_stored(4096)).name == "message"
+
+
+def test_text_split_by_expat_and_feed_slices_is_one_node():
+    """A body longer than expat's text buffer, fed in odd pieces, is one text node.
+
+    domish's ``str(el)`` returns the first text node only: a split body would
+    reach handlers (and validation such as roster group names) truncated.
+    """
+    r = Recorder(limit=200_000)
+    r.parser.feed(HEADER)
+    body = "".join(f"{i:05d}é" for i in range(10_000))  # 60,000 chars, > 1 KiB buffer
+    data = f"<message><body>{body}</body><x>a<y/>b</x></message>".encode()
+    for i in range(0, len(data), 777):
+        r.parser.feed(data[i:i + 777])
+    (msg,) = r.elements
+    assert [c for c in msg.body.children] == [body]
+    assert str(msg.body) == body
+    x = msg.x
+    assert [c if isinstance(c, str) else c.name for c in x.children] == ["a", "y", "b"]

@@ -154,6 +154,7 @@ class StreamParser:
         self._nodes = 0
         self._header_attrs = 0
         self._current: domish.Element | None = None
+        self._run: list[str] | None = None  # character data of the open element, in pieces
         self._halted = False
         self._decls: dict[str, str] = {}
         self._parser = self._make_parser()
@@ -217,6 +218,7 @@ class StreamParser:
         p.StartNamespaceDeclHandler = None
         self._on_stream_start = self._on_element = self._on_stream_end = None
         self._current = None
+        self._run = None
 
     # -- expat callbacks ----------------------------------------------------
 
@@ -282,8 +284,11 @@ class StreamParser:
         if depth == 2:
             self._current = el
         else:
-            el.parent = self._current
-            self._current.children.append(el)
+            parent = self._current
+            if self._run is not None:
+                self._flush_text(parent)
+            el.parent = parent
+            parent.children.append(el)
             self._current = el
 
     def _end(self, name: str) -> None:
@@ -295,6 +300,8 @@ class StreamParser:
             self._on_stream_end()
             return
         el = self._current
+        if self._run is not None:
+            self._flush_text(el)
         if depth == 2:
             self._current = None
             self._nodes = 0
@@ -303,11 +310,27 @@ class StreamParser:
         else:
             self._current = el.parent
 
+    def _flush_text(self, el: domish.Element) -> None:
+        """One text node per run of character data, however expat split it.
+
+        expat hands over text in pieces (at its 1 KiB buffer and at our feed
+        slices); domish's ``str(element)`` and every consumer expect one node
+        between two child elements, so the pieces are joined (linearly) when
+        the run ends.
+        """
+        run = self._run
+        self._run = None
+        el.children.append(run[0] if len(run) == 1 else "".join(run))
+
     def _text(self, data: str) -> None:
         if self._halted:
             return
         if self._depth > 1:
-            self._current.children.append(data)
+            run = self._run
+            if run is None:
+                self._run = [data]
+            else:
+                run.append(data)
         else:
             # Whitespace keepalives between stanzas: nothing pending.
             self._boundary = self._parser.CurrentByteIndex + len(data.encode())
