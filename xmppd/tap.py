@@ -75,13 +75,22 @@ class ServerService(service.MultiService):
 
 def build(config_path: str | None):
     """Build the service tree; raises ConfigError/StoreError/CertificateError."""
+    from xmppd.core import Server
+
+    return assemble(Server(load(config_path)))
+
+
+def assemble(server) -> "ServerService":
+    """
+    The service tree around a built :class:`Server`: one service per listener,
+    created but not listening until the tree starts.  ``xmppctl check`` runs
+    this too (and never starts the tree), so it refuses what start-up refuses.
+    """
     from twisted.internet import reactor
 
     from xmppd.c2s import C2SFactory
-    from xmppd.core import Server
 
-    config = load(config_path)
-    server = Server(config)
+    config = server.config
     top = ServerService(server)
     starttls = C2SFactory(server, direct_tls=False)
     listeners = [(desc, starttls) for desc in config.c2s.listen]

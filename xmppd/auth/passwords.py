@@ -47,6 +47,18 @@ class BadStoredPassword(ValueError):
     """The stored value is not in the configured format (a data problem)."""
 
 
+#: Shortest password ``xmppctl adduser/addusers/passwd`` sets (the default
+#: of ``[register] min_password_length`` for in-band registration too).
+MIN_PASSWORD_LENGTH = 8
+
+
+def check_password_length(password: str) -> str | None:
+    """Why an operator-set password is refused, or None when it is acceptable."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"password too short: at least {MIN_PASSWORD_LENGTH} characters"
+    return None
+
+
 # -- the SQL connector's encodings -----------------------------------------
 
 
