@@ -203,7 +203,7 @@ max_connections_per_ip = 0      # 0 = unlimited
 [tls]
 certs_dir = "{certs}"
 
-[sasl]
+[auth]
 scram_iterations = 4096
 
 [sm]

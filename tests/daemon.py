@@ -122,10 +122,13 @@ class Daemon:
     def logtext(self) -> str:
         return (self.dir / "xmppd.log").read_text(errors="replace")
 
-    def ctl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    def ctl(self, *args: str, input: str | None = None, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        """``xmppctl --config <this daemon's config> ARGS``; ``env`` adds variables."""
         result = subprocess.run(
             [sys.executable, "-m", "xmppd.ctl", "--config", str(self.config_path), *args],
-            env=self.env(), input=input, capture_output=True, text=True, cwd=self.dir,
+            env={**self.env(), **(env or {})}, input=input, capture_output=True, text=True,
+            cwd=self.dir,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"xmppctl {args} failed: {result.stderr}")

@@ -256,8 +256,8 @@ def test_disco_features_follow_plugins(im, tmp_path):
     assert {"jabber:iq:version", "msgoffline", "vcard-temp", "urn:xmpp:ping", "jabber:iq:register"} <= features
     other = Daemon(tmp_path, plugins=["disco", "ping"]).start()
     try:
-        other.adduser("alice@localhost", "pw")
-        features = _disco_features(other, "alice", "pw")
+        other.adduser("alice@localhost", "alice-pw")
+        features = _disco_features(other, "alice", "alice-pw")
         assert "urn:xmpp:ping" in features
         assert not {"jabber:iq:version", "msgoffline", "vcard-temp", "jabber:iq:register"} & features
     finally:
@@ -352,9 +352,9 @@ def test_server_pings_idle_clients_and_drops_dead_ones(tmp_path):
         timeout = 1
     """).start()
     try:
-        d.adduser("alice@localhost", "pw")
+        d.adduser("alice@localhost", "alice-pw")
         raw = RawClient(d.port)
-        raw.login("alice", "pw", "silent")
+        raw.login("alice", "alice-pw", "silent")
         ping = raw.read_until(b"<ping xmlns='urn:xmpp:ping'/></iq>", timeout=5).decode()
         assert "type='get'" in ping
         # We never answer: the server gives up on us.
@@ -362,7 +362,7 @@ def test_server_pings_idle_clients_and_drops_dead_ones(tmp_path):
         assert b"connection-timeout" in data
 
         async def go():
-            c = await connect("alice@localhost/live", "pw", d.port, plugins=["xep_0199"])
+            c = await connect("alice@localhost/live", "alice-pw", d.port, plugins=["xep_0199"])
             await asyncio.sleep(4)  # slixmpp answers the server's pings
             assert c.is_connected()
             c.disconnect()

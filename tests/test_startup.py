@@ -66,12 +66,12 @@ def test_accounts_survive_restart_and_kill_9(tmp_path):
             c.disconnect()
 
         run(login())
-        d.ctl("passwd", "carol@localhost", "new-pw")
+        d.ctl("passwd", "carol@localhost", "new-carol-pw")
         d.kill9()
         d.start()
 
         async def login_new():
-            c = await connect("carol@localhost/x", "new-pw", d.port, mech="SCRAM-SHA-1")
+            c = await connect("carol@localhost/x", "new-carol-pw", d.port, mech="SCRAM-SHA-1")
             c.disconnect()
 
         run(login_new())
@@ -97,10 +97,10 @@ def test_passwords_are_stored_as_scram_only(tmp_path):
 
 def test_ctl_errors_are_clear(tmp_path):
     d = Daemon(tmp_path)
-    d.adduser("erin@localhost", "pw")
-    r = d.ctl("adduser", "erin@localhost", "pw", check=False)
+    d.adduser("erin@localhost", "erin-pw-1")
+    r = d.ctl("adduser", "erin@localhost", "erin-pw-1", check=False)
     assert r.returncode == 1 and "already exists" in r.stderr
-    r = d.ctl("adduser", "erin@elsewhere.example", "pw", check=False)
+    r = d.ctl("adduser", "erin@elsewhere.example", "erin-pw-1", check=False)
     assert r.returncode == 1 and "not a host of this server" in r.stderr
     r = d.ctl("deluser", "nobody@localhost", check=False)
     assert r.returncode == 1 and "no such account" in r.stderr

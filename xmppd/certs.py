@@ -1159,10 +1159,9 @@ class CertificateStore:
         self._keys = {_normalise(h): h for h in self.hosts}
         self.data_dir = data_dir
         # False for operator tools (``xmppctl certs``/``check``): a missing
-        # self-signed certificate is made in a private temp dir for display,
-        # never in the server's data dir (it would be owned by the tool's user).
+        # self-signed certificate is previewed in memory, never written to the
+        # server's data dir (it would be owned by the tool's user).
         self.generate = generate
-        self._preview_dir: str | None = None
         self.certs_dir = certs_dir
         self.letsencrypt_dir = letsencrypt_dir
         self.explicit = {_normalise(h): paths for h, paths in (explicit or {}).items()}
@@ -1287,9 +1286,14 @@ class CertificateStore:
         if not create:
             return None, False
         if not self.generate:
-            if self._preview_dir is None:
-                self._preview_dir = tempfile.mkdtemp(prefix="xmppd-cert-preview-")
-            source = _Source(GENERATED, os.path.join(self._preview_dir, os.path.basename(source.cert_path)), None)
+            # The file holds a private key: it lives only while it is read
+            # (the directory goes whatever happens), and the preview is shown
+            # under the path the server itself would use.
+            with tempfile.TemporaryDirectory(prefix="xmppd-cert-preview-") as tmp:
+                preview = _Source(GENERATED, os.path.join(tmp, os.path.basename(source.cert_path)))
+                _generate_self_signed(_normalise(host), preview.cert_path)
+                loaded = run.load(preview)
+            return replace(loaded, source=source, files=(source.cert_path,)), True
         _generate_self_signed(_normalise(host), source.cert_path)
         run.written.append(source.cert_path)
         run._cache.pop(source, None)
@@ -1685,7 +1689,18 @@ def _raise_if_fatal(host: str, refused: list[tuple[_Source, CertificateError]]) 
     for source, err in refused:
         if source.fatal_when_broken and err.fatal:
             what = "default certificate" if source.origin == DEFAULT else "certificate"
-            raise CertificateError(err.path, f"{err.problem} ({what} of host {host})")
+            raise CertificateError(
+                err.path, f"{err.problem} ({what} of host {host}, set by {_config_key(source, host, err)})")
+
+
+def _config_key(source: _Source, host: str, err: CertificateError) -> str:
+    """The config key that named a configured (explicit or default) file."""
+    if source.origin == DEFAULT:
+        table, names = "tls", ("default_cert", "default_key")
+    else:
+        table, names = f'hosts."{host}".tls', ("cert", "key")
+    name = names[1] if source.key_path is not None and err.path == source.key_path else names[0]
+    return f"{table}.{name}"
 
 
 def _keep_old(host: str, old: _Entry, reason: str, messages: list[str]) -> list[str]:
@@ -1775,8 +1790,17 @@ def _check_client_trust(host: str, policy: ClientCertPolicy, run: _Pass) -> list
 def _check_host(store: CertificateStore, host: str, run: _Pass) -> list[str]:
     out = []
     loaded, refused = store._resolve(host, run)
+    fatal = False
     for source, err in refused:
-        out.append(f"error: {host}: {err}")
+        if source.fatal_when_broken and err.fatal:
+            # what start-up refuses: name the key, and promise no fallback
+            fatal = True
+            out.append(f"error: {host}: {_config_key(source, host, err)}: {err}; "
+                       f"the server does not start")
+        else:
+            out.append(f"error: {host}: {err}")
+    if loaded is None and fatal:
+        return out
     if loaded is None:
         loaded, _ = store._self_signed(host, run, create=False)
         if loaded is None:

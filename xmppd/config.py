@@ -22,11 +22,18 @@ from xmppd.xmlparser import (
 
 
 class ConfigError(Exception):
-    """A config problem, rendered as one line: file: key = value: what is allowed."""
+    """A config problem, rendered as one line: file: key = value: what is allowed.
 
-    def __init__(self, path: str, key: str, value: object, allowed: str) -> None:
+    A problem of the file itself (missing, unreadable, not TOML) has no key:
+    pass ``key=None`` and it reads ``file: what is wrong``.
+    """
+
+    def __init__(self, path: str, key: str | None, value: object, allowed: str) -> None:
         self.path, self.key, self.value, self.allowed = path, key, value, allowed
-        super().__init__(f"{path}: {key} = {value!r}: {allowed}")
+        if key is None:
+            super().__init__(f"{path}: {allowed}")
+        else:
+            super().__init__(f"{path}: {key} = {value!r}: {allowed}")
 
 
 _MISSING = object()
@@ -185,7 +192,6 @@ class Config:
     admins: tuple[str, ...]
     c2s: C2SConfig
     tls: TLSConfig
-    scram_iterations: int
     plugins: tuple[str, ...]
     auth: Section
     host_sections: dict = field(default_factory=dict)  # host -> Section
@@ -237,20 +243,69 @@ def _admins(sec: Section) -> tuple[str, ...]:
 
 
 def _endpoints(sec: Section, name: str, default: tuple) -> tuple[str, ...]:
-    from twisted.internet import endpoints, reactor
-
     values = sec.strings(name, default)
     for v in values:
-        try:
-            endpoint = endpoints.serverFromString(reactor, v)
-        except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
-            raise sec.error(name, v, f"not a Twisted server endpoint string ({e})") from None
-        # tcp:, tcp6: and ssl: endpoints keep their port here; Twisted only
-        # rejects an out-of-range one when it binds.
-        port = getattr(endpoint, "_port", None)
-        if isinstance(port, int) and not 1 <= port <= 65535:
-            raise sec.error(name, v, f"port {port} is out of range (1-65535)")
+        problem = _endpoint_problem(v)
+        if problem is not None:
+            raise sec.error(name, v, problem)
     return values
+
+
+def _endpoint_problem(description: str) -> str | None:
+    """
+    What would stop the daemon from listening on ``description``, as far as
+    can be known without binding: a string Twisted cannot parse (its parsers
+    raise anything from ValueError to OSError for an ``ssl:`` key file), a TCP
+    port out of range, an interface that is not an IP address (a name would be
+    resolved by a blocking look-up, and fail at start-up if it does not
+    resolve), a UNIX socket in a directory that does not exist.  A port in use
+    or reserved is found only by binding it.
+    """
+    import ipaddress
+
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoint = endpoints.serverFromString(reactor, description)
+    except Exception as e:  # noqa: BLE001 -- every parser failure is a config error
+        return f"not a usable Twisted server endpoint string ({type(e).__name__}: {e})"
+    # Twisted keeps the parsed parts in private attributes; read them defensively.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 1 <= port <= 65535:
+        # 0 would bind a random port no client can be told about.
+        return f"port {port} is out of range (1-65535)"
+    interface = getattr(endpoint, "_interface", None)
+    if interface:
+        try:
+            ipaddress.ip_address(interface)
+        except ValueError:
+            return f"interface {interface!r} is not an IP address (write IPv6 colons as \\:)"
+    address = getattr(endpoint, "_address", None)
+    if isinstance(endpoint, endpoints.UNIXServerEndpoint) and isinstance(address, str):
+        directory = os.path.dirname(os.path.abspath(address))
+        if not os.path.isdir(directory):
+            return f"directory {directory} does not exist"
+    return None
+
+
+def _tcp_overlap(sec: Section, lists: dict[str, tuple[str, ...]]) -> None:
+    """Two listeners on one TCP port: the second bind fails at start-up."""
+    from twisted.internet import endpoints, reactor
+
+    seen: dict[int, list[tuple[str, str]]] = {}
+    wildcard = ("", "0.0.0.0", "::")
+    for name, values in lists.items():
+        for v in values:
+            ep = endpoints.serverFromString(reactor, v)
+            port = getattr(ep, "_port", None)
+            if not isinstance(port, int) or port == 0:
+                continue
+            interface = getattr(ep, "_interface", "") or ""
+            for other_name, other_interface in seen.get(port, ()):
+                if interface == other_interface or interface in wildcard or other_interface in wildcard:
+                    raise sec.error(name, v, f"port {port} is already used by a listener in "
+                                             f"{sec.key(other_name)}")
+            seen.setdefault(port, []).append((name, interface))
 
 
 def _paths(sec: Section, name: str, default: tuple) -> tuple[str, ...]:
@@ -307,6 +362,20 @@ def _tls_groups(sec: Section) -> tuple[str, ...]:
         return tlsgroups.validate(groups)
     except tlsgroups.GroupError as e:
         raise sec.error("groups", e.value, e.reason) from None
+
+
+def _no_scram_iterations(sec: Section) -> None:
+    """
+    The iteration count of new SCRAM credentials belongs to the connector that
+    makes them (``[auth]`` / ``[auth.sql]``).  It was once documented under
+    ``[sasl]``, where it did nothing: say where it goes instead of ignoring it.
+    """
+    if "scram_iterations" in sec.table:
+        auth = sec.prefix[: -len("sasl")] + "auth"
+        raise sec.error("scram_iterations", sec.table["scram_iterations"],
+                        f"not a SASL setting: the iteration count of new passwords is "
+                        f"[{auth}] scram_iterations (internal connector) or "
+                        f"[{auth}.sql] scram_iterations")
 
 
 def _sasl_settings(sec: Section, base: SASLConfig) -> SASLConfig:
@@ -370,6 +439,7 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         # error, TLS close_notify) before it is aborted.
         close_timeout=c2s_sec.number("close_timeout", 10.0, minimum=1),
     )
+    _tcp_overlap(c2s_sec, {"listen": c2s.listen, "listen_tls": c2s.listen_tls})
     c2s_sec.reject_unknown()
     if not c2s.listen and not c2s.listen_tls:
         raise c2s_sec.error("listen", [], "no listener: c2s.listen and c2s.listen_tls are both empty")
@@ -389,7 +459,7 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
     tls_sec.reject_unknown()
 
     sasl = Section(path, "sasl", data.get("sasl", {}))
-    iterations = sasl.int("scram_iterations", 4096, minimum=4096)
+    _no_scram_iterations(sasl)
     sasl_default = _sasl_settings(sasl, SASLConfig())
     sasl.reject_unknown()
 
@@ -422,6 +492,7 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         section = host_sections.get(host) or Section(path, f'hosts."{host}"', {})
         client_certs[host], _ = _client_cert(section.table_of("tls"), client_default, client_mode)
         host_sasl_sec = section.table_of("sasl")
+        _no_scram_iterations(host_sasl_sec)
         host_sasl[host] = _sasl_settings(host_sasl_sec, sasl_default)
         host_sasl_sec.reject_unknown()
 
@@ -438,7 +509,7 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
                               + ", ".join(KNOWN_TABLES + SECTION_TABLES))
     return Config(
         path=path, hosts=hosts, data_dir=data_dir, admins=admins, c2s=c2s, tls=tls,
-        scram_iterations=iterations, plugins=plugins, auth=auth,
+        plugins=plugins, auth=auth,
         host_sections=host_sections, sections=sections,
         client_certs=client_certs, host_sasl=host_sasl,
     )
@@ -452,11 +523,13 @@ def load(path: str | None) -> Config:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(path, "-", None, "file not found") from None
+        raise ConfigError(path, None, None, "file not found") from None
     except PermissionError:
-        raise ConfigError(path, "-", None, "file not readable by this user") from None
+        raise ConfigError(path, None, None, "file not readable by this user") from None
+    except IsADirectoryError:
+        raise ConfigError(path, None, None, "is a directory, not a config file") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(path, "-", None, f"not valid TOML: {e}") from None
+        raise ConfigError(path, None, None, f"not valid TOML: {e}") from None
     base = os.path.dirname(os.path.abspath(path))
     cfg = from_dict(data, path)
     if not os.path.isabs(cfg.data_dir):

@@ -25,7 +25,7 @@ class Server:
 
     def __init__(
         self, config: Config, store: IKeyValueStore | None = None, clock: Any = None,
-        certs: Any = None,
+        certs: Any = None, connectors: dict[str, IAuthConnector] | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -33,7 +33,9 @@ class Server:
         self.clock = clock
         self.store = store if store is not None else SQLiteStore(config.data_dir)
         self.router = Router(config.hosts)
-        self.connectors: dict[str, IAuthConnector] = self._build_connectors()
+        self.connectors: dict[str, IAuthConnector] = (
+            connectors if connectors is not None
+            else build_connectors(config, self.store, self.clock))
         self.router.user_exists = self._user_exists
         self.throttle = self._build_throttle()
         self.certs = certs if certs is not None else self._build_certs()
@@ -44,22 +46,6 @@ class Server:
             self.plugins.append(plugin)
 
     # -- wiring ----------------------------------------------------------------
-
-    def _build_connectors(self) -> dict[str, IAuthConnector]:
-        from xmppd.auth.factory import build_connector
-
-        default = build_connector(self.config.auth.table, self.config.path, "auth", self.store, self.clock)
-        connectors = {}
-        for host in self.config.hosts:
-            section = self.config.host_sections.get(host)
-            table = section.table.get("auth") if section is not None else None
-            if table is not None:
-                connectors[host] = build_connector(
-                    table, self.config.path, f'hosts."{host}".auth', self.store, self.clock
-                )
-            else:
-                connectors[host] = default
-        return connectors
 
     def _build_throttle(self):
         """The login throttle of ``[limits]`` (docs/auth.rst, "Brute-force protection")."""
@@ -120,6 +106,28 @@ class Server:
 
     def close(self) -> None:
         self.store.close()
+
+
+def build_connectors(config: Config, store: IKeyValueStore, reactor: Any) -> dict[str, IAuthConnector]:
+    """
+    One connector per served host (``[auth]``, or ``[hosts."x".auth]`` where
+    given; hosts without their own table share one).  The daemon and
+    ``xmppctl`` both build them here, so both refuse the same tables.
+    """
+    from xmppd.auth.factory import build_connector
+
+    default = build_connector(config.auth.table, config.path, "auth", store, reactor)
+    connectors = {}
+    for host in config.hosts:
+        section = config.host_sections.get(host)
+        table = section.table.get("auth") if section is not None else None
+        if table is not None:
+            connectors[host] = build_connector(
+                table, config.path, f'hosts."{host}".auth', store, reactor
+            )
+        else:
+            connectors[host] = default
+    return connectors
 
 
 def build_cert_store(config: Config, generate: bool = True):

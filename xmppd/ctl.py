@@ -35,8 +35,20 @@ def _parse_account(text: str, config) -> jidlib.JID:
 
 
 def _password(given: str | None) -> str:
-    if given is not None:
-        return given
+    password = given if given is not None else _read_password()
+    _check_length(password)
+    return password
+
+
+def _check_length(password: str) -> None:
+    from xmppd.auth.passwords import check_password_length
+
+    problem = check_password_length(password)
+    if problem is not None:
+        raise CtlError(problem)
+
+
+def _read_password() -> str:
     if sys.stdin.isatty():
         first = getpass.getpass("Password: ")
         if first != getpass.getpass("Again: "):
@@ -50,35 +62,75 @@ def _password(given: str | None) -> str:
 
 def _acceptable(password: str, connector) -> str:
     """``password`` if the connector may store it (docs/auth.rst, "Password length")."""
-    from xmppd.auth.passwords import UnacceptablePassword, check_new_password
+    from xmppd.auth.passwords import MIN_PASSWORD_LENGTH, UnacceptablePassword, check_new_password
 
     try:
-        check_new_password(password, connector)
+        check_new_password(password, connector, min_length=MIN_PASSWORD_LENGTH)
     except UnacceptablePassword as e:
         raise CtlError(f"password refused: {e}") from None
     return password
 
 
-def _connectors(config, reactor):
-    from xmppd.auth.factory import build_connector
-    from xmppd.storage import SQLiteStore
+#: Where the server's config lives when installed as README.rst and
+#: etc/xmppd.service describe; used when --config is not given.
+DEFAULT_CONFIG = "/etc/xmppd/xmppd.toml"
 
-    store = SQLiteStore(config.data_dir)
-    default = build_connector(config.auth.table, config.path, "auth", store, reactor)
-    out = {}
-    for host in config.hosts:
-        section = config.host_sections.get(host)
-        table = section.table.get("auth") if section else None
-        out[host] = (
-            build_connector(table, config.path, f'hosts."{host}".auth', store, reactor)
-            if table is not None else default
-        )
-    return store, out
+
+def _config_path(args) -> str | None:
+    """The config file to use: --config, else DEFAULT_CONFIG, else refuse.
+
+    Guessing (the built-in defaults put the store in ./var of whatever the
+    current directory is) would let ``adduser`` fill a store the server never
+    reads; the built-in configuration is used only when asked for.
+    """
+    if args.config is not None:
+        return args.config
+    if args.defaults:
+        return None
+    if os.path.exists(DEFAULT_CONFIG):
+        return DEFAULT_CONFIG
+    raise CtlError(f"no --config given and no {DEFAULT_CONFIG}: name the server's config "
+                   f"file with --config FILE (or --defaults for the built-in configuration, "
+                   f"data in ./var, as `twistd -n xmppd` without --config)")
+
+
+# How each command may use the store: not at all, read only, an existing
+# store, or one it may create (a first account on a fresh install).
+NO_STORE, READ, WRITE, CREATE = "none", "read", "write", "create"
+STORE_ACCESS = {
+    "check": NO_STORE, "reload": NO_STORE, "certs": NO_STORE,
+    "reports": READ, "blocklist": READ,
+    "passwd": WRITE, "deluser": WRITE,
+    "adduser": CREATE, "addusers": CREATE, "create-schema": CREATE,
+}
+
+
+def _store_access(args) -> str:
+    if args.command == "filter":
+        return WRITE if args.policy else READ
+    return STORE_ACCESS[args.command]
+
+
+def _open_store(config, access: str):
+    from xmppd.storage import SQLiteStore, StoreNotFound
+
+    if access == CREATE:
+        existed = os.path.isfile(os.path.join(config.data_dir, SQLiteStore.FILENAME))
+        store = SQLiteStore(config.data_dir)
+        if not existed:
+            sys.stderr.write(f"xmppctl: created a new store at {store.path}\n")
+        return store
+    try:
+        return SQLiteStore(config.data_dir, create=False, read_only=access == READ)
+    except StoreNotFound as e:
+        raise CtlError(f"{e}: is --config right?") from None
 
 
 @defer.inlineCallbacks
 def run(reactor, args) -> defer.Deferred:
-    config = load(args.config)
+    from xmppd.core import build_connectors
+
+    config = load(_config_path(args))
     if args.command == "check":
         problems = yield check(config, reactor)
         for p in problems:
@@ -110,8 +162,14 @@ def run(reactor, args) -> defer.Deferred:
         store.load()
         print(format_cert_table(store.describe()))
         return
-    store, connectors = _connectors(config, reactor)
+    # Arguments first: a typo must not create a store or ask for a password.
+    account = _parse_account(args.jid, config) if hasattr(args, "jid") else None
+    if args.command == "addusers":
+        _check_length(args.password)
+    password = _password(args.password) if args.command in ("adduser", "passwd") else None
+    store = _open_store(config, _store_access(args))
     try:
+        connectors = build_connectors(config, store, reactor)
         if args.command == "reports":
             from xmppd.handlers.blocking import REPORTS
 
@@ -139,14 +197,12 @@ def run(reactor, args) -> defer.Deferred:
                 yield connector.add_user(jidlib.prep_localpart(f"{args.prefix}{i}"), host, args.password)
             print(f"created {args.count} accounts {args.prefix}1..{args.prefix}{args.count}@{host}")
             return
-        account = _parse_account(args.jid, config)
         connector = connectors[account.host]
         if args.command == "adduser":
-            password = _acceptable(_password(args.password), connector)
-            yield connector.add_user(account.user, account.host, password)
+            yield connector.add_user(account.user, account.host, _acceptable(password, connector))
             print(f"created {account.bare}")
         elif args.command == "passwd":
-            password = _acceptable(_password(args.password), connector)
+            password = _acceptable(password, connector)
             yield connector.set_password(account.user, account.host, password)
             print(f"password changed for {account.bare}")
         elif args.command == "deluser":
@@ -155,6 +211,8 @@ def run(reactor, args) -> defer.Deferred:
         elif args.command == "blocklist":
             from xmppd.handlers.blocking import STORE as BLOCK_STORE
 
+            if not (yield connector.user_exists(account.user, account.host)):
+                raise CtlError(f"no such account {account.bare}")
             for key, _ in store.items(BLOCK_STORE, account.bare):
                 print(key)
         elif args.command == "filter":
@@ -177,22 +235,39 @@ def _cert_store(config):
 
 @defer.inlineCallbacks
 def check(config, reactor):
-    """All problems an operator should fix before starting: a list of lines."""
+    """
+    All problems an operator should fix before starting: a list of lines.
+
+    The server is built as start-up builds it (:class:`xmppd.core.Server`,
+    whose plugins read and check their own tables, then the listeners of
+    :func:`xmppd.tap.listeners`), except that nothing listens, nothing is
+    scheduled on the reactor and nothing is written: the store is an empty
+    in-memory one and certificates are only read.
+    """
+    from xmppd.core import Server, build_connectors
+    from xmppd.storage import MemoryStore, SQLiteStore
+    from xmppd.tap import listeners
+
     problems = []
+    store = MemoryStore()
     try:
-        store, connectors = _connectors(config, reactor)
+        connectors = build_connectors(config, store, reactor)
+        listeners(Server(config, store=store, clock=task.Clock(), certs=_cert_store(config),
+                         connectors=connectors))
     except ConfigError as e:
         return [str(e)]
-    try:
-        seen = set()
-        for host, connector in connectors.items():
-            if id(connector) in seen:
-                continue
-            seen.add(id(connector))
+    seen = set()
+    for host, connector in connectors.items():
+        if id(connector) in seen:
+            continue
+        seen.add(id(connector))
+        try:
             for p in (yield connector.check()):
                 problems.append(f"auth ({connector.name}): {p}")
-    finally:
-        store.close()
+        finally:
+            closer = getattr(connector, "close", None)
+            if closer is not None:
+                closer()
     try:
         from xmppd.certs import check_certificates
 
@@ -200,12 +275,21 @@ def check(config, reactor):
         problems.extend(check_certificates(certs))
     except Exception as e:  # a broken cert file must be reported, not crash check
         problems.append(f"certificates: {e}")
+    path = os.path.join(config.data_dir, SQLiteStore.FILENAME)
+    if not os.path.isfile(path):
+        problems.append(f"warning: no store at {path} yet; the server creates an empty one "
+                        f"(is [server] data_dir right?)")
     return problems
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="xmppctl", description="Operate an xmppd server.")
-    parser.add_argument("--config", "-c", default=None, help="the server's TOML config file")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", "-c", default=None,
+                       help=f"the server's TOML config file (default: {DEFAULT_CONFIG})")
+    where.add_argument("--defaults", action="store_true",
+                       help="use the built-in configuration (host localhost, data in ./var), "
+                            "as `twistd -n xmppd` without --config does")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("adduser", "create an account"), ("passwd", "change a password")):
         p = sub.add_parser(name, help=help_text)
@@ -239,9 +323,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def failed(failure):
         from xmppd.auth.base import NoSuchUser, NotSupported, UserExists
+        from xmppd.certs import CertificateError
+        from xmppd.storage import StoreError
 
         err = failure.value
-        if isinstance(err, (CtlError, ConfigError)):
+        if isinstance(err, (CtlError, ConfigError, StoreError, CertificateError)):
             msg = str(err)
         elif isinstance(err, UserExists):
             msg = f"account {err} already exists"

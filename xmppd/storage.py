@@ -20,11 +20,12 @@ import json
 import os
 import sqlite3
 import threading
+import urllib.parse
 from typing import Any
 
 from zope.interface import Interface, implementer
 
-__all__ = ["IKeyValueStore", "SQLiteStore", "MemoryStore", "StoreError"]
+__all__ = ["IKeyValueStore", "SQLiteStore", "MemoryStore", "StoreError", "StoreNotFound"]
 
 
 # SQLite result codes (primary part) that mean "out of room or busy, try
@@ -65,6 +66,10 @@ class StoreError(Exception):
         transient = code is not None and (code & 0xFF) in _TRANSIENT
         return cls(path, operation, str(error), user,
                    "resource-constraint" if transient else "internal-server-error")
+
+
+class StoreNotFound(StoreError):
+    """An existing store was asked for and there is none."""
 
 
 class IKeyValueStore(Interface):
@@ -113,12 +118,31 @@ class SQLiteStore:
 
     FILENAME = "xmppd.sqlite3"
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, create: bool = True, read_only: bool = False) -> None:
+        """
+        ``create=False``: the store must exist already (operator commands
+        must not make an empty one where a wrong config points).
+        ``read_only=True`` (implies ``create=False``): nothing is written, not
+        even SQLite's ``-wal``/``-shm`` files, which a tool run as root would
+        otherwise leave owned by root.  When the WAL file exists (the server
+        runs, or stopped uncleanly) it is shared read-only; when it does not,
+        the database file is complete and is read as immutable.
+        """
         self.path = os.path.join(data_dir, self.FILENAME)
+        if (read_only or not create) and not os.path.isfile(self.path):
+            raise StoreNotFound(f"no store at {self.path}")
+        if read_only:
+            self._db = self._open_read_only()
+            self._lock = threading.Lock()
+            return
         try:
-            os.makedirs(data_dir, mode=0o750, exist_ok=True)
+            if create:
+                os.makedirs(data_dir, mode=0o750, exist_ok=True)
+                target, uri = self.path, False
+            else:
+                target, uri = f"file:{urllib.parse.quote(self.path)}?mode=rw", True
             self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False
+                target, isolation_level=None, check_same_thread=False, uri=uri
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -134,6 +158,17 @@ class SQLiteStore:
         # One connection shared with the ctl tool's threads is fine; the
         # lock keeps multi-statement transactions whole.
         self._lock = threading.Lock()
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        mode = "ro" if os.path.exists(self.path + "-wal") else "ro&immutable=1"
+        try:
+            db = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode={mode}",
+                                 uri=True, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=5000")
+            db.execute("SELECT 1 FROM kv LIMIT 1").fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot read store: {e}") from e
+        return db
 
     def get(self, store: str, user: str, key: str, default: Any = None) -> Any:
         row = self._read(

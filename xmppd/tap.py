@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
@@ -99,7 +100,6 @@ def build(config_path: str | None):
     """
     from twisted.internet import reactor
 
-    from xmppd.c2s import C2SFactory
     from xmppd.core import Server
 
     config = load(config_path)
@@ -117,16 +117,29 @@ def build(config_path: str | None):
                  path=pidfile.path, pid=stale)
     try:
         server = Server(config)
-        starttls = C2SFactory(server, direct_tls=False)
-        listeners = [("c2s.listen", desc, starttls) for desc in config.c2s.listen]
-        if config.c2s.listen_tls:
-            direct = server.certs.direct_tls_factory(C2SFactory(server, direct_tls=True))
-            listeners += [("c2s.listen_tls", desc, direct) for desc in config.c2s.listen_tls]
-        ports = listen_all(reactor, config.path, listeners)
+        ports = listen_all(reactor, config.path, listeners(server))
     except BaseException:
         pidfile.release()
         raise
     return ServerService(server, pidfile, ports)
+
+
+def listeners(server) -> list[tuple[str, str, Any]]:
+    """``(config key, endpoint string, factory)`` of every c2s listener, not bound.
+
+    ``xmppd.tap.build`` binds them; ``xmppctl check`` only builds them (the
+    direct-TLS factory needs the certificates), so it refuses what start-up
+    refuses short of a port that is taken.
+    """
+    from xmppd.c2s import C2SFactory
+
+    config = server.config
+    starttls = C2SFactory(server, direct_tls=False)
+    out = [("c2s.listen", desc, starttls) for desc in config.c2s.listen]
+    if config.c2s.listen_tls:
+        direct = server.certs.direct_tls_factory(C2SFactory(server, direct_tls=True))
+        out += [("c2s.listen_tls", desc, direct) for desc in config.c2s.listen_tls]
+    return out
 
 
 def makeService(options: Options):

@@ -92,6 +92,24 @@ def check_new_password(password: str, connector: object = None, min_length: int 
         raise UnacceptablePassword(too_long + " after SASLprep (RFC 4013)")
 
 
+#: Shortest password ``xmppctl adduser/addusers/passwd`` sets (the default
+#: of ``[register] min_password_length`` for in-band registration too).
+MIN_PASSWORD_LENGTH = 8
+
+
+def check_password_length(password: str) -> str | None:
+    """Why an operator-set password is refused before any store is opened, or None.
+
+    The connector-independent part of :func:`check_new_password` (a
+    connector may lower the maximum further).
+    """
+    try:
+        check_new_password(password, min_length=MIN_PASSWORD_LENGTH)
+    except UnacceptablePassword as e:
+        return f"password refused: {e}"
+    return None
+
+
 # -- the SQL connector's encodings -----------------------------------------
 
 

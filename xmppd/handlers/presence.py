@@ -5,7 +5,7 @@ user) happens here; the stanza then crosses the router's filter chain with
 :meth:`Router.deliver`, and inbound processing (what the contact's server
 does) runs in :meth:`PresencePlugin.inbound`.  Both halves run in this
 process for local contacts, but keeping them apart keeps every filter (the
-blocking command first) on the path between them, as with s2s.
+domain filter, then the blocking command) on the path between them, as with s2s.
 
 Remote contacts are skipped in broadcasts and probes until s2s exists, so a
 login does not bounce one error per remote contact.
@@ -52,12 +52,23 @@ class PendingRequests:
     """
 
     STORE = "pending"
+    #: Bytes of one stored request: extended content is a nickname or a
+    #: token, so a larger one (up to max_stanza_size, per contact) is kept
+    #: without its content rather than let one sender fill the store.
+    MAX_STORED = 4096
 
     def __init__(self, store) -> None:
         self.store = store
 
-    def put(self, owner: str, contact: str) -> None:
-        self.store.put(self.STORE, owner, contact, True)
+    def put(self, owner: str, contact: str, request: domish.Element) -> None:
+        """Keep the whole request: its extended content (a nickname, a
+        pre-authentication token) is the contact's to see at login."""
+        data = serialize(request)
+        if len(data) > self.MAX_STORED:
+            log.info("subscription request {contact} -> {owner} stored without its "
+                     "{n}-byte content", contact=contact, owner=owner, n=len(data))
+            data = serialize(presence("subscribe", contact, owner))
+        self.store.put(self.STORE, owner, contact, data.decode("utf-8"))
 
     def has(self, owner: str, contact: str) -> bool:
         return self.store.get(self.STORE, owner, contact) is not None
@@ -72,8 +83,13 @@ class PendingRequests:
         self.store.delete(self.STORE, owner, contact)
         return True
 
-    def of(self, owner: str) -> list[str]:
-        return [k for k, _ in self.store.items(self.STORE, owner)]
+    def requests(self, owner: str) -> list[bytes]:
+        """The stored requests, serialised (older stores kept only True)."""
+        return [
+            value.encode("utf-8") if isinstance(value, str)
+            else serialize(presence("subscribe", contact, owner))
+            for contact, value in self.store.items(self.STORE, owner)
+        ]
 
 
 class PresencePlugin(Plugin):
@@ -169,8 +185,8 @@ class PresencePlugin(Plugin):
             self.router.deliver(probe, session.jid.bare_jid(), to)
 
     def _redeliver_pending(self, session, roster) -> None:
-        for contact in self.pending.of(session.jid.bare):
-            session.send(presence("subscribe", contact, session.jid.bare))
+        for request in self.pending.requests(session.jid.bare):
+            session.send_bytes(request)
 
     def _directed(self, stanza, kind, sender: JID, to: JID, session) -> None:
         directed = session.state.setdefault("directed", set())
@@ -248,6 +264,8 @@ class PresencePlugin(Plugin):
         if unavailable_after:
             self._send_unavailable_from_all(owner, contact.bare)
         out = presence(kind, owner, contact.bare)
+        if kind == "subscribe":
+            _keep_content(stanza, out)  # RFC 6121 §3.1.2: the request as the user wrote it
         self.router.deliver(out, sender.bare_jid(), contact)
         if kind == "subscribed" and changed is not None:
             # The new subscriber gets our current presence right away.
@@ -340,6 +358,7 @@ class PresencePlugin(Plugin):
         item = self.rosters.item(bare, contact)
         clean = presence(kind, contact, bare)
         if kind == "subscribe":
+            _keep_content(stanza, clean)
             if item is not None and item.from_:
                 self.router.deliver(presence("subscribed", bare, contact), owner, jidlib.parse(contact))
                 return
@@ -351,7 +370,7 @@ class PresencePlugin(Plugin):
                 self.router.deliver(presence("subscribed", bare, contact), owner, jidlib.parse(contact))
                 return
             # Remember the request (redelivered at login) and show it now.
-            self.pending.put(bare, contact)
+            self.pending.put(bare, contact, clean)
             self._to_available(bare, clean)
         elif kind == "subscribed":
             if item is not None and item.get("ask"):
@@ -380,6 +399,15 @@ class PresencePlugin(Plugin):
                 item["subscription"] = with_to(item["subscription"], False)
                 self.roster.update(bare, contact, item)
                 self._to_available(bare, clean)
+
+
+def _keep_content(original: domish.Element, clean: domish.Element) -> None:
+    """
+    Carry the child elements of a subscription request (RFC 6121 §3.1.3:
+    its extended content, e.g. XEP-0172 nick, XEP-0379 pre-auth token) over
+    to the re-addressed copy; the addresses stay the server's own.
+    """
+    clean.children = [c for c in original.children if isinstance(c, domish.Element)]
 
 
 def copy_to(stanza: domish.Element, to: str) -> domish.Element:
