@@ -261,4 +261,4 @@ def test_xmppctl_refuses_overlong_passwords_in_one_line(tmp_path):
     d.adduser("long@localhost", "fine-password")
     r = d.ctl("passwd", "long@localhost", "x" * 1025, check=False)
     assert r.returncode == 1 and "password longer than 1024 bytes" in r.stderr
-    assert "no such account" in d.ctl("passwd", "bulk1@localhost", "pw", check=False).stderr
+    assert "no such account" in d.ctl("passwd", "bulk1@localhost", "pw-long-enough", check=False).stderr

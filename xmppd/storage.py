@@ -71,6 +71,13 @@ class StoreError(Exception):
 class StoreNotFound(StoreError):
     """An existing store was asked for and there is none."""
 
+    def __init__(self, path: str) -> None:
+        super().__init__(path, "open store", "no store")
+        self.args = (f"no store at {path}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
 
 class IKeyValueStore(Interface):
     """A tiny dbm-style store, partitioned by store name and user (bare JID)."""
@@ -130,7 +137,7 @@ class SQLiteStore:
         """
         self.path = os.path.join(data_dir, self.FILENAME)
         if (read_only or not create) and not os.path.isfile(self.path):
-            raise StoreNotFound(f"no store at {self.path}")
+            raise StoreNotFound(self.path)
         if read_only:
             self._db = self._open_read_only()
             self._lock = threading.Lock()
@@ -167,7 +174,7 @@ class SQLiteStore:
             db.execute("PRAGMA busy_timeout=5000")
             db.execute("SELECT 1 FROM kv LIMIT 1").fetchall()
         except sqlite3.Error as e:
-            raise StoreError(f"{self.path}: cannot read store: {e}") from e
+            raise StoreError(self.path, "open store read-only", str(e)) from e
         return db
 
     def get(self, store: str, user: str, key: str, default: Any = None) -> Any:
