@@ -115,17 +115,6 @@ def iq_result(iq: domish.Element, payload: domish.Element | None = None) -> domi
 _XML_NS = "http://www.w3.org/XML/1998/namespace"
 
 
-def text_of(element: domish.Element) -> str:
-    """All the character data directly inside ``element``.
-
-    ``str(element)`` is domish's *first* text node only, and the parser may
-    deliver one text in several nodes (expat buffer and feed boundaries), so
-    validation must look at the whole text.
-    """
-    texts = [c for c in element.children if isinstance(c, str)]
-    return texts[0] if len(texts) == 1 else "".join(texts)
-
-
 def _escape_text(text: str) -> str:
     if "&" in text:
         text = text.replace("&", "&amp;")

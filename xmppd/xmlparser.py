@@ -154,7 +154,7 @@ class StreamParser:
         self._nodes = 0
         self._header_attrs = 0
         self._current: domish.Element | None = None
-        self._run: list[str] | None = None  # character data of the open element, in pieces
+        self._run: str | list[str] | None = None  # character data of the open element (see _text)
         self._halted = False
         self._decls: dict[str, str] = {}
         self._parser = self._make_parser()
@@ -257,7 +257,10 @@ class StreamParser:
             raise XMLStreamError(
                 "policy-violation", f"stanza nested deeper than {self.limits.depth} levels"
             )
-        self._count(1 + len(attrs))
+        # Inline (per element, on the hot path): see _count.
+        nodes = self._nodes = self._nodes + 1 + len(attrs)
+        if nodes > self._max_nodes:
+            self._count(0)  # raises the policy-violation
         self._depth = depth
         uri, local = _split(name)
         if depth == 2 and local == "stream" and uri == NS_STREAMS:
@@ -285,8 +288,10 @@ class StreamParser:
             self._current = el
         else:
             parent = self._current
-            if self._run is not None:
-                self._flush_text(parent)
+            run = self._run
+            if run is not None:  # the text before this child: one node
+                self._run = None
+                parent.children.append(run if run.__class__ is str else "".join(run))
             el.parent = parent
             parent.children.append(el)
             self._current = el
@@ -300,8 +305,10 @@ class StreamParser:
             self._on_stream_end()
             return
         el = self._current
-        if self._run is not None:
-            self._flush_text(el)
+        run = self._run
+        if run is not None:  # the element's last text: one node (see _text)
+            self._run = None
+            el.children.append(run if run.__class__ is str else "".join(run))
         if depth == 2:
             self._current = None
             self._nodes = 0
@@ -310,25 +317,20 @@ class StreamParser:
         else:
             self._current = el.parent
 
-    def _flush_text(self, el: domish.Element) -> None:
-        """One text node per run of character data, however expat split it.
-
-        expat hands over text in pieces (at its 1 KiB buffer and at our feed
-        slices); domish's ``str(element)`` and every consumer expect one node
-        between two child elements, so the pieces are joined (linearly) when
-        the run ends.
-        """
-        run = self._run
-        self._run = None
-        el.children.append(run[0] if len(run) == 1 else "".join(run))
-
     def _text(self, data: str) -> None:
         if self._halted:
             return
         if self._depth > 1:
+            # One text node per run of character data, however expat split
+            # it (at its 1 KiB buffer and at our feed slices): domish's
+            # ``str(element)`` and every consumer see only the first node.
+            # The run is kept as one str (the common case, no list) or a
+            # list of pieces joined once, linearly, when the run ends.
             run = self._run
             if run is None:
-                self._run = [data]
+                self._run = data
+            elif run.__class__ is str:
+                self._run = [run, data]
             else:
                 run.append(data)
         else:

@@ -33,7 +33,7 @@ from twisted.words.xish import domish
 
 from xmppd import jid as jidlib
 from xmppd.plugin import Plugin, Request
-from xmppd.stanzas import NS_CLIENT, StanzaError, escape_attr, escape_text, text_of
+from xmppd.stanzas import NS_CLIENT, StanzaError, escape_attr, escape_text
 
 NS_ROSTER = "jabber:iq:roster"
 STORE = "roster"
@@ -348,7 +348,7 @@ class RosterPlugin(Plugin):
             if len(groups) >= limits.max_groups:
                 raise StanzaError("not-acceptable", text=f"more than {limits.max_groups} groups",
                                   echo=False)
-            text = text_of(g)
+            text = str(g)  # the parser keeps one text node per run
             if not text:
                 raise StanzaError("not-acceptable", text="empty group name")
             if len(text.encode()) > limits.max_group_length:
