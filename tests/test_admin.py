@@ -216,7 +216,7 @@ def test_reload_applies_acl_and_limit_without_restart(ad):
         assert re.search(r"now in force: .*\bacl\b", out)
         assert "need a restart (running values kept): roster" in out
         # The same session may now run the command ...
-        assert "status='completed'" in run_command(alice, USERS_NUM, "c2")
+        assert re.search(r"status=.completed", run_command(alice, USERS_NUM, "c2"))
         # ... and a second connection from this address is one too many.
         extra = RawClient(ad.port)
         extra.send("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream="

@@ -189,7 +189,13 @@ class AdminChannel:
         handler = self.commands.get(command)
         if handler is None:
             raise AdminError(f"unknown command {command!r}; known: {', '.join(self.commands)}")
-        return handler(**args) if args else handler()
+        import inspect
+
+        try:
+            inspect.signature(handler).bind(**args)
+        except TypeError as e:
+            raise AdminError(f"{command}: bad arguments ({e})") from None
+        return handler(**args)
 
     # -- commands ------------------------------------------------------------
 
@@ -232,9 +238,11 @@ class AdminChannel:
             raise AdminError("condition must be policy-violation or reset")
         if not isinstance(text, str) or len(text) > 1000:
             raise AdminError("text must be a string of at most 1000 characters")
+        if not isinstance(jid, str):
+            raise AdminError("jid must be a string")
         try:
             target = jidlib.parse(jid)
-        except (jidlib.InvalidJID, TypeError) as e:
+        except jidlib.InvalidJID as e:
             raise AdminError(f"{jid!r} is not a valid JID: {e}") from None
         resources = self.server.router.resources_of(target.bare)
         victims = [s for r, s in resources.items()

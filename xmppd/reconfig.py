@@ -188,6 +188,9 @@ def reload_config(server) -> ReloadOutcome:
     except ConfigError as e:
         log.error("reload refused, nothing changed: {error}", error=str(e))
         return ReloadOutcome(error=str(e))
+    except Exception as e:  # a plugin that fails oddly on the new file: still nothing changes
+        log.failure("reload refused, nothing changed")
+        return ReloadOutcome(error=f"{type(e).__name__}: {e}")
     outcome = ReloadOutcome(applied=applied, restart=_restart_keys(old, new))
     if applied:
         log.info("config reloaded: {keys} now in force", keys=", ".join(applied))
