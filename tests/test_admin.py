@@ -312,3 +312,32 @@ def test_version():
     r = subprocess.run([sys.executable, "-m", "xmppd.ctl", "--version"], capture_output=True,
                        text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert r.returncode == 0 and r.stdout.strip() == f"xmppctl {xmppd.__version__}"
+
+
+# -- which keys a reload applies (no daemon) --------------------------------------------
+
+
+def test_reload_applies_only_the_safe_keys():
+    from xmppd.config import from_dict
+    from xmppd.reconfig import _applied_keys, _restart_keys, merge
+
+    old = from_dict({"server": {"hosts": ["a.test"]}, "c2s": {"max_connections_per_ip": 5},
+                     "domain-filter": {"default": "ALL", "poll_interval": 5.0}})
+    new = from_dict({
+        "server": {"hosts": ["a.test", "b.test"], "admins": ["root@a.test"]},
+        "c2s": {"max_connections_per_ip": 2, "max_stanza_size": 100000,
+                "listen": ["tcp:5999:interface=127.0.0.1"]},
+        "domain-filter": {"default": "LOCAL", "poll_interval": 1.0},
+        "acl": {"op": ["LOCAL"]}, "roster": {"max_items": 10},
+    })
+    merged = merge(old, new)
+    assert _applied_keys(old, merged) == ["server.admins", "c2s.max_connections_per_ip", "acl",
+                                          "domain-filter"]
+    assert _restart_keys(old, new) == ["server.hosts", "c2s.listen", "c2s.max_stanza_size",
+                                       "domain-filter.poll_interval", "roster"]
+    # What needs a restart keeps its running value; the rest is the new file's.
+    assert merged.hosts == ("a.test",) and merged.c2s.listen == old.c2s.listen
+    assert merged.c2s.max_stanza_size == old.c2s.max_stanza_size
+    assert merged.section("domain-filter").table == {"default": "LOCAL", "poll_interval": 5.0}
+    assert "roster" not in merged.sections
+    assert merged.c2s.max_connections_per_ip == 2 and merged.admins == ("root@a.test",)

@@ -89,9 +89,10 @@ def _restart_keys(old: Config, new: Config) -> list[str]:
     out += [f"c2s.{k}" for k in _C2S_RESTART if getattr(old.c2s, k) != getattr(new.c2s, k)]
     out += [f"tls.{k}" for k in old.tls.__dataclass_fields__
             if getattr(old.tls, k) != getattr(new.tls, k)]
-    if old.client_certs != new.client_certs:
+    # Per running host (a new host is already "server.hosts").
+    if any(old.client_cert(h) != new.client_cert(h) for h in old.hosts):
         out.append("tls client certificates (client_*)")
-    if old.host_sasl != new.host_sasl:
+    if any(old.sasl_for(h) != new.sasl_for(h) for h in old.hosts):
         out.append("sasl")
     if old.plugins != new.plugins:
         out.append("sm.plugins")
