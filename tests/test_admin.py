@@ -37,7 +37,10 @@ try:
     s.connect(sys.argv[1])
 except OSError as e:
     print("connect:", type(e).__name__); sys.exit(0)
-s.sendall(b'{"v": 1, "cmd": "status"}\\n')
+try:
+    s.sendall(b'{"v": 1, "cmd": "status"}\\n')
+except OSError:
+    pass  # a refusal may come (and the server close) before the request is sent
 print("answer:", s.makefile().readline().strip())
 """
 
@@ -96,7 +99,10 @@ def raw_request(d, line: bytes) -> dict:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(str(sock_path(d)))
-        s.sendall(line)
+        try:
+            s.sendall(line)
+        except OSError:
+            pass  # refused before all of it was sent: the answer is waiting
         return json.loads(s.makefile("rb").readline())
 
 
