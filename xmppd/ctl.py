@@ -145,7 +145,7 @@ def run(reactor, args) -> defer.Deferred:
         live = yield _live(config, args)
         if live:
             return
-    # Arguments first: a typo must not create a store or ask for a password.    # Arguments first: a typo must not create a store or ask for a password.
+    # Arguments first: a typo must not create a store or ask for a password.
     account = _parse_account(args.jid, config) if hasattr(args, "jid") else None
     if args.command == "addusers":
         _check_length(args.password)
