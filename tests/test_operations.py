@@ -124,7 +124,7 @@ def test_second_instance_on_the_same_data_dir_refuses_to_start(tmp_path):
         assert pidfile.read_text().strip() == str(first.proc.pid)
         r = first.ctl("reload")
         assert f"pid {first.proc.pid}" in r.stdout
-        wait_for_text(first, "SIGHUP: reloading")
+        wait_for_text(first, "xmppctl reload: reloading")
     finally:
         second.stop()
         first.stop()
@@ -258,7 +258,7 @@ def test_daemon_runs_under_the_units_restrictions(tmp_path):
                 data += chunk
             assert b"SCRAM-SHA-256" in data
         d.ctl("reload")
-        wait_for_text(d, "SIGHUP: reloading")
+        wait_for_text(d, "xmppctl reload: reloading")
     finally:
         d.stop()
 
@@ -312,7 +312,7 @@ def test_make_install_gives_a_venv_that_runs_xmppd(tmp_path):
         run(login())
         r = subprocess.run([*ctl, "reload"], env=env, capture_output=True, text=True)
         assert f"pid {proc.pid}" in r.stdout, r.stderr
-        wait_for_text(d, "SIGHUP: reloading")
+        wait_for_text(d, "xmppctl reload: reloading")
         assert str(REPO) not in d.logtext()
     finally:
         stop_process(proc)

@@ -109,6 +109,7 @@ class AccessControl:
         self.domain_admins = {h: frozenset(a) for h, a in (domain_admins or {}).items()}
         self.configured: dict[str, ACL] = dict(configured or {})
         self.acls: dict[str, ACL] = {}
+        self.defaults: dict[str, tuple[str, ...]] = {}  # name -> default given to register()
 
     @classmethod
     def from_config(cls, config) -> "AccessControl":
@@ -137,11 +138,23 @@ class AccessControl:
 
     def register(self, name: str, default: Iterable[str] = ("ADMIN",)) -> ACL:
         """Declare an operation and its default ACL; returns the one in force."""
+        self.defaults[name] = tuple(default)
         acl = self.configured.get(name)
         if acl is None:
             acl = ACL(default)
         self.acls[name] = acl
         return acl
+
+    def reconfigure(self, fresh: "AccessControl") -> None:
+        """A config reload: take ``fresh``'s admins and ``[acl]``, in place.
+
+        Plugins hold this object, so it is updated rather than replaced; every
+        registered operation gets its ACL again (configured, else its default).
+        """
+        self.admins, self.domain_admins = fresh.admins, fresh.domain_admins
+        self.configured = dict(fresh.configured)
+        for name, default in list(self.defaults.items()):
+            self.register(name, default)
 
     def unknown(self, prefixes: Iterable[str]) -> list[str]:
         """Configured names under ``prefixes`` that nobody registered (typos)."""
@@ -171,6 +184,11 @@ class AccessControl:
 
 
 _BY_SERVER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def existing(server) -> AccessControl | None:
+    """The server's AccessControl if a plugin has built it (for a reload)."""
+    return _BY_SERVER.get(server)
 
 
 def for_server(server) -> AccessControl:

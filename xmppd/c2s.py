@@ -672,6 +672,7 @@ class C2SStream(protocol.Protocol):
             resource = os.urandom(8).hex()
         self.jid = jidlib.make(self.username, self.host, resource)
         self.phase = BOUND
+        self.bound_at = self.server.clock.seconds()  # for `xmppctl sessions`
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         # From now on the transport tells us when the client stops reading.

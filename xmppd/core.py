@@ -47,11 +47,15 @@ class Server:
 
     # -- wiring ----------------------------------------------------------------
 
-    def _build_throttle(self):
-        """The login throttle of ``[limits]`` (docs/auth.rst, "Brute-force protection")."""
+    def _build_throttle(self, config: Config | None = None):
+        """The login throttle of ``[limits]`` (docs/auth.rst, "Brute-force protection").
+
+        ``config``: another config than the running one (a reload builds the
+        new throttle from it before anything is swapped).
+        """
         from xmppd.auth.throttle import DEFAULT_IPV6_PREFIX, DEFAULT_MAX_ENTRIES, LoginThrottle
 
-        sec = self.config.section("limits")
+        sec = (config or self.config).section("limits")
         per_ip_account = sec.int("auth_failures_per_ip_account", 10, minimum=0)
         per_account = sec.int("auth_failures_per_account", 100, minimum=0)
         prefix = sec.int("auth_ipv6_prefix", DEFAULT_IPV6_PREFIX, minimum=1)
@@ -99,10 +103,21 @@ class Server:
                 return p
         return None
 
-    def reload(self) -> None:
-        """SIGHUP / ``xmppctl reload``: certificates now; more later."""
-        for message in self.certs.reload():
-            log.info("certificates: {message}", message=message)
+    def reload(self):
+        """SIGHUP / ``xmppctl reload``: the config's reloadable keys, then certificates.
+
+        A config file that start-up would refuse changes nothing, not even the
+        certificates (:mod:`xmppd.reconfig`).  Returns a
+        :class:`~xmppd.reconfig.ReloadOutcome`.
+        """
+        from xmppd.reconfig import reload_config
+
+        outcome = reload_config(self)
+        if outcome.error is None:
+            outcome.certificates = self.certs.reload()
+            for message in outcome.certificates:
+                log.info("certificates: {message}", message=message)
+        return outcome
 
     def close(self) -> None:
         self.store.close()

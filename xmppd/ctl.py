@@ -99,7 +99,8 @@ def _config_path(args) -> str | None:
 NO_STORE, READ, WRITE, CREATE = "none", "read", "write", "create"
 STORE_ACCESS = {
     "check": NO_STORE, "reload": NO_STORE, "certs": NO_STORE,
-    "reports": READ, "blocklist": READ,
+    "status": NO_STORE, "sessions": NO_STORE,
+    "reports": READ, "blocklist": READ, "users": READ,
     "passwd": WRITE, "deluser": WRITE,
     "adduser": CREATE, "addusers": CREATE, "create-schema": CREATE,
 }
@@ -140,28 +141,10 @@ def run(reactor, args) -> defer.Deferred:
             raise CtlError(f"{len(errors)} error(s) found")
         print(f"{config.path}: OK" + (f" ({len(problems)} warning(s))" if problems else ""))
         return
-    if args.command == "reload":
-        from xmppd.pidfile import held_by_live_process
-
-        pidfile = os.path.join(config.data_dir, "xmppd.pid")
-        # The server holds a lock on its pid file: without it, the pid in a
-        # leftover file may now belong to an unrelated process.
-        if not held_by_live_process(pidfile):
-            raise CtlError(f"xmppd is not running ({pidfile} is missing or not locked by a server)")
-        try:
-            pid = int(open(pidfile).read().strip())
-            os.kill(pid, signal.SIGHUP)
-        except (OSError, ValueError) as e:
-            raise CtlError(f"cannot signal the server via {pidfile}: {e}") from None
-        print(f"sent SIGHUP to xmppd (pid {pid})")
-        return
-    if args.command == "certs":
-        from xmppd.certs import format_cert_table
-
-        store = _cert_store(config)
-        store.load()
-        print(format_cert_table(store.describe()))
-        return
+    if args.command in LIVE_COMMANDS:
+        live = yield _live(config, args)
+        if live:
+            return
     # Arguments first: a typo must not create a store or ask for a password.
     account = _parse_account(args.jid, config) if hasattr(args, "jid") else None
     if args.command == "addusers":
@@ -170,6 +153,9 @@ def run(reactor, args) -> defer.Deferred:
     store = _open_store(config, _store_access(args))
     try:
         connectors = build_connectors(config, store, reactor)
+        if args.command == "users":
+            yield _offline_users(config, connectors, args.host)
+            return
         if args.command == "reports":
             from xmppd.handlers.blocking import REPORTS
 
@@ -225,6 +211,105 @@ def run(reactor, args) -> defer.Deferred:
 
     finally:
         store.close()
+
+
+# Commands answered by the running server over its admin socket (xmppd/admin.py).
+LIVE_COMMANDS = ("status", "sessions", "certs", "reload", "users")
+
+
+@defer.inlineCallbacks
+def _live(config, args):
+    """Run a command on the running server; False when the offline route should run.
+
+    ``status``, ``sessions`` and ``reload`` need the server.  ``certs`` and
+    ``users`` fall back to reading the files (certs says it is a preview).
+    """
+    from xmppd import adminclient
+
+    data_dir = config.data_dir
+    try:
+        if args.command == "status":
+            print(adminclient.format_status(adminclient.request(data_dir, "status")), end="")
+        elif args.command == "sessions":
+            if args.action is None:
+                if args.jid is not None:
+                    raise CtlError("usage: xmppctl sessions [kick JID [--text TEXT] [--reset]]")
+                print(adminclient.format_sessions(adminclient.request(data_dir, "sessions")),
+                      end="")
+            else:
+                if args.jid is None:
+                    raise CtlError("sessions kick: which JID? (full JID: one session; "
+                                   "bare JID: all of them)")
+                kicked = adminclient.request(data_dir, "kick", {
+                    "jid": args.jid, "text": args.text or "",
+                    "condition": "reset" if args.reset else "policy-violation"})
+                for jid in kicked:
+                    print(f"kicked {jid}")
+        elif args.command == "certs":
+            from xmppd.certs import format_cert_table
+
+            infos = adminclient.cert_infos(adminclient.request(data_dir, "certs"))
+            print("what the running server serves now:")
+            print(format_cert_table(infos), end="")
+        elif args.command == "reload":
+            data = adminclient.request(data_dir, "reload")
+            print(adminclient.format_reload(data, data.get("pid")), end="")
+        elif args.command == "users":
+            args_ = {"host": args.host} if args.host else {}
+            print(adminclient.format_users(adminclient.request(data_dir, "users", args_)), end="")
+        return True
+    except adminclient.Refused as e:
+        raise CtlError(str(e)) from None
+    except adminclient.NotRunning as e:
+        if args.command == "reload" and _sighup(config):
+            return True
+        if args.command in ("status", "sessions", "reload"):
+            raise CtlError(str(e)) from None
+    if args.command == "certs":
+        yield _offline_certs(config)
+        return True
+    return False
+
+
+def _sighup(config) -> bool:
+    """``reload`` of a server without an admin socket: SIGHUP to the locked pid file's pid."""
+    from xmppd.pidfile import held_by_live_process
+
+    pidfile = os.path.join(config.data_dir, "xmppd.pid")
+    # The server holds a lock on its pid file: without it, the pid in a
+    # leftover file may now belong to an unrelated process.
+    if not held_by_live_process(pidfile):
+        return False
+    try:
+        pid = int(open(pidfile).read().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as e:
+        raise CtlError(f"cannot signal the server via {pidfile}: {e}") from None
+    print(f"sent SIGHUP to xmppd (pid {pid}): it has no admin socket, see its log for the outcome")
+    return True
+
+
+def _offline_certs(config):
+    from xmppd.certs import format_cert_table
+
+    store = _cert_store(config)
+    store.load()
+    print("xmppd is not running; a PREVIEW of what a fresh start would serve:")
+    print(format_cert_table(store.describe()), end="")
+    return defer.succeed(None)
+
+
+@defer.inlineCallbacks
+def _offline_users(config, connectors, host):
+    from xmppd import adminclient
+    from xmppd.admin import MAX_LISTED_USERS, list_accounts
+
+    if host is not None and host not in config.hosts:
+        raise CtlError(f"{host} is not a host of this server ({', '.join(config.hosts)})")
+    out = {}
+    for h in ([host] if host else config.hosts):
+        out[h] = yield list_accounts(connectors[h], h, MAX_LISTED_USERS)
+    print(adminclient.format_users(out), end="")
 
 
 def _cert_store(config):
@@ -284,6 +369,9 @@ def check(config, reactor):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="xmppctl", description="Operate an xmppd server.")
+    import xmppd
+
+    parser.add_argument("--version", action="version", version=f"xmppctl {xmppd.__version__}")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--config", "-c", default=None,
                        help=f"the server's TOML config file (default: {DEFAULT_CONFIG})")
@@ -302,8 +390,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("password")
     sub.add_parser("check", help="validate config, certificates and backends")
     sub.add_parser("create-schema", help="create the sql connector's default table(s)")
-    sub.add_parser("reload", help="reload certificates in the running server (SIGHUP)")
-    sub.add_parser("certs", help="show which certificate serves which host")
+    sub.add_parser("reload", help="reload certificates and the reloadable config keys "
+                                  "in the running server")
+    sub.add_parser("certs", help="show which certificate serves which host (the running "
+                                 "server's, else a preview)")
+    sub.add_parser("status", help="the running server: version, uptime, sessions, memory")
+    p = sub.add_parser("sessions", help="list the running server's sessions, or kick one",
+                       description="Without arguments: every session. `kick JID` closes the "
+                       "session of a full JID, or every session of a bare JID, with a "
+                       "policy-violation stream error (--reset: a reset one).")
+    p.add_argument("action", nargs="?", choices=["kick"])
+    p.add_argument("jid", nargs="?")
+    p.add_argument("--text", default=None, help="the stream error's text")
+    p.add_argument("--reset", action="store_true",
+                   help="send <reset/> (reconnect now) instead of <policy-violation/>")
+    sub.add_parser("users", help="accounts per host (count, and the list where the "
+                                 "connector can list)").add_argument("host", nargs="?")
     sub.add_parser("blocklist", help="show a user's XEP-0191 blocklist").add_argument("jid")
     p = sub.add_parser("filter", help="show or set a user's domain filter",
                        description="POLICY is ALL, LOCAL, OWN, BLOCK, LIST, BLACKLIST, CUSTOM or "

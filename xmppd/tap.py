@@ -55,7 +55,7 @@ class ServerService(service.MultiService):
         # Written here, not in build(): twistd may have forked since.
         self.pidfile.write()
         if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self._sighup))
+            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload, "SIGHUP"))
         # Close the store only after every connection's goodbye has run, and
         # give up the pid file (and its lock) last of all.
         reactor.addSystemEventTrigger("after", "shutdown", self.server.close)
@@ -74,11 +74,12 @@ class ServerService(service.MultiService):
                  hosts=hosts, data_dir=self.server.config.data_dir)
         self.notifier.ready(f"serving {hosts}")
 
-    def _sighup(self) -> None:
+    def reload(self, how: str):
+        """SIGHUP or ``xmppctl reload``: returns the :class:`~xmppd.reconfig.ReloadOutcome`."""
         self.notifier.reloading()
-        log.info("SIGHUP: reloading certificates")
+        log.info("{how}: reloading configuration and certificates", how=how)
         try:
-            self.server.reload()
+            return self.server.reload()
         finally:
             self.notifier.ready()
 
@@ -95,8 +96,9 @@ def build(config_path: str | None):
 
     Order matters: the pid file is locked before anything in the data
     directory is touched, so a second instance on the same data directory
-    stops here; the listeners are bound last, once the server they serve
-    exists.  Raises ConfigError/StoreError/CertificateError.
+    stops here (and the admin socket of a dead server may be replaced); the
+    listeners are bound last, once the server they serve exists, and the
+    admin socket after them.  Raises ConfigError/StoreError/CertificateError.
     """
     from twisted.internet import reactor
 
@@ -115,13 +117,35 @@ def build(config_path: str | None):
     if stale is not None:
         log.warn("pid file {path} names pid {pid}, which holds no lock (not running): taking it over",
                  path=pidfile.path, pid=stale)
+    ports = []
     try:
         server = Server(config)
         ports = listen_all(reactor, config.path, listeners(server))
+        svc = ServerService(server, pidfile, ports)
+        ports.append(_listen_admin(reactor, config, svc))
     except BaseException:
+        for port in ports:
+            port.stopListening()
         pidfile.release()
         raise
-    return ServerService(server, pidfile, ports)
+    return svc
+
+
+def _listen_admin(reactor, config, svc: ServerService):
+    """The admin socket ``data_dir/xmppd.ctl`` (:mod:`xmppd.admin`), bound now."""
+    from twisted.internet.error import CannotListenError
+
+    from xmppd import admin
+
+    channel = admin.AdminChannel(svc.server, svc.reload)
+    try:
+        return admin.listen(reactor, config.data_dir, channel)
+    except (OSError, CannotListenError) as e:
+        reason = e.socketError if isinstance(e, CannotListenError) else e
+        reason = getattr(reason, "strerror", None) or str(reason)
+        raise ConfigError(config.path, "server.data_dir", config.data_dir,
+                          f"cannot create the admin socket {admin.socket_path(config.data_dir)}: "
+                          f"{reason}") from None
 
 
 def listeners(server) -> list[tuple[str, str, Any]]:

@@ -85,6 +85,11 @@ class InternalConnector:
         suffix = "@" + domain
         return succeed(sum(1 for u in self.store.users(STORE) if u.endswith(suffix)))
 
+    def list_users(self, domain: str):
+        """Deferred[list[str]]: the bare JIDs of ``domain``, sorted (``xmppctl users``)."""
+        suffix = "@" + domain
+        return succeed([u for u in self.store.users(STORE) if u.endswith(suffix)])
+
     def check(self):
         return succeed([])
 

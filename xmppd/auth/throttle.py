@@ -186,6 +186,17 @@ class LoginThrottle:
     def counters(self) -> tuple[_Counter, ...]:
         return (self._ip_accounts, self._ips, self._accounts)
 
+    def retune(self, other: "LoginThrottle") -> None:
+        """Take ``other``'s limits (a config reload), keeping the failures counted so far.
+
+        Starting the counts afresh would hand an attacker a clean slate each
+        time the operator reloads.
+        """
+        self.window = other.window
+        self.ipv6_prefix = other.ipv6_prefix
+        for mine, theirs in zip(self.counters(), other.counters()):
+            mine.limit, mine.window, mine.max_entries = theirs.limit, theirs.window, theirs.max_entries
+
     def _keys(self, ip: str, account: str) -> tuple[str, str, str]:
         address = ip_key(ip, self.ipv6_prefix) if ip else ""
         pair = f"{account} from {address}" if address and account else ""

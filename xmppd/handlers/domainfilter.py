@@ -23,7 +23,7 @@ What a refused stanza gets (RFC 6120 §8.3):
 The user's own account (any resource) and own server (the bare domain of
 its vhost) are always reachable, whatever the policy.
 
-Configuration (read once at start-up)::
+Configuration (read at start-up; a reload applies all but ``poll_interval``)::
 
     [domain-filter]                  # server-wide default
     default = "ALL"                  # ALL LOCAL OWN BLOCK LIST BLACKLIST CUSTOM
@@ -108,23 +108,9 @@ class DomainFilterPlugin(Plugin):
 
     def setup(self) -> None:
         config = self.server.config
-        hosts = config.hosts
-        sec = config.section("domain-filter")
-        self.server_default = filtering.from_section(sec, hosts)
-        self.poll_interval = sec.number("poll_interval", 5.0)
-        # Per user: what one setting may list (the ad-hoc command checks it
-        # before parsing; checks per stanza cost the same whatever the length).
-        self.max_entries = sec.int("max_entries", 1000, minimum=1)
-        sec.reject_unknown()
-        self.defaults: dict[str, Policy] = {}
-        for host in hosts:
-            host_sec = config.host_sections.get(host)
-            if host_sec is None:
-                self.defaults[host] = self.server_default
-                continue
-            sub = host_sec.table_of("domain-filter")
-            self.defaults[host] = filtering.from_section(sub, hosts, self.server_default)
-            sub.reject_unknown()
+        # Not reloadable: the poll loop is started once (xmppd/reconfig.py).
+        self.poll_interval = config.section("domain-filter").number("poll_interval", 5.0)
+        self.server_default, self.defaults, self.max_entries = self.read_defaults(config)
         # bare JID -> Policy, for users with at least one session.
         self.online: dict[str, Policy] = {}
         self._offline: dict[str, Policy] = {}
@@ -138,6 +124,40 @@ class DomainFilterPlugin(Plugin):
             self._poll = task.LoopingCall(self.poll_changes)
             self._poll.clock = self.server.clock
             self._poll.start(self.poll_interval, now=False)
+
+    def read_defaults(self, config) -> tuple[Policy, dict[str, Policy], int]:
+        """The server-wide default, the per-vhost defaults and ``max_entries`` (ConfigError)."""
+        hosts = config.hosts
+        sec = config.section("domain-filter")
+        server_default = filtering.from_section(sec, hosts)
+        sec.number("poll_interval", 5.0)
+        # Per user: what one setting may list (the ad-hoc command checks it
+        # before parsing; checks per stanza cost the same whatever the length).
+        max_entries = sec.int("max_entries", 1000, minimum=1)
+        sec.reject_unknown()
+        defaults: dict[str, Policy] = {}
+        for host in hosts:
+            host_sec = config.host_sections.get(host)
+            if host_sec is None:
+                defaults[host] = server_default
+                continue
+            sub = host_sec.table_of("domain-filter")
+            defaults[host] = filtering.from_section(sub, hosts, server_default)
+            sub.reject_unknown()
+        return server_default, defaults, max_entries
+
+    def use_defaults(self, server_default: Policy, defaults: dict[str, Policy],
+                     max_entries: int) -> None:
+        """A config reload: new defaults for everyone without a setting of their own.
+
+        Online users who follow the default switch at once (no store look-up:
+        their policy says where it came from); the offline cache is dropped.
+        """
+        self.server_default, self.defaults, self.max_entries = server_default, defaults, max_entries
+        self._offline.clear()
+        for bare, policy in list(self.online.items()):
+            if policy.source != "user":
+                self.online[bare] = self.default_for(bare.rsplit("@", 1)[-1])
 
     # -- policies ----------------------------------------------------------------
 
