@@ -108,7 +108,28 @@ class Daemon:
             wait_for_port(self.port, proc=self.proc)
             if self.tls_port:
                 wait_for_port(self.tls_port, proc=self.proc)
+            self.wait_started()
         return self
+
+    def wait_started(self, timeout: float = 20.0) -> None:
+        """Wait until the service runs: its pid file names it.
+
+        Listeners are bound before the reactor starts (start-up fails on a
+        port that is taken), so an accepting port alone does not mean that
+        ``startService`` (pid file, timers, the "serving" line) has run.
+        """
+        pidfile = self.data_dir / "xmppd.pid"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}\n{self.logtext()[-2000:]}")
+            try:
+                if pidfile.read_text().strip() == str(self.proc.pid):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"{pidfile} never named pid {self.proc.pid}")
 
     def stop(self) -> None:
         stop_process(self.proc)

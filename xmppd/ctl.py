@@ -325,13 +325,13 @@ def check(config, reactor):
 
     The server is built as start-up builds it (:class:`xmppd.core.Server`,
     whose plugins read and check their own tables, then the listeners of
-    :func:`xmppd.tap.listeners`), except that nothing listens, nothing is
+    :func:`xmppd.listen.listeners`), except that nothing listens, nothing is
     scheduled on the reactor and nothing is written: the store is an empty
     in-memory one and certificates are only read.
     """
     from xmppd.core import Server, build_connectors
     from xmppd.storage import MemoryStore, SQLiteStore
-    from xmppd.tap import listeners
+    from xmppd.listen import listeners
 
     problems = []
     store = MemoryStore()

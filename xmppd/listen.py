@@ -59,3 +59,22 @@ def listen_all(reactor: Any, path: str,
             raise ConfigError(path, key, description, problem)
         ports.append(outcome[0])
     return ports
+
+
+def listeners(server) -> list[tuple[str, str, Any]]:
+    """``(config key, endpoint string, factory)`` of every c2s listener, not bound.
+
+    ``xmppd.tap.build`` binds them; ``xmppctl check`` and a reload's
+    validation only build them (the direct-TLS factory needs the
+    certificates), so they refuse what start-up refuses short of a port that
+    is taken.
+    """
+    from xmppd.c2s import C2SFactory
+
+    config = server.config
+    starttls = C2SFactory(server, direct_tls=False)
+    out = [("c2s.listen", desc, starttls) for desc in config.c2s.listen]
+    if config.c2s.listen_tls:
+        direct = server.certs.direct_tls_factory(C2SFactory(server, direct_tls=True))
+        out += [("c2s.listen_tls", desc, direct) for desc in config.c2s.listen_tls]
+    return out

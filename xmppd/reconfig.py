@@ -69,7 +69,7 @@ def validate(config: Config, server) -> None:
     """
     from xmppd.core import Server
     from xmppd.storage import MemoryStore
-    from xmppd.tap import listeners
+    from xmppd.listen import listeners
 
     scratch = Server(config, store=MemoryStore(), clock=task.Clock(), certs=server.certs,
                      connectors=server.connectors)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
@@ -19,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from xmppd.config import ConfigError, load
-from xmppd.listen import listen_all
+from xmppd.listen import listen_all, listeners
 from xmppd.pidfile import PidFile, PidFileLocked
 from xmppd.sdnotify import Notifier
 
@@ -146,24 +145,6 @@ def _listen_admin(reactor, config, svc: ServerService):
         raise ConfigError(config.path, "server.data_dir", config.data_dir,
                           f"cannot create the admin socket {admin.socket_path(config.data_dir)}: "
                           f"{reason}") from None
-
-
-def listeners(server) -> list[tuple[str, str, Any]]:
-    """``(config key, endpoint string, factory)`` of every c2s listener, not bound.
-
-    ``xmppd.tap.build`` binds them; ``xmppctl check`` only builds them (the
-    direct-TLS factory needs the certificates), so it refuses what start-up
-    refuses short of a port that is taken.
-    """
-    from xmppd.c2s import C2SFactory
-
-    config = server.config
-    starttls = C2SFactory(server, direct_tls=False)
-    out = [("c2s.listen", desc, starttls) for desc in config.c2s.listen]
-    if config.c2s.listen_tls:
-        direct = server.certs.direct_tls_factory(C2SFactory(server, direct_tls=True))
-        out += [("c2s.listen_tls", desc, direct) for desc in config.c2s.listen_tls]
-    return out
 
 
 def makeService(options: Options):
