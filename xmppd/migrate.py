@@ -1,0 +1,711 @@
+"""``xmppctl import`` / ``xmppctl export``: accounts and their data as XEP-0227 files.
+
+What moves (docs/migration.rst has the operator's view):
+
+* accounts: SCRAM-SHA-1/-256 credentials as they are (salt, iteration
+  count, StoredKey, ServerKey); a clear-text password is hashed on import
+  with the host's ``[auth] scram_iterations``;
+* rosters (``roster`` store, the roster version moved on so that clients
+  with a cached roster fetch it again), pending inbound subscription
+  requests (``pending``);
+* vCards (``vcard``), offline messages (``offline``, keeping their XEP-0203
+  delay stamps; one without gets the import's time);
+* blocklists (``blocklist``), also from XEP-0016 privacy lists: the deny
+  items of type ``jid`` (or ``domain``) of the user's default list that
+  block every kind of stanza.
+
+Every piece is checked by the rule the server applies when a client sets it
+(the ``[roster]``, ``[vcard]``, ``[offline]`` and ``[blocking]`` limits,
+JID preparation, password rules) and what does not pass is reported, not
+imported.  Each user is written in one store transaction (all of it or
+nothing); an existing account is left alone unless ``--replace``.  The
+import refuses to run while the server runs: it keeps the rosters and
+blocklists of online users in memory.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, TextIO
+
+from twisted.internet import defer
+from twisted.words.xish import domish
+
+from xmppd import jid as jidlib
+from xmppd import pie
+from xmppd.auth.base import ScramCredentials
+from xmppd.auth.internal import STORE as ACCOUNTS, InternalConnector
+from xmppd.auth.passwords import (
+    SCRAM_MECHANISMS, UnacceptablePassword, check_new_password, make_scram,
+)
+from xmppd.handlers import blocking, offline, roster, vcard
+from xmppd.handlers.presence import PendingRequests
+from xmppd.stanzas import NS_CLIENT, escape_attr, serialize, serialize_fragment, text_of
+from xmppd.xmlparser import Limits as ParseLimits, XMLStreamError, parse_fragment
+
+NS_DELAY = "urn:xmpp:delay"
+NS_LEGACY_DELAY = "jabber:x:delay"
+_KEY_BYTES = {"SCRAM-SHA-1": 20, "SCRAM-SHA-256": 32}
+#: Iteration counts accepted from a file: below, the credentials are as good
+#: as clear text; above, every login would cost seconds of CPU.
+MIN_ITERATIONS, MAX_ITERATIONS = 1, 1_000_000
+#: The stores an account's imported data lives in (``--replace`` clears these).
+DATA_STORES = (roster.STORE, vcard.STORE, offline.STORE, blocking.STORE, PendingRequests.STORE)
+
+
+class MigrationError(Exception):
+    """The import or export cannot go on; one line for the operator."""
+
+
+class Skip(Exception):
+    """This user is not imported; the message says why."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's limits on imported data, read from the config once."""
+
+    roster: roster.Limits
+    vcard_bytes: int
+    vcard_elements: int
+    offline_messages: int
+    stored_message: ParseLimits
+    blocklist_items: int
+
+    @classmethod
+    def from_config(cls, config) -> "Limits":
+        c2s = config.c2s
+        vcard_bytes, vcard_elements = vcard.size_limits(config.section("vcard"))
+        return cls(
+            roster=roster.Limits.from_section(config.section("roster")),
+            vcard_bytes=vcard_bytes,
+            vcard_elements=vcard_elements,
+            offline_messages=offline.quota(config.section("offline")),
+            stored_message=ParseLimits(c2s.max_stanza_size, c2s.max_depth, c2s.max_stanza_nodes
+                                       ).for_stored(offline.STORED_EXTRA_BYTES),
+            blocklist_items=blocking.max_items(config.section("blocking")),
+        )
+
+    def reading(self) -> pie.ReadLimits:
+        """Bounds for the reader: each at least what the checks below let through."""
+        r = self.roster
+        msg = self.stored_message
+        item_bytes = 3200 + r.max_name_length + r.max_groups * (r.max_group_length + 20)
+        return pie.ReadLimits(
+            roster_items=r.max_items,
+            roster_item=pie.Budget(min(item_bytes, r.max_bytes) + 1024, 2 * r.max_groups + 24, 4),
+            pending=r.max_items,
+            pending_request=pie.Budget(PendingRequests.MAX_STORED, 64, 8),
+            vcard=pie.Budget(self.vcard_bytes + 1024, 2 * self.vcard_elements + 8, msg.depth),
+            offline_messages=self.offline_messages,
+            offline_message=pie.Budget(msg.stanza_size, msg.nodes, msg.depth),
+            blocklist_items=self.blocklist_items,
+            blocklist_item=pie.Budget(8192, 8, 3),
+            privacy_lists=16,
+            privacy_list=pie.Budget(self.blocklist_items * 600 + 65536,
+                                    self.blocklist_items * 12 + 64, 5),
+        )
+
+
+@dataclass
+class Account:
+    """One user, checked and converted to what the stores hold."""
+
+    host: str
+    user: str
+    scram: dict | None = None                  # mechanism -> ScramCredentials JSON
+    roster: dict = field(default_factory=dict)      # contact -> roster.Item
+    pending: dict = field(default_factory=dict)     # contact -> stored request XML
+    vcard: str | None = None
+    offline: list = field(default_factory=list)     # stored message XML, oldest first
+    blocklist: list = field(default_factory=list)   # blocked JIDs
+    skipped: list = field(default_factory=list)
+
+    @property
+    def bare(self) -> str:
+        return f"{self.user}@{self.host}"
+
+
+# -- converting one user ---------------------------------------------------------
+
+
+def convert(raw: pie.RawUser, host: str, limits: Limits, iterations: int,
+            clock: Callable[[], float] = time.time) -> Account:
+    """Check ``raw`` as the server would check each piece; raise :class:`Skip` for the account."""
+    try:
+        user = jidlib.prep_localpart(raw.name)
+    except jidlib.InvalidJID as e:
+        raise Skip(f"user name {raw.name!r} is not a valid localpart: {e}") from None
+    acc = Account(host, user, skipped=list(raw.skipped))
+    acc.scram = _credentials(raw, acc, iterations)
+    _roster(raw, acc, limits.roster)
+    _pending(raw, acc)
+    if raw.vcard is not None:
+        _vcard(raw.vcard, acc, limits)
+    for el in raw.offline:
+        _offline(el, acc, limits, clock)
+    _blocklist(raw, acc, limits.blocklist_items)
+    return acc
+
+
+def _credentials(raw: pie.RawUser, acc: Account, iterations: int) -> dict:
+    scram: dict = {}
+    for el in raw.scram:
+        mech = el.getAttribute("mechanism", "")
+        try:
+            scram[mech] = _scram_element(el, mech).to_json()
+        except ValueError as e:
+            acc.skipped.append(f"SCRAM credentials {mech!r}: {e}: not imported")
+    password = raw.password
+    if password and password.startswith("scram:") and not scram:
+        try:
+            scram.update(_ejabberd_scram(password))
+        except ValueError as e:
+            raise Skip(f"password attribute holds SCRAM credentials that cannot be read: {e}") \
+                from None
+        password = None
+    if password:
+        try:
+            check_new_password(password, min_length=1)
+        except UnacceptablePassword as e:
+            if not scram:
+                raise Skip(str(e)) from None
+            acc.skipped.append(f"clear-text password: {e}: not used")
+        else:
+            made = make_scram(password, iterations)
+            for mech in SCRAM_MECHANISMS:
+                scram.setdefault(mech, made[mech])
+    if not scram:
+        raise Skip("no password and no SCRAM-SHA-1/-256 credentials")
+    return scram
+
+
+def _b64(el: domish.Element, name: str) -> bytes:
+    child = next(el.elements(el.uri, name), None)
+    if child is None:
+        raise ValueError(f"no <{name}/>")
+    try:
+        return base64.b64decode(text_of(child).strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"<{name}/> is not base64") from None
+
+
+def _scram_element(el: domish.Element, mech: str) -> ScramCredentials:
+    if mech not in _KEY_BYTES:
+        raise ValueError("mechanism not supported (SCRAM-SHA-1 and SCRAM-SHA-256 are)")
+    count = next(el.elements(el.uri, "iter-count"), None)
+    try:
+        iterations = int(text_of(count).strip()) if count is not None else None
+    except ValueError:
+        iterations = None
+    return _scram(mech, _b64(el, "salt"), iterations, _b64(el, "stored-key"),
+                  _b64(el, "server-key"))
+
+
+def _scram(mech: str, salt: bytes, iterations: int | None, stored: bytes,
+           server: bytes) -> ScramCredentials:
+    if iterations is None or not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
+        raise ValueError(f"iteration count not between {MIN_ITERATIONS} and {MAX_ITERATIONS}")
+    size = _KEY_BYTES[mech]
+    if len(stored) != size or len(server) != size:
+        raise ValueError(f"keys are not {size} bytes")
+    if not 1 <= len(salt) <= 1024:
+        raise ValueError("salt empty or longer than 1024 bytes")
+    return ScramCredentials(salt, stored, server, iterations)
+
+
+def _ejabberd_scram(text: str) -> dict:
+    """ejabberd's ``password='scram:StoredKey,ServerKey,Salt,Iterations'`` (SHA-1),
+    or with the hash first (``scram:sha256:...``) in newer versions."""
+    parts = text[len("scram:"):].split(",")
+    mech = "SCRAM-SHA-1"
+    if parts and ":" in parts[0]:
+        hash_name, parts[0] = parts[0].split(":", 1)
+        mech = {"sha": "SCRAM-SHA-1", "sha256": "SCRAM-SHA-256"}.get(hash_name.lower())
+        if mech is None:
+            raise ValueError(f"hash {hash_name!r} not supported")
+    if len(parts) != 4:
+        raise ValueError("not StoredKey,ServerKey,Salt,Iterations")
+    try:
+        stored, server, salt = (base64.b64decode(p, validate=True) for p in parts[:3])
+        iterations = int(parts[3])
+    except (binascii.Error, ValueError):
+        raise ValueError("keys not base64 or iteration count not a number") from None
+    return {mech: _scram(mech, salt, iterations, stored, server).to_json()}
+
+
+def _roster(raw: pie.RawUser, acc: Account, limits: roster.Limits) -> None:
+    size = 0
+    for el in raw.roster:
+        if el.name != "item" or el.uri != pie.NS_ROSTER:
+            continue
+        try:
+            contact = jidlib.parse(el.getAttribute("jid", "")).full
+        except jidlib.InvalidJID:
+            acc.skipped.append(f"roster item {el.getAttribute('jid')!r}: not a valid JID")
+            continue
+        sub = el.getAttribute("subscription", "none")
+        if sub not in ("none", "to", "from", "both"):
+            acc.skipped.append(f"roster item {contact}: subscription {sub!r} not imported")
+            continue
+        item = roster.Item.new()
+        item["subscription"] = sub
+        item["ask"] = "subscribe" if el.getAttribute("ask") == "subscribe" else None
+        item["approved"] = el.getAttribute("approved") in ("true", "1")
+        name = el.getAttribute("name")
+        if name and len(name.encode()) > limits.max_name_length:
+            acc.skipped.append(f"roster item {contact}: name longer than "
+                               f"{limits.max_name_length} bytes dropped")
+            name = None
+        item["name"] = name or None
+        item["groups"] = _groups(el, contact, acc, limits)
+        n = len(roster.item_xml(contact, item).encode("utf-8"))
+        old = acc.roster.get(contact)
+        if old is not None:
+            size -= len(roster.item_xml(contact, old).encode("utf-8"))
+        if size + n > limits.max_bytes:
+            acc.skipped.append(f"roster item {contact}: over [roster] max_bytes = "
+                               f"{limits.max_bytes}: not imported")
+            continue
+        size += n
+        acc.roster[contact] = item
+
+
+def _groups(el: domish.Element, contact: str, acc: Account, limits: roster.Limits) -> list:
+    groups: list = []
+    for g in el.elements(pie.NS_ROSTER, "group"):
+        text = text_of(g)
+        if not text or text in groups:
+            continue
+        if len(text.encode()) > limits.max_group_length:
+            acc.skipped.append(f"roster item {contact}: group longer than "
+                               f"{limits.max_group_length} bytes dropped")
+        elif len(groups) >= limits.max_groups:
+            acc.skipped.append(f"roster item {contact}: groups over [roster] max_groups = "
+                               f"{limits.max_groups} dropped")
+            break
+        else:
+            groups.append(text)
+    return groups
+
+
+def _pending(raw: pie.RawUser, acc: Account) -> None:
+    for el in raw.pending:
+        if el.getAttribute("type") != "subscribe":
+            continue
+        try:
+            contact = jidlib.parse(el.getAttribute("from", "")).bare
+        except jidlib.InvalidJID:
+            acc.skipped.append(f"subscription request from {el.getAttribute('from')!r}: "
+                               f"not a valid JID")
+            continue
+        el["from"] = contact
+        el["to"] = acc.bare
+        acc.pending[contact] = PendingRequests.value(acc.bare, contact, el)
+
+
+def _vcard(el: domish.Element, acc: Account, limits: Limits) -> None:
+    try:
+        vcard.check_size(el, limits.vcard_bytes, limits.vcard_elements)
+        xml = serialize_fragment(el, NS_CLIENT)
+        if len(xml.encode("utf-8")) > limits.vcard_bytes:
+            raise vcard.TooLarge(f"vCard larger than {limits.vcard_bytes} bytes")
+    except vcard.TooLarge as e:
+        acc.skipped.append(f"{e} ([vcard] limits): not imported")
+        return
+    acc.vcard = xml
+
+
+def _in_client_namespace(el: domish.Element, uri: str) -> None:
+    """Elements that inherited the file's namespace are jabber:client ones."""
+    stack = [el]
+    while stack:
+        e = stack.pop()
+        if e.uri == uri:
+            e.uri = NS_CLIENT
+            if e.defaultUri == uri:
+                e.defaultUri = NS_CLIENT
+        stack.extend(c for c in e.children if isinstance(c, domish.Element))
+
+
+def _offline(el: domish.Element, acc: Account, limits: Limits,
+             clock: Callable[[], float]) -> None:
+    if el.name != "message":
+        acc.skipped.append(f"<{el.name}/> in offline messages: not a message, not imported")
+        return
+    if el.uri != NS_CLIENT:
+        _in_client_namespace(el, el.uri)
+    sender = el.getAttribute("from")
+    try:
+        jidlib.parse(sender or "")
+    except jidlib.InvalidJID:
+        acc.skipped.append(f"offline message without a valid sender ({sender!r}): not imported")
+        return
+    el["to"] = el.getAttribute("to") or acc.bare
+    children = [c for c in el.children if isinstance(c, domish.Element)]
+    if not any(c.uri == NS_DELAY and c.name == "delay" for c in children):
+        stamp = None
+        legacy = next((c for c in children if c.uri == NS_LEGACY_DELAY and c.name == "x"), None)
+        if legacy is not None:
+            m = re.fullmatch(r"(\d{4})(\d\d)(\d\d)T(\d\d:\d\d:\d\d)", legacy.getAttribute("stamp", ""))
+            if m:
+                stamp = f"{m.group(1)}-{m.group(2)}-{m.group(3)}T{m.group(4)}Z"
+        delay = el.addElement((NS_DELAY, "delay"))
+        delay["from"] = acc.host
+        delay["stamp"] = stamp or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock()))
+        delay.addContent("Offline storage")
+    xml = serialize(el).decode("utf-8")
+    try:
+        parse_fragment(xml, limits.stored_message)
+    except XMLStreamError as e:
+        acc.skipped.append(f"offline message from {sender}: {e.text or e.condition} "
+                           f"([c2s] stanza limits): not imported")
+        return
+    acc.offline.append(xml)
+
+
+def _blocklist(raw: pie.RawUser, acc: Account, max_items: int) -> None:
+    blocked: dict[str, None] = {}
+    for el in raw.blocklist:
+        if el.name != "item":
+            continue
+        try:
+            blocked[jidlib.parse(el.getAttribute("jid", "")).full] = None
+        except jidlib.InvalidJID:
+            acc.skipped.append(f"blocklist item {el.getAttribute('jid')!r}: not a valid JID")
+    for jid in _privacy_blocks(raw.privacy, acc):
+        blocked[jid] = None
+    items = list(blocked)
+    if len(items) > max_items:
+        acc.skipped.append(f"{len(items) - max_items} blocklist items over [blocking] "
+                           f"max_items = {max_items}: not imported")
+        items = items[:max_items]
+    acc.blocklist = items
+
+
+def _privacy_blocks(elements: list, acc: Account) -> Iterable[str]:
+    """XEP-0016: the default list's deny items that block everything, as XEP-0191 items."""
+    lists = {el.getAttribute("name"): el for el in elements if el.name == "list"}
+    default = next((el.getAttribute("name") for el in elements if el.name == "default"), None)
+    if default is None and len(lists) == 1 and "Blocked contacts" in lists:
+        default = "Blocked contacts"  # ejabberd's XEP-0191 list, when no default is named
+    other = [n for n in lists if n != default]
+    if other:
+        acc.skipped.append(f"privacy lists other than the default ({', '.join(sorted(other))}): "
+                           f"not imported")
+    chosen = lists.get(default)
+    if chosen is None:
+        return
+    left: dict[str, int] = {}
+    for item in chosen.elements(pie.NS_PRIVACY, "item"):
+        kind = item.getAttribute("type")
+        partial = any(isinstance(c, domish.Element) for c in item.children)
+        if item.getAttribute("action") != "deny" or kind not in ("jid", "domain") or partial:
+            why = ("allow items" if item.getAttribute("action") == "allow"
+                   else "items blocking only some stanza kinds" if partial
+                   else f"deny items of type {kind or 'fall-through'}")
+            left[why] = left.get(why, 0) + 1
+            continue
+        try:
+            yield jidlib.parse(item.getAttribute("value", "")).full
+        except jidlib.InvalidJID:
+            acc.skipped.append(f"privacy item {item.getAttribute('value')!r}: not a valid JID")
+    for why, n in left.items():
+        acc.skipped.append(f"privacy list {default!r}: {n} {why} not imported")
+
+
+# -- writing one user to the store ----------------------------------------------
+
+
+def _existing_keys(store, bare: str, include_account: bool) -> list:
+    keys = [(s, bare, k) for s in DATA_STORES for k, _ in store.items(s, bare)]
+    if include_account:
+        keys += [(ACCOUNTS, bare, k) for k, _ in store.items(ACCOUNTS, bare)]
+    return keys
+
+
+def write_account(store, acc: Account, internal: bool, replace: bool) -> None:
+    """One transaction: the account's data (and credentials on an internal host).
+
+    With ``replace``, what the account had in the imported stores is removed
+    in the same transaction; otherwise offline messages are appended and the
+    rest is added to what is there.
+    """
+    bare = acc.bare
+    puts = []
+    if internal:
+        puts.append((ACCOUNTS, bare, "scram", acc.scram))
+    for contact, item in acc.roster.items():
+        puts.append((roster.STORE, bare, contact, dict(item)))
+    version = store.get(roster.SETTINGS, bare, roster.VERSION_KEY, 0) + 1
+    puts.append((roster.SETTINGS, bare, roster.VERSION_KEY, version))
+    for contact, value in acc.pending.items():
+        puts.append((PendingRequests.STORE, bare, contact, value))
+    if acc.vcard is not None:
+        puts.append((vcard.STORE, bare, "vcard", acc.vcard))
+    existing_offline = [] if replace else store.items(offline.STORE, bare)
+    seq = int(existing_offline[-1][0]) if existing_offline else 0
+    for xml in acc.offline:
+        seq += 1
+        puts.append((offline.STORE, bare, f"{seq:012d}", xml))
+    for jid in acc.blocklist:
+        puts.append((blocking.STORE, bare, jid, {}))
+    deletes = []
+    if replace:
+        written = {(s, u, k) for s, u, k, _ in puts}
+        deletes = [k for k in _existing_keys(store, bare, internal) if k not in written]
+    store.batch(puts=puts, deletes=deletes)
+
+
+# -- the import command ---------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    accounts: int = 0
+    replaced: int = 0
+    refused: int = 0
+    roster_items: int = 0
+    vcards: int = 0
+    offline: int = 0
+    blocked: int = 0
+    pending: int = 0
+    users_with_skips: int = 0
+    notes: int = 0
+
+    def lines(self) -> list[str]:
+        return [
+            f"imported {self.accounts} account(s) ({self.replaced} replaced), "
+            f"{self.roster_items} roster item(s), {self.pending} subscription request(s), "
+            f"{self.vcards} vCard(s), {self.offline} offline message(s), "
+            f"{self.blocked} blocklist item(s)",
+            f"not imported: {self.refused} account(s); {self.users_with_skips} imported "
+            f"account(s) with data left out (listed above)",
+        ]
+
+
+def parse_host_map(pairs: list[str], hosts: tuple) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        old, eq, new = pair.partition("=")
+        if not eq or not old or not new:
+            raise MigrationError(f"--host-map {pair!r}: expected OLD=NEW")
+        try:
+            new = jidlib.parse(new).host
+            old = jidlib.parse(old).host
+        except jidlib.InvalidJID as e:
+            raise MigrationError(f"--host-map {pair!r}: {e}") from None
+        if new not in hosts:
+            raise MigrationError(f"--host-map {pair!r}: {new} is not a host of this server "
+                                 f"({', '.join(hosts)})")
+        out[old] = new
+    return out
+
+
+@defer.inlineCallbacks
+def import_files(paths: list[str], config, store, connectors: dict, replace: bool = False,
+                 host_map: dict | None = None, out: TextIO = sys.stdout,
+                 clock: Callable[[], float] = time.time):
+    """Import every user of ``paths`` (files or directories of ``*.xml``); Deferred[Summary].
+
+    Each user is converted, checked and written on its own; a user that
+    cannot be imported is reported and the import goes on.  A file that is
+    not readable XEP-0227 XML stops the import (:class:`MigrationError`)
+    after the users before the fault.
+    """
+    limits = Limits.from_config(config)
+    reading = limits.reading()
+    host_map = host_map or {}
+    summary = Summary()
+    seen: set[str] = set()
+    for path in _expand(paths):
+        try:
+            for found in pie.read(path, reading):
+                if isinstance(found, pie.Note):
+                    summary.notes += 1
+                    out.write(f"{found.source}: {found.text}\n")
+                    continue
+                yield _import_one(found, config, store, connectors, replace, host_map, limits,
+                                  summary, seen, out, clock)
+        except pie.PIEError as e:
+            raise MigrationError(f"{e} (accounts before this point were imported)") from None
+    return summary
+
+
+def _expand(paths: list[str]) -> list[str]:
+    """Files as given; a directory stands for its ``*.xml`` files (Prosody writes one per user)."""
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if n.endswith(".xml"))
+            if not names:
+                raise MigrationError(f"{path}: no .xml files in this directory")
+            out.extend(os.path.join(path, n) for n in names)
+        elif not os.path.exists(path):
+            raise MigrationError(f"{path}: no such file")
+        else:
+            out.append(path)
+    return out
+
+
+def _map_host(raw_host: str, config, host_map: dict) -> str:
+    try:
+        host = jidlib.parse(raw_host).host
+    except jidlib.InvalidJID:
+        raise Skip(f"host {raw_host!r} is not a valid domain") from None
+    host = host_map.get(host, host)
+    if host not in config.hosts:
+        raise Skip(f"host {host} is not served by this server ({', '.join(config.hosts)}); "
+                   f"map it with --host-map {host}=NEW")
+    return host
+
+
+@defer.inlineCallbacks
+def _import_one(raw: pie.RawUser, config, store, connectors, replace, host_map, limits,
+                summary: Summary, seen: set, out: TextIO, clock):
+    label = f"{raw.name}@{raw.host}"
+    try:
+        host = _map_host(raw.host, config, host_map)
+        connector = connectors[host]
+        internal = isinstance(connector, InternalConnector)
+        acc = convert(raw, host, limits, getattr(connector, "iterations", 4096), clock)
+        label = acc.bare
+        if acc.bare in seen:
+            raise Skip("appears twice in the import")
+        seen.add(acc.bare)
+        exists = yield defer.maybeDeferred(connector.user_exists, acc.user, host)
+        if internal:
+            taken = exists
+        elif not exists:
+            raise Skip(f"host {host} uses the {connector.name} connector, which has no such "
+                       f"account: create it there first (credentials are not imported)")
+        else:
+            taken = any(store.items(s, acc.bare) for s in DATA_STORES)
+        if taken and not replace:
+            raise Skip("account exists (use --replace to overwrite it)" if internal else
+                       "account has data here already (use --replace to overwrite it)")
+    except Skip as e:
+        summary.refused += 1
+        out.write(f"{raw.source}: {label}: not imported: {e}\n")
+        return
+    if not internal:
+        acc.skipped.insert(0, f"credentials not imported: host {host} uses the "
+                              f"{connector.name} connector")
+    write_account(store, acc, internal, replace=taken)
+    summary.accounts += 1
+    summary.replaced += bool(taken)
+    summary.roster_items += len(acc.roster)
+    summary.pending += len(acc.pending)
+    summary.vcards += acc.vcard is not None
+    summary.offline += len(acc.offline)
+    summary.blocked += len(acc.blocklist)
+    if acc.skipped:
+        summary.users_with_skips += 1
+        for line in acc.skipped:
+            out.write(f"{raw.source}: {acc.bare}: {line}\n")
+
+
+# -- the export command ---------------------------------------------------------
+
+
+def users_of(store, host: str, internal: bool) -> list[str]:
+    """Localparts with data at ``host``: accounts (internal), else whoever has data."""
+    stores = (ACCOUNTS,) if internal else DATA_STORES + (roster.SETTINGS,)
+    suffix = "@" + host
+    found = set()
+    for s in stores:
+        found.update(u[: -len(suffix)] for u in store.users(s) if u.endswith(suffix))
+    return sorted(u for u in found if u and "@" not in u)
+
+
+def user_element(store, bare: str, limits: Limits) -> list[str]:
+    """The children of one ``<user/>`` as XML text, from what the stores hold."""
+    parts = []
+    creds = store.get(ACCOUNTS, bare, "scram") or {}
+    for mech in SCRAM_MECHANISMS:
+        if mech in creds:
+            c = ScramCredentials.from_json(creds[mech])
+            parts.append(pie.scram_xml(mech, c.salt, c.iterations, c.stored_key, c.server_key))
+    items = store.items(roster.STORE, bare)
+    if items:
+        ver = store.get(roster.SETTINGS, bare, roster.VERSION_KEY, 0)
+        parts.append(f"<query xmlns='{pie.NS_ROSTER}' ver='{ver}'>"
+                     + "".join(roster.item_xml(c, roster.Item(i)) for c, i in items) + "</query>")
+    for contact, value in store.items(PendingRequests.STORE, bare):
+        parts.append(_reparsed(value, limits, contact, bare, "subscribe request"))
+    stored = store.get(vcard.STORE, bare, "vcard")
+    if stored is not None:
+        parts.append(_reparsed(stored, limits, None, bare, "vCard"))
+    messages = [_reparsed(xml, limits, None, bare, "offline message")
+                for _, xml in store.items(offline.STORE, bare)]
+    messages = [m for m in messages if m]
+    if messages:
+        parts.append("<offline-messages>" + "".join(messages) + "</offline-messages>")
+    blocked = [k for k, _ in store.items(blocking.STORE, bare)]
+    if blocked:
+        parts.append(f"<blocklist xmlns='{pie.NS_BLOCKING}'>"
+                     + "".join(f"<item jid='{escape_attr(j)}'/>" for j in blocked) + "</blocklist>")
+    return [p for p in parts if p]
+
+
+def _reparsed(xml, limits: Limits, contact, bare: str, what: str) -> str:
+    """Stored XML as a child of a PIE element (its namespace written out), or '' if unreadable."""
+    if not isinstance(xml, str):  # older stores kept True for a pending request
+        return f"<presence xmlns='{NS_CLIENT}' type='subscribe' from='{escape_attr(contact)}'/>"
+    try:
+        el = parse_fragment(xml, limits.stored_message)
+    except XMLStreamError as e:
+        sys.stderr.write(f"xmppctl: {bare}: stored {what} not exported: {e}\n")
+        return ""
+    return serialize_fragment(el, pie.NS_PIE)
+
+
+def export_file(path: str, config, store, connectors: dict, out: TextIO = sys.stdout) -> tuple:
+    """Write every host's users to ``path`` atomically (temp file, fsync, rename; mode 0600).
+
+    Returns (users, hosts).  The file holds credentials: it is created
+    0600 before anything is written, and an existing file is replaced only
+    once the new one is complete.
+    """
+    limits = Limits.from_config(config)
+    target = os.path.abspath(path)
+    directory = os.path.dirname(target)
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise MigrationError(f"cannot create {tmp}: {e.strerror}") from None
+    users = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(pie.file_head())
+            for host in config.hosts:
+                internal = isinstance(connectors[host], InternalConnector)
+                f.write(pie.host_head(host))
+                for user in users_of(store, host, internal):
+                    f.write(pie.user_xml(user, user_element(store, f"{user}@{host}", limits)))
+                    users += 1
+                f.write(pie.host_tail())
+            f.write(pie.file_tail())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise MigrationError(f"cannot write {target}: {e.strerror}") from None
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return users, len(config.hosts)
