@@ -135,22 +135,36 @@ class Account:
 
 
 def convert(raw: pie.RawUser, host: str, limits: Limits, iterations: int,
-            clock: Callable[[], float] = time.time) -> Account:
-    """Check ``raw`` as the server would check each piece; raise :class:`Skip` for the account."""
+            host_map: dict | None = None, clock: Callable[[], float] = time.time) -> Account:
+    """Check ``raw`` as the server would check each piece; raise :class:`Skip` for the account.
+
+    ``host_map`` (``--host-map``) applies to every address in the data too,
+    so contacts on a renamed host stay local.
+    """
     try:
         user = jidlib.prep_localpart(raw.name)
     except jidlib.InvalidJID as e:
         raise Skip(f"user name {raw.name!r} is not a valid localpart: {e}") from None
     acc = Account(host, user, skipped=list(raw.skipped))
+    jid = _parser(host_map or {})
     acc.scram = _credentials(raw, acc, iterations)
-    _roster(raw, acc, limits.roster)
-    _pending(raw, acc)
+    _roster(raw, acc, limits.roster, jid)
+    _pending(raw, acc, jid)
     if raw.vcard is not None:
         _vcard(raw.vcard, acc, limits)
     for el in raw.offline:
-        _offline(el, acc, limits, clock)
-    _blocklist(raw, acc, limits.blocklist_items)
+        _offline(el, acc, limits, clock, jid)
+    _blocklist(raw, acc, limits.blocklist_items, jid)
     return acc
+
+
+def _parser(host_map: dict) -> Callable[[str], jidlib.JID]:
+    """``jidlib.parse`` that also moves addresses of a mapped host to its new name."""
+    def parse(text: str) -> jidlib.JID:
+        j = jidlib.parse(text)
+        new = host_map.get(j.host)
+        return j if new is None else jidlib.make(j.user, new, j.resource)
+    return parse
 
 
 def _credentials(raw: pie.RawUser, acc: Account, iterations: int) -> dict:
@@ -239,13 +253,13 @@ def _ejabberd_scram(text: str) -> dict:
     return {mech: _scram(mech, salt, iterations, stored, server).to_json()}
 
 
-def _roster(raw: pie.RawUser, acc: Account, limits: roster.Limits) -> None:
+def _roster(raw: pie.RawUser, acc: Account, limits: roster.Limits, parse) -> None:
     size = 0
     for el in raw.roster:
         if el.name != "item" or el.uri != pie.NS_ROSTER:
             continue
         try:
-            contact = jidlib.parse(el.getAttribute("jid", "")).full
+            contact = parse(el.getAttribute("jid", "")).full
         except jidlib.InvalidJID:
             acc.skipped.append(f"roster item {el.getAttribute('jid')!r}: not a valid JID")
             continue
@@ -294,12 +308,12 @@ def _groups(el: domish.Element, contact: str, acc: Account, limits: roster.Limit
     return groups
 
 
-def _pending(raw: pie.RawUser, acc: Account) -> None:
+def _pending(raw: pie.RawUser, acc: Account, parse) -> None:
     for el in raw.pending:
         if el.getAttribute("type") != "subscribe":
             continue
         try:
-            contact = jidlib.parse(el.getAttribute("from", "")).bare
+            contact = parse(el.getAttribute("from", "")).bare
         except jidlib.InvalidJID:
             acc.skipped.append(f"subscription request from {el.getAttribute('from')!r}: "
                                f"not a valid JID")
@@ -334,7 +348,7 @@ def _in_client_namespace(el: domish.Element, uri: str) -> None:
 
 
 def _offline(el: domish.Element, acc: Account, limits: Limits,
-             clock: Callable[[], float]) -> None:
+             clock: Callable[[], float], parse) -> None:
     if el.name != "message":
         acc.skipped.append(f"<{el.name}/> in offline messages: not a message, not imported")
         return
@@ -342,11 +356,14 @@ def _offline(el: domish.Element, acc: Account, limits: Limits,
         _in_client_namespace(el, el.uri)
     sender = el.getAttribute("from")
     try:
-        jidlib.parse(sender or "")
+        el["from"] = parse(sender or "").full
     except jidlib.InvalidJID:
         acc.skipped.append(f"offline message without a valid sender ({sender!r}): not imported")
         return
-    el["to"] = el.getAttribute("to") or acc.bare
+    try:
+        el["to"] = parse(el.getAttribute("to") or acc.bare).full
+    except jidlib.InvalidJID:
+        el["to"] = acc.bare
     children = [c for c in el.children if isinstance(c, domish.Element)]
     if not any(c.uri == NS_DELAY and c.name == "delay" for c in children):
         stamp = None
@@ -369,16 +386,16 @@ def _offline(el: domish.Element, acc: Account, limits: Limits,
     acc.offline.append(xml)
 
 
-def _blocklist(raw: pie.RawUser, acc: Account, max_items: int) -> None:
+def _blocklist(raw: pie.RawUser, acc: Account, max_items: int, parse) -> None:
     blocked: dict[str, None] = {}
     for el in raw.blocklist:
         if el.name != "item":
             continue
         try:
-            blocked[jidlib.parse(el.getAttribute("jid", "")).full] = None
+            blocked[parse(el.getAttribute("jid", "")).full] = None
         except jidlib.InvalidJID:
             acc.skipped.append(f"blocklist item {el.getAttribute('jid')!r}: not a valid JID")
-    for jid in _privacy_blocks(raw.privacy, acc):
+    for jid in _privacy_blocks(raw.privacy, acc, parse):
         blocked[jid] = None
     items = list(blocked)
     if len(items) > max_items:
@@ -388,7 +405,7 @@ def _blocklist(raw: pie.RawUser, acc: Account, max_items: int) -> None:
     acc.blocklist = items
 
 
-def _privacy_blocks(elements: list, acc: Account) -> Iterable[str]:
+def _privacy_blocks(elements: list, acc: Account, parse) -> Iterable[str]:
     """XEP-0016: the default list's deny items that block everything, as XEP-0191 items."""
     lists = {el.getAttribute("name"): el for el in elements if el.name == "list"}
     default = next((el.getAttribute("name") for el in elements if el.name == "default"), None)
@@ -412,7 +429,7 @@ def _privacy_blocks(elements: list, acc: Account) -> Iterable[str]:
             left[why] = left.get(why, 0) + 1
             continue
         try:
-            yield jidlib.parse(item.getAttribute("value", "")).full
+            yield parse(item.getAttribute("value", "")).full
         except jidlib.InvalidJID:
             acc.skipped.append(f"privacy item {item.getAttribute('value')!r}: not a valid JID")
     for why, n in left.items():
@@ -573,7 +590,7 @@ def _import_one(raw: pie.RawUser, config, store, connectors, replace, host_map, 
         host = _map_host(raw.host, config, host_map)
         connector = connectors[host]
         internal = isinstance(connector, InternalConnector)
-        acc = convert(raw, host, limits, getattr(connector, "iterations", 4096), clock)
+        acc = convert(raw, host, limits, getattr(connector, "iterations", 4096), host_map, clock)
         label = acc.bare
         if acc.bare in seen:
             raise Skip("appears twice in the import")
