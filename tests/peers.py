@@ -62,9 +62,11 @@ class _Peer:
         super().__init__(workdir, free_port(), hosts[0], {}, PASSWORD, None)
 
     def run(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """A command as the peer's user, in its directory."""
-        result = subprocess.run(["runuser", "-u", self.run_as, "--", *argv], cwd=self.dir,
-                                capture_output=True, text=True, timeout=timeout)
+        """A command as the peer's user, in its directory, with the server's
+        environment (HOME holds ejabberd's Erlang cookie, as in Target.start)."""
+        result = subprocess.run(["runuser", "-u", self.run_as, "--", "env", f"HOME={self.dir}",
+                                 *argv], cwd=self.dir, capture_output=True, text=True,
+                                timeout=timeout)
         if result.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n"
                                  f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n"
@@ -142,23 +144,40 @@ modules_disabled = {{ "s2s"; }}
 {ssl}""")
 
     def export(self, out: Path) -> Path:
-        """Prosody's migrator, internal storage -> its xep0227 driver (one file per user)."""
+        """Prosody's migrator, internal storage -> its xep0227 driver (one file per user).
+
+        Prosody 0.12.3's xep0227 driver writes into the process's data
+        directory and ignores ``output.path``; the migrator takes that
+        directory from a constant at the top of its script (no option, no
+        environment variable).  So the packaged script is run from a copy
+        in the peer's temp dir with that one constant pointed at ``out``,
+        rather than let it write into /var/lib/prosody.
+        """
         out.mkdir(parents=True, exist_ok=True)
         _chown_tree(out, self.run_as)
-        stores = '"accounts", "roster", "vcard", "private", "blocklist", "offline"'
+        packaged = Path(shutil.which("prosody-migrator")).read_text()
+        migrator, n = re.subn(r"(?m)^CFG_DATADIR\s*=.*$", f"CFG_DATADIR='{out}';", packaged)
+        assert n == 1, "prosody-migrator: no CFG_DATADIR line to point at the export directory"
+        script = self.dir / "prosody-migrator"
+        script.write_text(migrator)
+        script.chmod(0o755)
+        # Every store Prosody 0.12's xep0227 driver has a handler for (it has
+        # none for "blocklist" nor for the "offline" archive).
+        stores = '"accounts", "roster", "vcard", "private"'
+        hosts = ", ".join(f'["{h}"] = {{ {stores} }}' for h in self.hosts)
         (self.dir / "migrator.cfg.lua").write_text(f"""\
 input {{
     type = "internal";
     path = "{self.dir / 'data'}";
+    hosts = {{ {hosts} }};
 }}
 output {{
     type = "xep0227";
     path = "{out}";
 }}
-hosts = {{ {", ".join(f'["{h}"] = {{ {stores} }}' for h in self.hosts)} }}
 """)
         _chown_tree(self.dir, self.run_as)
-        self.run("prosody-migrator", f"--config={self.dir / 'migrator.cfg.lua'}", "input", "output")
+        self.run(str(script), f"--config={self.dir / 'migrator.cfg.lua'}", "input", "output")
         return out
 
 
@@ -229,7 +248,7 @@ modules:
 """)
         (self.dir / "ejabberdctl.cfg").write_text(f"""\
 ERLANG_NODE=test{self.port}@localhost
-ERL_DIST_PORT={self.port + 1}
+ERL_DIST_PORT={free_port()}
 INET_DIST_INTERFACE=127.0.0.1
 ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0 +sbwt none +sbwtdcpu none +sbwtdio none"
 EJABBERD_BYPASS_WARNINGS=true

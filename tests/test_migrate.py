@@ -99,7 +99,7 @@ def test_round_trip_same_data_and_logins(source, tmp_path):
 
     target = Daemon(tmp_path / "target")
     result = target.ctl("import", str(export))
-    assert "imported 3 account(s) (0 replaced), 2 roster item(s), 1 subscription request(s), " \
+    assert "imported 3 account(s) (0 replaced), 3 roster item(s), 1 subscription request(s), " \
            "1 vCard(s), 1 offline message(s), 2 blocklist item(s)" in result.stdout, result.stdout
     users = [f"{u}@localhost" for u in PW]
     before, after = store_dump(source, users), store_dump(target, users)

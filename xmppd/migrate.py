@@ -169,12 +169,13 @@ def _parser(host_map: dict) -> Callable[[str], jidlib.JID]:
 
 def _credentials(raw: pie.RawUser, acc: Account, iterations: int) -> dict:
     scram: dict = {}
+    problems = []
     for el in raw.scram:
         mech = el.getAttribute("mechanism", "")
         try:
             scram[mech] = _scram_element(el, mech).to_json()
         except ValueError as e:
-            acc.skipped.append(f"SCRAM credentials {mech!r}: {e}: not imported")
+            problems.append(f"SCRAM credentials {mech!r}: {e}")
     password = raw.password
     if password and password.startswith("scram:") and not scram:
         try:
@@ -187,26 +188,30 @@ def _credentials(raw: pie.RawUser, acc: Account, iterations: int) -> dict:
         try:
             check_new_password(password, min_length=1)
         except UnacceptablePassword as e:
-            if not scram:
-                raise Skip(str(e)) from None
-            acc.skipped.append(f"clear-text password: {e}: not used")
+            problems.append(f"clear-text password: {e}")
         else:
             made = make_scram(password, iterations)
             for mech in SCRAM_MECHANISMS:
                 scram.setdefault(mech, made[mech])
     if not scram:
-        raise Skip("no password and no SCRAM-SHA-1/-256 credentials")
+        raise Skip("; ".join(problems) if problems else
+                   "no password and no SCRAM-SHA-1/-256 credentials")
+    acc.skipped.extend(f"{p}: not imported" for p in problems)
     return scram
+
+
+def _unbase64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{what} is not base64") from None
 
 
 def _b64(el: domish.Element, name: str) -> bytes:
     child = next(el.elements(el.uri, name), None)
     if child is None:
         raise ValueError(f"no <{name}/>")
-    try:
-        return base64.b64decode(text_of(child).strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"<{name}/> is not base64") from None
+    return _unbase64(text_of(child), f"<{name}/>")
 
 
 def _scram_element(el: domish.Element, mech: str) -> ScramCredentials:
@@ -217,8 +222,18 @@ def _scram_element(el: domish.Element, mech: str) -> ScramCredentials:
         iterations = int(text_of(count).strip()) if count is not None else None
     except ValueError:
         iterations = None
-    return _scram(mech, _b64(el, "salt"), iterations, _b64(el, "stored-key"),
-                  _b64(el, "server-key"))
+    salt, stored, server = _b64(el, "salt"), _b64(el, "stored-key"), _b64(el, "server-key")
+    size = _KEY_BYTES[mech]
+    if len(stored) != size and len(server) != size:
+        # ejabberd (23.01) keeps the values base64-encoded and encodes them
+        # again on export: recognised by keys of the right size one level down.
+        try:
+            twice = [_unbase64(v.decode("ascii"), "value") for v in (salt, stored, server)]
+        except (ValueError, UnicodeDecodeError):
+            twice = None
+        if twice and len(twice[1]) == size and len(twice[2]) == size:
+            salt, stored, server = twice
+    return _scram(mech, salt, iterations, stored, server)
 
 
 def _scram(mech: str, salt: bytes, iterations: int | None, stored: bytes,
@@ -318,6 +333,8 @@ def _pending(raw: pie.RawUser, acc: Account, parse) -> None:
             acc.skipped.append(f"subscription request from {el.getAttribute('from')!r}: "
                                f"not a valid JID")
             continue
+        if el.uri != NS_CLIENT:
+            _in_client_namespace(el, el.uri)
         el["from"] = contact
         el["to"] = acc.bare
         acc.pending[contact] = PendingRequests.value(acc.bare, contact, el)

@@ -351,8 +351,10 @@ class _FileReader:
 
     def _user_child(self, uri: str, local: str, attrs: dict) -> None:
         what = _USER_CHILDREN.get((uri, local))
-        if what is None and uri in PIE_NAMESPACES and local == "offline-messages":
-            what = ("container", "offline")
+        if what is None and uri in PIE_NAMESPACES:
+            # Prosody writes a pending request without a namespace of its own.
+            what = {"offline-messages": ("container", "offline"),
+                    "presence": ("unit", "pending")}.get(local)
         if what is None:
             label = f"<{local} xmlns='{uri}'/>"
             self.unknown[label] = self.unknown.get(label, 0) + 1
