@@ -328,3 +328,66 @@ def test_xinclude_per_host_files_and_sha1_only_credentials(tmp_path):
         assert "<failure" in scram_login(d, "jane", "wrong-secret", "SCRAM-SHA-256")
     finally:
         d.stop()
+
+
+def test_failed_export_leaves_the_old_file_and_no_temp_file(source, tmp_path):
+    target = tmp_path / "export.xml"
+    target.mkdir()  # the rename over it fails once the new file is complete
+    (target / "keep").write_text("x")
+    result = source.ctl("export", str(target), check=False)
+    assert result.returncode == 1 and f"cannot write {target}" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.xml"]
+    assert (target / "keep").read_text() == "x"
+
+
+def test_large_unknown_data_is_streamed_not_built(tmp_path):
+    """2 million elements of data xmppd does not import: parsed, never built as a tree
+    (a domish tree of them would take about a gigabyte)."""
+    import subprocess
+    import sys
+
+    from tests.daemon import REPO
+
+    f = tmp_path / "in.xml"
+    with open(f, "w") as out:
+        out.write("<server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'>"
+                  "<user name='lena' password='lena-secret'><query xmlns='jabber:iq:private'>")
+        for _ in range(200):
+            out.write("<x/>" * 10000)
+        out.write("</query></user></host></server-data>")
+    d = Daemon(tmp_path / "d")
+    script = ("import resource, subprocess, sys\n"
+              "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+              "print(r.stdout + r.stderr)\n"
+              "print('maxrss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    result = subprocess.run([sys.executable, "-c", script, sys.executable, "-m", "xmppd.ctl",
+                             "--config", str(d.config_path), "import", str(f)],
+                            env=d.env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "imported 1 account(s)" in result.stdout, result.stdout + result.stderr
+    assert "<query xmlns='jabber:iq:private'/>: not supported" in result.stdout
+    maxrss_mb = int(result.stdout.split("maxrss_kb")[1].split()[0]) / 1024
+    assert maxrss_mb < 150, f"import peaked at {maxrss_mb:.0f} MB"
+
+
+def test_internal_connector_completes_sha1_only_accounts_at_a_plain_login():
+    """What Prosody and ejabberd exports give: SCRAM-SHA-1 credentials only."""
+    from xmppd.auth.internal import InternalConnector
+    from xmppd.auth.passwords import make_scram
+    from xmppd.storage import MemoryStore
+
+    store = MemoryStore()
+    connector = InternalConnector(store, iterations=4096)
+    store.put("accounts", "u@h", "scram", {"SCRAM-SHA-1": make_scram("pw-secret", 4096)["SCRAM-SHA-1"]})
+
+    def result(d):
+        out = []
+        d.addBoth(out.append)
+        return out[0]
+
+    assert result(connector.get_scram_credentials("u", "h", "SCRAM-SHA-256")) is None
+    assert result(connector.check_password("u", "h", "wrong-secret")) is False
+    assert set(store.get("accounts", "u@h", "scram")) == {"SCRAM-SHA-1"}
+    assert result(connector.check_password("u", "h", "pw-secret")) is True
+    assert set(store.get("accounts", "u@h", "scram")) == {"SCRAM-SHA-1", "SCRAM-SHA-256"}
+    assert result(connector.get_scram_credentials("u", "h", "SCRAM-SHA-256")).iterations == 4096
+    assert result(connector.check_password("u", "h", "pw-secret")) is True
