@@ -100,7 +100,8 @@ NO_STORE, READ, WRITE, CREATE = "none", "read", "write", "create"
 STORE_ACCESS = {
     "check": NO_STORE, "reload": NO_STORE, "certs": NO_STORE,
     "status": NO_STORE, "sessions": NO_STORE,
-    "reports": READ, "blocklist": READ, "users": READ,
+    "reports": READ, "blocklist": READ, "users": READ, "export": READ,
+    "import": CREATE,
     "passwd": WRITE, "deluser": WRITE,
     "adduser": CREATE, "addusers": CREATE, "create-schema": CREATE,
 }
@@ -147,6 +148,16 @@ def run(reactor, args) -> defer.Deferred:
             return
     # Arguments first: a typo must not create a store or ask for a password.
     account = _parse_account(args.jid, config) if hasattr(args, "jid") else None
+    if args.command == "import":
+        from xmppd.migrate import MigrationError, parse_host_map
+
+        try:
+            host_map = parse_host_map(args.host_map, config.hosts)
+        except MigrationError as e:
+            raise CtlError(str(e)) from None
+        if _server_running(config):
+            raise CtlError("xmppd is running: stop it before an import (it keeps the rosters and "
+                           "blocklists of online users in memory)")
     if args.command == "addusers":
         _check_length(args.password)
     password = _password(args.password) if args.command in ("adduser", "passwd") else None
@@ -162,6 +173,9 @@ def run(reactor, args) -> defer.Deferred:
             for reported in store.users(REPORTS):
                 for _key, r in store.items(REPORTS, reported):
                     print(f"{r['time']}  {reported}  reported by {r['reporter']}  {r['reason']}  {r['text']}")
+            return
+        if args.command in ("import", "export"):
+            yield _migrate(args, config, store, connectors, host_map if args.command == "import" else None)
             return
         if args.command == "create-schema":
             done = set()
@@ -273,12 +287,10 @@ def _live(config, args):
 
 def _sighup(config) -> bool:
     """``reload`` of a server without an admin socket: SIGHUP to the locked pid file's pid."""
-    from xmppd.pidfile import held_by_live_process
-
     pidfile = os.path.join(config.data_dir, "xmppd.pid")
     # The server holds a lock on its pid file: without it, the pid in a
     # leftover file may now belong to an unrelated process.
-    if not held_by_live_process(pidfile):
+    if not _server_running(config):
         return False
     try:
         pid = int(open(pidfile).read().strip())
@@ -310,6 +322,30 @@ def _offline_users(config, connectors, host):
     for h in ([host] if host else config.hosts):
         out[h] = yield list_accounts(connectors[h], h, MAX_LISTED_USERS)
     print(adminclient.format_users(out), end="")
+
+
+def _server_running(config) -> bool:
+    from xmppd.pidfile import held_by_live_process
+
+    return held_by_live_process(os.path.join(config.data_dir, "xmppd.pid"))
+
+
+@defer.inlineCallbacks
+def _migrate(args, config, store, connectors, host_map):
+    """``import`` / ``export`` (XEP-0227, docs/migration.rst)."""
+    from xmppd.migrate import MigrationError, export_file, import_files
+
+    try:
+        if args.command == "export":
+            users, hosts = export_file(args.file, config, store, connectors)
+            print(f"exported {users} account(s) of {hosts} host(s) to {args.file} (mode 0600)")
+            return
+        summary = yield import_files(args.files, config, store, connectors,
+                                     replace=args.replace, host_map=host_map)
+    except MigrationError as e:
+        raise CtlError(str(e)) from None
+    for line in summary.lines():
+        print(line)
 
 
 def _cert_store(config):
@@ -416,6 +452,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("policy", nargs="?")
     p.add_argument("values", nargs="*", help="domains (LIST, BLACKLIST) or rules (CUSTOM)")
     sub.add_parser("reports", help="list XEP-0377 spam reports received with block requests")
+    p = sub.add_parser("export", help="write every account and its data to an XEP-0227 file",
+                       description="Accounts (SCRAM credentials), rosters, subscription "
+                       "requests, vCards, offline messages and blocklists of every host, as one "
+                       "XEP-0227 file written atomically with mode 0600. See docs/migration.rst.")
+    p.add_argument("file")
+    p = sub.add_parser("import", help="import accounts and their data from XEP-0227 files",
+                       description="FILE: an XEP-0227 file (XIncludes followed, as ejabberd's "
+                       "export_piefxis writes), or a directory of them (Prosody's xep0227 "
+                       "storage writes one per user). Each account is imported whole or not at "
+                       "all; what is left out is listed. The server must be stopped. See "
+                       "docs/migration.rst.")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--replace", action="store_true",
+                   help="overwrite existing accounts (their imported data is replaced)")
+    p.add_argument("--host-map", action="append", default=[], metavar="OLD=NEW",
+                   help="import the users of host OLD into host NEW of this server (repeatable)")
     args = parser.parse_args(argv)
 
     def done(result):

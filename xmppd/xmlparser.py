@@ -126,6 +126,23 @@ _REFUSE_PI = _refusal("processing instruction")
 _REFUSE_ENTITY_REF = _refusal("entity reference")
 
 
+def harden(parser, comments: bool = False) -> None:
+    """Make an expat parser refuse what XMPP forbids before anything is expanded.
+
+    DOCTYPE, entity declarations, references to undeclared entities and
+    processing instructions raise :class:`XMLStreamError` (``restricted-xml``);
+    so do comments unless ``comments`` (a file an operator may have
+    annotated, such as an XEP-0227 export: they are then ignored).  Shared by
+    the stream parser and the XEP-0227 reader (:mod:`xmppd.pie`).
+    """
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartDoctypeDeclHandler = _REFUSE_DOCTYPE
+    parser.EntityDeclHandler = _REFUSE_ENTITY
+    parser.CommentHandler = _ignore if comments else _REFUSE_COMMENT
+    parser.ProcessingInstructionHandler = _REFUSE_PI
+    parser.SkippedEntityHandler = _REFUSE_ENTITY_REF
+
+
 class StreamParser:
     """Incremental XMPP stream parser with the hardening described above."""
 
@@ -167,16 +184,11 @@ class StreamParser:
         p.buffer_size = 1024
         p.buffer_text = True
         p.ordered_attributes = False
-        p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
         p.StartElementHandler = self._start
         p.EndElementHandler = self._end
         p.CharacterDataHandler = self._text
-        p.StartDoctypeDeclHandler = _REFUSE_DOCTYPE
-        p.EntityDeclHandler = _REFUSE_ENTITY
-        p.CommentHandler = _REFUSE_COMMENT
-        p.ProcessingInstructionHandler = _REFUSE_PI
+        harden(p)
         p.StartNamespaceDeclHandler = self._ns_decl
-        p.SkippedEntityHandler = _REFUSE_ENTITY_REF
         return p
 
     # -- feeding -----------------------------------------------------------

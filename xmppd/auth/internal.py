@@ -6,6 +6,7 @@ PLAIN logins are verified by deriving the same keys from the offered password.
 """
 from __future__ import annotations
 
+import os
 
 from twisted.internet.defer import fail, succeed
 from zope.interface import implementer
@@ -16,8 +17,9 @@ from xmppd.auth.base import (
     ScramCredentials,
     UserExists,
 )
-from xmppd.auth.passwords import SCRAM_MECHANISMS, make_scram, scram_matches
-from xmppd.storage import IKeyValueStore
+from xmppd.auth.passwords import SCRAM_MECHANISMS, derive_scram, make_scram, scram_matches
+from xmppd.storage import IKeyValueStore, StoreError
+from xmppd.storefail import report
 
 STORE = "accounts"
 
@@ -39,13 +41,35 @@ class InternalConnector:
         return self.store.get(STORE, f"{username}@{domain}", "scram")
 
     def check_password(self, username: str, domain: str, password: str):
+        """Check against the strongest credentials stored.
+
+        An account imported with credentials for one mechanism only (Prosody
+        and ejabberd keep SCRAM-SHA-1 alone; docs/migration.rst) gets the
+        missing ones here, at its first PLAIN login: the only moment the
+        password is known.
+        """
         creds = self._creds(username, domain)
         if creds is None:
             return succeed(False)
-        mech = "SCRAM-SHA-256"
-        return succeed(
-            scram_matches(ScramCredentials.from_json(creds[mech]), mech, password)
-        )
+        mech = next((m for m in reversed(SCRAM_MECHANISMS) if m in creds), None)
+        if mech is None:
+            return succeed(False)
+        if not scram_matches(ScramCredentials.from_json(creds[mech]), mech, password):
+            return succeed(False)
+        missing = [m for m in SCRAM_MECHANISMS if m not in creds]
+        if missing:
+            self._complete(username, domain, creds, missing, password)
+        return succeed(True)
+
+    def _complete(self, username: str, domain: str, creds: dict, missing: list,
+                  password: str) -> None:
+        full = dict(creds)
+        for mech in missing:
+            full[mech] = derive_scram(password, mech, os.urandom(16), self.iterations).to_json()
+        try:
+            self.store.put(STORE, f"{username}@{domain}", "scram", full)
+        except StoreError as e:
+            report(e)  # the login stands; the credentials are completed at a later one
 
     def get_scram_credentials(self, username: str, domain: str, mechanism: str):
         creds = self._creds(username, domain)

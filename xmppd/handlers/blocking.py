@@ -157,6 +157,11 @@ class BlockingFilter:
         return None
 
 
+def max_items(sec) -> int:
+    """``[blocking] max_items``: read here for the plugin and for imports."""
+    return sec.int("max_items", 5000, minimum=1)
+
+
 class BlockingPlugin(Plugin):
     name = "urn:xmpp:blocking"
     features = (NS_BLOCKING,)
@@ -164,7 +169,7 @@ class BlockingPlugin(Plugin):
     def setup(self) -> None:
         sec = self.server.config.section("blocking")
         self.bounce_messages = sec.bool("bounce", True)
-        self.max_items = sec.int("max_items", 5000, minimum=1)
+        self.max_items = max_items(sec)
         self.max_items_per_request = sec.int("max_items_per_request", 100, minimum=1)
         self.max_reports_per_request = sec.int("max_reports_per_request", 10, minimum=0)
         sec.reject_unknown()

@@ -36,13 +36,18 @@ NS_DELAY = "urn:xmpp:delay"
 STORED_EXTRA_BYTES = 4096
 
 
+def quota(sec) -> int:
+    """``[offline] max_messages``: read here for the plugin and for imports."""
+    return sec.int("max_messages", 100, minimum=0)
+
+
 class OfflinePlugin(Plugin):
     name = "offline"
     features = ("msgoffline",)
 
     def setup(self) -> None:
         sec = self.server.config.section("offline")
-        self.quota = sec.int("max_messages", 100, minimum=0)
+        self.quota = quota(sec)
         sec.reject_unknown()
         c2s = self.server.config.c2s
         self.limits = Limits(c2s.max_stanza_size, c2s.max_depth,

@@ -63,12 +63,18 @@ class PendingRequests:
     def put(self, owner: str, contact: str, request: domish.Element) -> None:
         """Keep the whole request: its extended content (a nickname, a
         pre-authentication token) is the contact's to see at login."""
+        self.store.put(self.STORE, owner, contact, self.value(owner, contact, request))
+
+    @classmethod
+    def value(cls, owner: str, contact: str, request: domish.Element) -> str:
+        """What is stored for ``request`` (also by imports): the request, or
+        a bare one when its content is over :attr:`MAX_STORED` bytes."""
         data = serialize(request)
-        if len(data) > self.MAX_STORED:
+        if len(data) > cls.MAX_STORED:
             log.info("subscription request {contact} -> {owner} stored without its "
                      "{n}-byte content", contact=contact, owner=owner, n=len(data))
             data = serialize(presence("subscribe", contact, owner))
-        self.store.put(self.STORE, owner, contact, data.decode("utf-8"))
+        return data.decode("utf-8")
 
     def has(self, owner: str, contact: str) -> bool:
         return self.store.get(self.STORE, owner, contact) is not None

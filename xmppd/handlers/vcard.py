@@ -56,6 +56,11 @@ def check_size(vcard: domish.Element, max_bytes: int, max_elements: int) -> None
             raise TooLarge(f"vCard larger than {max_bytes} bytes")
 
 
+def size_limits(sec) -> tuple[int, int]:
+    """``[vcard] max_size`` and ``max_elements``: read here for the plugin and for imports."""
+    return sec.int("max_size", 65536, minimum=1024), sec.int("max_elements", 1000, minimum=16)
+
+
 class VCardPlugin(Plugin):
     name = "vcard"
     features = (NS_VCARD,)
@@ -63,8 +68,7 @@ class VCardPlugin(Plugin):
 
     def setup(self) -> None:
         sec = self.server.config.section("vcard")
-        self.max_size = sec.int("max_size", 65536, minimum=1024)
-        self.max_elements = sec.int("max_elements", 1000, minimum=16)
+        self.max_size, self.max_elements = size_limits(sec)
         sec.reject_unknown()
         c2s = self.server.config.c2s
         self.limits = Limits(self.max_size, c2s.max_depth, c2s.max_stanza_nodes).for_stored(1024)
