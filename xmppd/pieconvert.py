@@ -38,7 +38,7 @@ from xmppd.auth.passwords import (
 )
 from xmppd.handlers import blocking, offline, roster, vcard
 from xmppd.handlers.presence import PendingRequests
-from xmppd.stanzas import NS_CLIENT, serialize, serialize_fragment, text_of
+from xmppd.stanzas import NS_CLIENT, serialize, serialize_fragment
 from xmppd.xmlparser import Limits as ParseLimits, XMLStreamError, parse_fragment
 
 NS_DELAY = "urn:xmpp:delay"
@@ -198,7 +198,7 @@ def _b64(el: domish.Element, name: str) -> bytes:
     child = next(el.elements(el.uri, name), None)
     if child is None:
         raise ValueError(f"no <{name}/>")
-    return _unbase64(text_of(child), f"<{name}/>")
+    return _unbase64(str(child), f"<{name}/>")
 
 
 def _scram_element(el: domish.Element, mech: str) -> ScramCredentials:
@@ -206,7 +206,7 @@ def _scram_element(el: domish.Element, mech: str) -> ScramCredentials:
         raise ValueError("mechanism not supported (SCRAM-SHA-1 and SCRAM-SHA-256 are)")
     count = next(el.elements(el.uri, "iter-count"), None)
     try:
-        iterations = int(text_of(count).strip()) if count is not None else None
+        iterations = int(str(count).strip()) if count is not None else None
     except ValueError:
         iterations = None
     salt, stored, server = _b64(el, "salt"), _b64(el, "stored-key"), _b64(el, "server-key")
@@ -295,7 +295,7 @@ def _roster(raw: pie.RawUser, acc: Account, limits: roster.Limits, parse) -> Non
 def _groups(el: domish.Element, contact: str, acc: Account, limits: roster.Limits) -> list:
     groups: list = []
     for g in el.elements(pie.NS_ROSTER, "group"):
-        text = text_of(g)
+        text = str(g)
         if not text or text in groups:
             continue
         if len(text.encode()) > limits.max_group_length:
