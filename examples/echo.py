@@ -36,8 +36,8 @@ class EchoBot(subprotocols.XMPPHandler):
 
     def onMessage(self, message: domish.Element) -> None:
         kind = message.getAttribute("type", "normal")
-        if kind not in ("chat", "normal"):
-            return  # never answer errors, and no group chats here
+        if kind not in ("chat", "normal") or getattr(message, "handled", False):
+            return  # never answer errors; no group chats; another handler took it
         reply = domish.Element((None, "message"))
         reply["to"] = message["from"]
         reply["from"] = message["to"]

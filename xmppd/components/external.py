@@ -153,7 +153,8 @@ class ComponentStream(protocol.Protocol):
         try:
             self.parser.feed(data)
         except XMLStreamError as e:
-            log.info("component stream from {peer}: {error}", peer=self.peer, error=e)
+            log.info("component {domain} from {peer}: {error}", peer=self.peer, error=e,
+                     domain=self.domain or "stream")
             self.stream_error(e.condition, e.text)
         except Exception:
             log.failure("component stream from {peer}: internal error", peer=self.peer)
