@@ -370,3 +370,27 @@ def test_unknown_plugin_is_named_at_startup(tmp_path):
         d.stop()
     assert re.search(r"xmppd: .*: sm\.plugins = 'no-such-plugin': unknown plugin; known: .*roster",
                      d.logtext())
+
+
+def test_presence_subscription_and_probe_reach_an_external_component(cd):
+    gw = component(cd)
+    bob = raw(cd, "bob@localhost", "pres")
+    try:
+        bob.send("<presence/>")
+        bob.send("<presence to='contact@gw.localhost' type='subscribe'/>")
+        got = gw.read_until(b"<presence[^>]*type='subscribe'[^>]*/>").decode()
+        assert "from='bob@localhost'" in got
+        gw.send("<presence from='contact@gw.localhost' to='bob@localhost' type='subscribed'/>")
+        got = bob.read_until("<presence[^>]*type='subscribed'[^>]*/>").decode()
+        assert "from='contact@gw.localhost'" in got
+        # Subscribed to the contact: bob's next login probes it (the gateway answers for it).
+        again = raw(cd, "bob@localhost", "pres2")
+        try:
+            again.send("<presence/>")
+            probe = gw.read_until(b"<presence[^>]*type='probe'[^>]*/>").decode()
+            assert "to='contact@gw.localhost'" in probe
+        finally:
+            again.close()
+    finally:
+        bob.close()
+        gw.close()
