@@ -125,3 +125,26 @@ class RawClient:
             self.sock.close()
         except OSError:
             pass
+
+
+class RawComponent(RawClient):
+    """An external component (XEP-0114) at byte level: header, handshake, raw stanzas."""
+
+    def open_component_stream(self, domain: str) -> str:
+        """Send the header; return the stream id of the server's answer."""
+        self.send(
+            "<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' "
+            f"xmlns:stream='http://etherx.jabber.org/streams' to='{domain}'>"
+        )
+        header = self.read_until(b"<stream:stream[^>]*>").decode()
+        m = re.search(r"id='([^']+)'", header)
+        return m.group(1) if m else ""
+
+    def handshake(self, domain: str, secret: str) -> bytes:
+        """Header plus handshake; returns the server's answer (``<handshake/>`` or a stream error)."""
+        import hashlib
+
+        sid = self.open_component_stream(domain)
+        digest = hashlib.sha1((sid + secret).encode()).hexdigest()
+        self.send(f"<handshake>{digest}</handshake>")
+        return self.read_until(b"<handshake/>|</stream:stream>")

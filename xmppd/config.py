@@ -390,7 +390,7 @@ KNOWN_TABLES = ("server", "c2s", "tls", "auth", "sasl", "sm", "hosts")
 # there); any other top-level name is a typo.
 SECTION_TABLES = (
     "limits", "acl", "adhoc", "blocking", "domain-filter", "offline", "ping",
-    "register", "roster", "vcard", "version",
+    "register", "roster", "vcard", "version", "components",
 )
 # Keys of [hosts."<domain>"] tables.
 HOST_KEYS = ("auth", "tls", "sasl", "domain-filter", "admins")
@@ -465,11 +465,13 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
 
     sm = Section(path, "sm", data.get("sm", {}))
     plugins = sm.strings("plugins", DEFAULT_PLUGINS)
-    from xmppd.handlers import KNOWN_PLUGINS
-
+    # Whether each name exists is checked when the server is built
+    # (xmppd.registry): plugins may come from other installed packages.
     for p in plugins:
-        if p not in KNOWN_PLUGINS:
-            raise sm.error("plugins", p, "unknown plugin; known: " + ", ".join(sorted(KNOWN_PLUGINS)))
+        if not p.strip():
+            raise sm.error("plugins", p, "plugin names must not be empty")
+        if plugins.count(p) > 1:
+            raise sm.error("plugins", p, "listed twice")
     sm.reject_unknown()
 
     auth = Section(path, "auth", data.get("auth", {}))

@@ -12,8 +12,8 @@ from twisted.logger import Logger
 
 from xmppd.auth.base import IAuthConnector
 from xmppd.config import Config
-from xmppd.handlers import load_plugin
 from xmppd.jid import JID
+from xmppd.registry import load_plugin
 from xmppd.router import Router
 from xmppd.storage import IKeyValueStore, SQLiteStore
 
@@ -41,9 +41,13 @@ class Server:
         self.certs = certs if certs is not None else self._build_certs()
         self.plugins = []
         for name in config.plugins:
-            plugin = load_plugin(name)
+            plugin = load_plugin(name, config.path)
             plugin.attach(self)
             self.plugins.append(plugin)
+        # After the plugins: components list themselves in the disco plugin.
+        from xmppd.components import Components
+
+        self.components = Components(self)
 
     # -- wiring ----------------------------------------------------------------
 
@@ -95,6 +99,7 @@ class Server:
         out = []
         for p in self.plugins:
             out.extend(p.features)
+        out.extend(self.components.server_features())
         return out
 
     def plugin(self, name: str):
@@ -120,6 +125,7 @@ class Server:
         return outcome
 
     def close(self) -> None:
+        self.components.stop()
         self.store.close()
 
 

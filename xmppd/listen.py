@@ -62,7 +62,7 @@ def listen_all(reactor: Any, path: str,
 
 
 def listeners(server) -> list[tuple[str, str, Any]]:
-    """``(config key, endpoint string, factory)`` of every c2s listener, not bound.
+    """``(config key, endpoint string, factory)`` of every listener, not bound.
 
     ``xmppd.tap.build`` binds them; ``xmppctl check`` and a reload's
     validation only build them (the direct-TLS factory needs the
@@ -77,4 +77,5 @@ def listeners(server) -> list[tuple[str, str, Any]]:
     if config.c2s.listen_tls:
         direct = server.certs.direct_tls_factory(C2SFactory(server, direct_tls=True))
         out += [("c2s.listen_tls", desc, direct) for desc in config.c2s.listen_tls]
+    out += server.components.listeners()  # XEP-0114, when external components are configured
     return out

@@ -61,9 +61,21 @@ class StanzaFilter(Protocol):
     def check(self, stanza: domish.Element, sender: JID, to: JID) -> Any: ...
 
 
+class ComponentRoute(Protocol):
+    """A component domain (xmppd.components): ``send`` delivers a stanza *to* the component."""
+
+    online: bool  # False while an external component is not connected
+    public: bool  # reachable from other servers (s2s); False: local users only
+
+    def send(self, stanza: domish.Element) -> None: ...
+
+
 class Router:
     def __init__(self, hosts: tuple[str, ...]) -> None:
         self.hosts = frozenset(hosts)
+        # Domain -> component; routed like a local domain.  A served host in
+        # it gets the IQs to the bare host that no plugin claims.
+        self.components: dict[str, ComponentRoute] = {}
         self.sessions: dict[str, dict[str, Session]] = {}
         self.filters: list[StanzaFilter] = []
         self.iq_handlers: dict[tuple[str, str, str], Callable] = {}
@@ -104,7 +116,8 @@ class Router:
         return self.sessions.get(bare, {})
 
     def is_local(self, to: JID) -> bool:
-        return to.host in self.hosts
+        """Delivered by this server: a served host or a component domain."""
+        return to.host in self.hosts or to.host in self.components
 
     # -- entry points -----------------------------------------------------
 
@@ -168,6 +181,10 @@ class Router:
     ) -> None:
         """Delivery without the filter chain: for stanzas a filter itself emits."""
         if to.host not in self.hosts:
+            component = self.components.get(to.host)
+            if component is not None:
+                self._to_component(component, stanza, session)
+                return
             # No s2s yet: the remote server is unreachable.
             self.bounce(stanza, StanzaError("remote-server-not-found"), session)
             return
@@ -179,7 +196,12 @@ class Router:
             self._to_full(stanza, sender, to, session)
 
     def send_from_server(self, stanza: domish.Element, to: JID) -> None:
-        """Deliver a server-generated stanza to a local full or bare JID."""
+        """Deliver a server-generated stanza to a local full or bare JID (or a component)."""
+        if to.host not in self.hosts:
+            component = self.components.get(to.host)
+            if component is not None and component.online:
+                component.send(stanza)
+            return
         if to.resource is not None:
             target = self.sessions.get(to.bare, {}).get(to.resource)
             if target is not None:
@@ -232,7 +254,12 @@ class Router:
             return
         handler = self.iq_handlers.get((stanza["type"], payload.uri, payload.name))
         if handler is None:
-            self.bounce(stanza, StanzaError("service-unavailable"), session)
+            # Handlers added to a served host take what no plugin claims.
+            extension = self.components.get(to.host) if to is not None and to.user is None else None
+            if extension is not None:
+                extension.send(stanza)
+            else:
+                self.bounce(stanza, StanzaError("service-unavailable"), session)
             return
         request = Request(stanza, sender, to, session)
         d = defer.maybeDeferred(handler, request)
@@ -264,6 +291,13 @@ class Router:
             request.session.send(reply)
         else:
             self.send_from_server(reply, request.sender)
+
+    def _to_component(self, component: ComponentRoute, stanza, session) -> None:
+        if component.online:
+            component.send(stanza)
+        elif stanza.name != "presence":
+            # An external component that is not connected: nothing is queued.
+            self.bounce(stanza, StanzaError("service-unavailable"), session)
 
     def _to_server(self, stanza, sender: JID, to: JID, session) -> None:
         if stanza.name == "iq":

@@ -119,6 +119,7 @@ def build(config_path: str | None):
     ports = []
     try:
         server = Server(config)
+        server.components.start()  # in-process handlers: a failure stops start-up here
         ports = listen_all(reactor, config.path, listeners(server))
         svc = ServerService(server, pidfile, ports)
         ports.append(_listen_admin(reactor, config, svc))

@@ -1,11 +1,13 @@
-"""Session-manager plugins, by the name used in ``[sm] plugins``.
+"""The built-in session-manager plugins, by the name used in ``[sm] plugins``.
 
 Names follow the namespaces they serve where one exists (the blocking
 command is ``urn:xmpp:blocking``, as operators know it from other servers).
-Modules are imported only when enabled.
+Modules are imported only when enabled.  Plugins of other packages register
+through the ``xmppd.plugins`` entry-point group; :mod:`xmppd.registry` puts
+both together.
 """
 
-KNOWN_PLUGINS = {
+BUILTIN_PLUGINS = {
     "register": "xmppd.handlers.register:RegisterPlugin",
     "ping": "xmppd.handlers.ping:PingPlugin",
     "disco": "xmppd.handlers.disco:DiscoPlugin",
@@ -18,11 +20,3 @@ KNOWN_PLUGINS = {
     "domain-filter": "xmppd.handlers.domainfilter:DomainFilterPlugin",
     "adhoc": "xmppd.handlers.adhoc:AdHocPlugin",
 }
-
-
-def load_plugin(name: str):
-    """Instantiate the plugin registered under ``name``."""
-    import importlib
-
-    module, _, cls = KNOWN_PLUGINS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()

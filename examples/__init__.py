@@ -1,0 +1,1 @@
+"""Runnable examples of wokkel handlers served by xmppd (docs/extending.rst)."""
