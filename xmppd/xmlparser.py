@@ -135,7 +135,11 @@ class StreamParser:
         on_element: Callable[[domish.Element], None],
         on_stream_end: Callable[[], None],
         limits: Limits | int,
+        rename: tuple[str, str] | None = None,
     ) -> None:
+        """``rename = (a, b)``: elements in namespace ``a`` are built in ``b``
+        (s2s streams: ``jabber:server`` stanzas become ``jabber:client`` ones,
+        the namespace every other part of the server works in)."""
         if isinstance(limits, int):
             limits = Limits(limits)
         self._on_stream_start = on_stream_start
@@ -157,6 +161,7 @@ class StreamParser:
         self._run: list[str] | None = None  # character data of the open element, in pieces
         self._halted = False
         self._decls: dict[str, str] = {}
+        self._rename_from, self._rename_to = rename if rename is not None else (None, None)
         self._parser = self._make_parser()
 
     def _make_parser(self):
@@ -260,6 +265,8 @@ class StreamParser:
         self._count(1 + len(attrs))
         self._depth = depth
         uri, local = _split(name)
+        if uri == self._rename_from:
+            uri = self._rename_to
         if depth == 2 and local == "stream" and uri == NS_STREAMS:
             # A stream header where a stanza belongs: the client thinks it
             # restarted the stream, but only STARTTLS and SASL success restart
