@@ -65,6 +65,8 @@ class ServerService(service.MultiService):
         from xmppd.auth.factory import log_problems
 
         log_problems(self.server.connectors.values())
+        if self.server.s2s is not None:
+            self.server.s2s.start()
         interval = self.server.config.tls.poll_interval
         if interval > 0:
             self.server.certs.start_polling(interval)
@@ -85,6 +87,8 @@ class ServerService(service.MultiService):
     def stopService(self):
         self.notifier.stopping()
         self.server.certs.stop_polling()
+        if self.server.s2s is not None:
+            self.server.s2s.stop()
         stopped = [defer.maybeDeferred(port.stopListening) for port in self.ports]
         self.ports = []
         return defer.gatherResults(stopped + [defer.maybeDeferred(super().stopService)])
@@ -125,7 +129,7 @@ def build(config_path: str | None):
 
 
 def listeners(server) -> list[tuple[str, str, Any]]:
-    """``(config key, endpoint string, factory)`` of every c2s listener, not bound.
+    """``(config key, endpoint string, factory)`` of every c2s and s2s listener, not bound.
 
     ``xmppd.tap.build`` binds them; ``xmppctl check`` only builds them (the
     direct-TLS factory needs the certificates), so it refuses what start-up
@@ -139,6 +143,8 @@ def listeners(server) -> list[tuple[str, str, Any]]:
     if config.c2s.listen_tls:
         direct = server.certs.direct_tls_factory(C2SFactory(server, direct_tls=True))
         out += [("c2s.listen_tls", desc, direct) for desc in config.c2s.listen_tls]
+    if server.s2s is not None:
+        out += server.s2s.listeners()
     return out
 
 

@@ -1,0 +1,86 @@
+"""Federation between two xmppd daemons over STARTTLS, authenticated by SASL EXTERNAL.
+
+``a.test`` and ``b.test`` run as two real daemons on loopback, each with a
+certificate from the test CA (serverAuth only: no clientAuth usage, as public
+CAs issue them now), each trusting that CA, ``[s2s.routes]`` pointing at the
+other (tests/federation.py).  Users are raw clients (tests/rawclient.py), so
+every assertion is about what goes over the wire.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from tests.federation import Federation, wait_for_log
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    f = Federation(tmp_path_factory.mktemp("s2s"))
+    yield f
+    f.stop()
+
+
+def _presence(sender: str, kind: str | None = None) -> str:
+    """A regex for a presence stanza from ``sender`` (of type ``kind``), attributes in any order."""
+    typed = f"(?=[^>]*type='{kind}')" if kind else ""
+    return rf"<presence(?=[^>]*from='{re.escape(sender)}'){typed}[^>]*>"
+
+
+def _stanza(client, name: str, ident: str, timeout: float = 10.0) -> str:
+    return client.read_until(rf"<{name}[^>]*id='{ident}'[^>]*(/>|>.*?</{name}>)", timeout).decode()
+
+
+def test_messages_both_ways_authenticated_with_external(fed):
+    alice = fed.login(fed.a, "alice")
+    bob = fed.login(fed.b, "bob")
+    try:
+        alice.send("<message to='bob@b.test' type='chat' id='m1'><body>hello bob</body></message>")
+        got = _stanza(bob, "message", "m1")
+        assert "from='alice@a.test/raw'" in got and "<body>hello bob</body>" in got
+        assert "xmlns='jabber:server'" not in got  # the client sees its own namespace
+        bob.send("<message to='alice@a.test/raw' type='chat' id='m2'><body>hi alice</body></message>")
+        got = _stanza(alice, "message", "m2")
+        assert "from='bob@b.test/raw'" in got and "<body>hi alice</body>" in got
+    finally:
+        alice.close()
+        bob.close()
+    # Each direction has its own stream, each authenticated with the certificate.
+    wait_for_log(fed.a, r"s2s out a\.test -> b\.test: authenticated with EXTERNAL")
+    wait_for_log(fed.b, r"s2s in \S+: a\.test authenticated for b\.test with EXTERNAL")
+    wait_for_log(fed.b, r"s2s out b\.test -> a\.test: authenticated with EXTERNAL")
+    assert "dialback" not in fed.a.logtext() + fed.b.logtext()
+
+
+def test_xmppctl_s2s_lists_live_connections(fed):
+    deadline = time.monotonic() + 10
+    while True:
+        out = fed.a.ctl("s2s").stdout
+        rows = [line.split() for line in out.splitlines()[1:]]
+        if (["out", "a.test->b.test", "established"] in [r[:3] for r in rows]
+                and ["in", "b.test->a.test", "established"] in [r[:3] for r in rows]):
+            break
+        assert time.monotonic() < deadline, out
+        time.sleep(0.2)
+    for row in rows:
+        assert row[3].startswith("TLSv1.") and row[4] == "EXTERNAL", out
+
+
+def test_disco_info_and_ping_of_the_remote_server(fed):
+    alice = fed.login(fed.a, "alice", "disco")
+    try:
+        reply = alice.iq("<iq type='get' to='b.test' id='d1'>"
+                         "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>", "d1", timeout=10)
+        assert "type='result'" in reply and "from='b.test'" in reply
+        assert re.search(r"<identity[^>]*category='server'", reply)
+        assert "urn:xmpp:ping" in reply
+        reply = alice.iq("<iq type='get' to='b.test' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>", "p1")
+        assert "type='result'" in reply and "from='b.test'" in reply
+        # An IQ to a remote account nobody is logged in as: the remote server answers.
+        reply = alice.iq("<iq type='get' to='nobody@b.test/x' id='p2'><ping xmlns='urn:xmpp:ping'/></iq>",
+                         "p2")
+        assert "type='error'" in reply and "service-unavailable" in reply
+    finally:
+        alice.close()
