@@ -84,3 +84,64 @@ def test_disco_info_and_ping_of_the_remote_server(fed):
         assert "type='error'" in reply and "service-unavailable" in reply
     finally:
         alice.close()
+
+
+def test_subscriptions_presence_probes_and_unavailable(fed):
+    alice = fed.login(fed.a, "alice", "home")
+    bob = fed.login(fed.b, "bob", "desk")
+    try:
+        # alice -> bob subscription, approved by bob.
+        alice.send("<presence to='bob@b.test' type='subscribe' id='s1'/>")
+        bob.read_until(_presence("alice@a.test", "subscribe"), 10)
+        bob.send("<presence to='alice@a.test' type='subscribed'/>")
+        alice.read_until(_presence("bob@b.test", "subscribed"), 10)
+        # bob's current presence follows the approval (RFC 6121 §3.1.5).
+        alice.read_until(_presence("bob@b.test/desk"), 10)
+        # bob -> alice, approved by alice: now both ways.
+        bob.send("<presence to='alice@a.test' type='subscribe'/>")
+        alice.read_until(_presence("bob@b.test", "subscribe"), 10)
+        alice.send("<presence to='bob@b.test' type='subscribed'/>")
+        bob.read_until(_presence("alice@a.test", "subscribed"), 10)
+        bob.read_until(_presence("alice@a.test/home"), 10)
+        # Rosters say both.
+        roster = alice.iq("<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>", "r1")
+        assert re.search(r"jid='bob@b\.test'[^>]*subscription='both'|subscription='both'[^>]*jid='bob@b\.test'",
+                         roster), roster
+        # Broadcast: a presence change reaches the remote contact.
+        alice.send("<presence><status>in a meeting</status></presence>")
+        got = bob.read_until(_presence("alice@a.test/home") + ".*?</presence>", 10).decode()
+        assert "in a meeting" in got
+        # Probe at login: a new session of alice learns bob's presence from b.test.
+        second = fed.login(fed.a, "alice", "phone")
+        try:
+            second.read_until(_presence("bob@b.test/desk"), 10)
+        finally:
+            second.close()
+        # Logout: unavailable reaches the remote contact.
+        bob.close()
+        alice.read_until(_presence("bob@b.test/desk", "unavailable"), 10)
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_offline_message_from_the_remote_user(fed):
+    # bob has no session on b.test (the earlier tests' sessions are gone:
+    # alice saw bob's unavailable presence).
+    alice = fed.login(fed.a, "alice", "late")
+    bob = None
+    try:
+        alice.send("<message to='bob@b.test' type='chat' id='off1'><body>while you were out</body></message>")
+        # b.test handles the stanzas of one stream in order: once it answered
+        # this ping, the message is stored (and no bounce came back).
+        reply = alice.iq("<iq type='get' to='b.test' id='after-off'><ping xmlns='urn:xmpp:ping'/></iq>",
+                         "after-off")
+        assert "type='result'" in reply
+        bob = fed.login(fed.b, "bob", "back")
+        got = _stanza(bob, "message", "off1")
+        assert "from='alice@a.test/late'" in got and "while you were out" in got
+        assert re.search(r"<delay[^>]*from='b.test'", got)
+    finally:
+        alice.close()
+        if bob is not None:
+            bob.close()
