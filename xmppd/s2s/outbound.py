@@ -249,6 +249,8 @@ class OutboundStream(ServerStream):
 
 
 class _StreamFactory(protocol.ClientFactory):
+    noisy = False  # one per connection: no "Starting factory" lines
+
     def __init__(self, link: "OutboundLink", direct_tls: bool) -> None:
         self.link = link
         self.direct_tls = direct_tls
@@ -352,6 +354,7 @@ class OutboundLink:
         factory: Any = _StreamFactory(self, target.direct_tls)
         if target.direct_tls:
             factory = self.service.tls.client_factory(self.local, self.remote, factory)
+            factory.noisy = False
         d = endpoint.connect(factory)
         if target.direct_tls:
             d.addCallback(lambda tls_protocol: tls_protocol.wrappedProtocol)
