@@ -8,7 +8,9 @@
 * a domain that does not resolve (the resolver points at a closed port)
   bounces with ``remote-server-not-found`` within the DNS timeout;
 * ``tls:`` routes and ``[s2s] listen_tls``: federation over direct TLS
-  (XEP-0368).
+  (XEP-0368);
+* limits on incoming streams: connections per remote domain, the
+  pre-authentication stanza size, the authentication timeout.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def fed(tmp_path_factory, silent):
     tmp = tmp_path_factory.mktemp("s2s-failures")
     f = Federation(tmp, a_routes={"c.test": f"tcp:127.0.0.1:{silent.port}"},
                    a_s2s=f'nameservers = ["127.0.0.1:{_udp_port_nobody_answers()}"]\n'
-                         "dns_timeout = 1\n")
+                         "dns_timeout = 1\nauth_timeout = 3\nmax_connections_per_domain = 2\n")
     f.tmp = tmp
     yield f
     f.stop()
@@ -151,3 +153,56 @@ def test_direct_tls_federation(tmp_path):
         assert f"tls:127.0.0.1:{fed.b.s2s_tls_port}" in fed.a.config_path.read_text()
     finally:
         fed.stop()
+
+
+def _raw_s2s(port: int, domain: str) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+               "xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' "
+               f"from='{domain}' to='a.test' version='1.0'>").encode())
+    return s
+
+
+def _read_until_closed(s: socket.socket, timeout: float = 10.0) -> bytes:
+    s.settimeout(timeout)
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        return data
+
+
+def test_incoming_stream_limits(fed):
+    # max_connections_per_domain = 2: the third stream from one domain is refused.
+    first, second = _raw_s2s(fed.a.s2s_port, "d.test"), _raw_s2s(fed.a.s2s_port, "d.test")
+    third = _raw_s2s(fed.a.s2s_port, "d.test")
+    try:
+        refused = _read_until_closed(third).decode()
+        assert "<policy-violation" in refused and "too many connections" in refused
+        # Before authentication a stanza may have 16 KiB, whatever max_stanza_size says.
+        first.sendall(b"<message to='alice@a.test' from='x@d.test'><body>" + b"x" * 20000)
+        assert "<policy-violation" in _read_until_closed(first).decode()
+        # Not authenticated within auth_timeout (3 s): connection-timeout.
+        start = time.monotonic()
+        out = _read_until_closed(second, 15).decode()
+        assert "<connection-timeout" in out, out
+        assert 2 < time.monotonic() - start < 10
+    finally:
+        for s in (first, second, third):
+            s.close()
+    # The closed streams no longer count.
+    fourth = _raw_s2s(fed.a.s2s_port, "d.test")
+    try:
+        fourth.settimeout(5)
+        data = b""
+        while b"</stream:features>" not in data:
+            chunk = fourth.recv(65536)
+            assert chunk, data
+            data += chunk
+        assert b"starttls" in data
+    finally:
+        fourth.close()

@@ -1,0 +1,171 @@
+"""In-process tests of the s2s parts: config, the waiting queue, bounces, the router hand-off.
+
+No daemon and no network: a :class:`xmppd.core.Server` on a
+:class:`~twisted.internet.task.Clock`, streams on ``StringTransport``.
+"""
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.internet.error import ConnectionLost
+from twisted.words.xish import domish
+
+from xmppd import config as configlib
+from xmppd import jid as jidlib
+from xmppd.config import ConfigError
+from xmppd.core import Server
+from xmppd.s2s.outbound import OutboundLink, OutboundStream
+from xmppd.s2s.queue import PendingQueue
+from xmppd.stanzas import NS_CLIENT
+from xmppd.storage import MemoryStore
+from xmppd.stream import AUTHENTICATED
+
+
+def _config(s2s: dict, **extra) -> configlib.Config:
+    return configlib.from_dict({"server": {"hosts": ["a.test"]}, "s2s": s2s, **extra}, "test.toml")
+
+
+@pytest.mark.parametrize("s2s, key, words", [
+    ({"routes": {"b.test": "udp:1.2.3.4:5269"}}, "s2s.routes.b.test", "tcp:HOST:PORT"),
+    ({"routes": {"b.test": "tcp:host:99999"}}, "s2s.routes.b.test", "port 1-65535"),
+    ({"nameservers": ["dns.example"]}, "s2s.nameservers", "IP address"),
+    ({"secure_domains": ["user@b.test"]}, "s2s.secure_domains", "bare domain"),
+    ({"enabled": False, "listen": ["tcp:5269"]}, "s2s.enabled", "disabled"),
+    ({"listen": ["tcp:5222"]}, "s2s.listen", "already used by a listener in c2s.listen"),
+    ({"dialbak": True}, "s2s.dialbak", "unknown key"),
+    ({"queue_max_stanzas": 0}, "s2s.queue_max_stanzas", ">= 1"),
+])
+def test_config_errors_name_the_key(s2s, key, words):
+    with pytest.raises(ConfigError) as e:
+        _config(s2s, c2s={"listen": ["tcp:5222"]})
+    assert e.value.key == key and words in str(e.value)
+
+
+def test_config_defaults_and_routes():
+    cfg = _config({"routes": {"B.Test": "tls:[::1]:5270"}, "secure_domains": ["c.test"]}).s2s
+    assert cfg.listen == () and cfg.enabled and cfg.dialback and cfg.require_encryption
+    route = cfg.routes["b.test"]  # domains are prepared like JIDs
+    assert (route.direct_tls, route.host, route.port) == (True, "::1", 5270)
+    assert cfg.needs_certificate("c.test") and not cfg.dialback_allowed("c.test")
+    assert cfg.dialback_allowed("b.test")
+
+
+def _message(i: int) -> domish.Element:
+    el = domish.Element((NS_CLIENT, "message"))
+    el["id"] = f"m{i}"
+    return el
+
+
+def test_queue_is_bounded_in_length_and_time():
+    clock = Clock()
+    expired = []
+    q = PendingQueue(clock, max_stanzas=2, timeout=10, expired=expired.extend)
+    assert q.add(_message(0))
+    clock.advance(6)
+    assert q.add(_message(1))
+    assert not q.add(_message(2))  # full: the caller bounces it
+    clock.advance(4)  # m0 has waited 10 s
+    assert [e["id"] for e in expired] == ["m0"] and len(q) == 1
+    clock.advance(6)
+    assert [e["id"] for e in expired] == ["m0", "m1"] and len(q) == 0
+    assert q.add(_message(3))
+    assert [e["id"] for e in q.take_all()] == ["m3"]
+    clock.advance(60)  # taken: never expires as well
+    assert [e["id"] for e in expired] == ["m0", "m1"]
+
+
+class FakeSession:
+    def __init__(self, jid: str) -> None:
+        self.jid = jidlib.parse(jid)
+        self.available, self.priority, self.state = True, 0, {}
+        self.got: list[domish.Element] = []
+
+    def send(self, element):
+        self.got.append(element)
+
+    def send_bytes(self, data):
+        raise AssertionError("bounces are sent one by one")
+
+
+@pytest.fixture
+def server(tmp_path):
+    clock = Clock()
+    cfg = _config({"queue_timeout": 30, "max_outbound_bytes": 65536})
+    object.__setattr__(cfg, "data_dir", str(tmp_path))
+    srv = Server(cfg, store=MemoryStore(), clock=clock, certs=object())
+    alice = FakeSession("alice@a.test/r")
+    srv.router.bind(alice)
+    return srv, clock, alice
+
+
+def _from_alice(i: int, name: str = "message", kind: str = "chat") -> domish.Element:
+    el = domish.Element((NS_CLIENT, name))
+    el["from"], el["to"], el["id"], el["type"] = "alice@a.test/r", "bob@b.test", f"s{i}", kind
+    if name == "message":
+        el.addElement("body", content="x" * 30000)
+    return el
+
+
+def test_router_hands_remote_destinations_to_s2s_and_queue_timeout_bounces(server, monkeypatch):
+    srv, clock, alice = server
+    started = []
+    monkeypatch.setattr(OutboundLink, "start", lambda self: started.append(self))  # no network
+    srv.router.deliver(_from_alice(1), alice.jid, jidlib.parse("bob@b.test"), alice)
+    srv.router.deliver(_from_alice(2, "presence", "subscribe"), alice.jid, jidlib.parse("bob@b.test"))
+    link = srv.s2s.links[("a.test", "b.test")]
+    assert started == [link, link] and len(link.queue) == 2
+    clock.advance(30)
+    # queue_timeout: the message bounces once with remote-server-timeout, presence never.
+    assert [(e["id"], e["type"]) for e in alice.got] == [("s1", "error")]
+    assert alice.got[0].firstChildElement() is not None
+    assert "remote-server-timeout" in alice.got[0].toXml()
+
+
+def _established(srv) -> tuple[OutboundLink, OutboundStream, StringTransport]:
+    """A link with an authenticated stream on a StringTransport."""
+    link = srv.s2s.links[("a.test", "b.test")] = OutboundLink(srv.s2s, "a.test", "b.test")
+    stream = OutboundStream(link, direct_tls=False)
+    stream.factory = None
+    transport = StringTransport()
+    stream.makeConnection(transport)
+    stream.phase = AUTHENTICATED
+    stream.cancel_auth_timeout()
+    stream.start_producing()
+    link.stream_ready(stream)
+    return link, stream, transport
+
+
+def test_idle_link_is_closed_and_the_next_stanza_opens_a_new_one(server, monkeypatch):
+    srv, clock, alice = server
+    link, stream, transport = _established(srv)
+    srv.s2s.start()  # the idle check (and the dialback secret, in the data dir)
+    link.send(_from_alice(1))
+    clock.advance(599)
+    assert not transport.disconnecting
+    clock.advance(200)  # idle_timeout 600 s, checked every 60 s
+    assert transport.disconnecting and transport.value().endswith(b"</stream:stream>")
+    started = []
+    monkeypatch.setattr(OutboundLink, "start", lambda self: started.append(self))
+    link.send(_from_alice(2))  # the closing stream does not swallow it
+    assert started == [link] and len(link.queue) == 1 and b"id='s2'" not in transport.value()
+    srv.s2s.stop()
+
+
+def test_established_stream_lost_with_held_output_bounces_each_stanza_once(server):
+    srv, clock, alice = server
+    link, stream, transport = _established(srv)
+    link.send(_from_alice(1))  # written
+    stream.pauseProducing()  # the peer stopped reading
+    link.send(_from_alice(2))
+    link.send(_from_alice(3, "iq", "get"))
+    link.send(_from_alice(4, "presence", "probe"))
+    assert b"id='s1'" in transport.value() and b"id='s2'" not in transport.value()
+    stream.connectionLost(Failure(ConnectionLost()))
+    bounced = [(e.name, e["id"]) for e in alice.got]
+    assert bounced == [("message", "s2"), ("iq", "s3")]
+    assert all("remote-server-not-found" in e.toXml() for e in alice.got)
+    assert link.stream is None and ("a.test", "b.test") not in srv.s2s.links
+    clock.advance(120)
+    assert len(alice.got) == 2  # once each
