@@ -44,6 +44,17 @@ def test_untrusted_certificate_falls_back_to_dialback(tmp_path):
         at_alice, at_bob = _exchange(fed)
         assert "id='ab'" in at_bob and "to bob" in at_bob and "type='error'" not in at_bob
         assert "id='ba'" in at_alice and "to alice" in at_alice and "type='error'" not in at_alice
+        # A dialback-authenticated stream (no restart) has the full stanza size, not the
+        # 16 KiB of an unauthenticated one.
+        bob = fed.login(fed.b, "bob", "big")
+        alice = fed.login(fed.a, "alice", "big")
+        try:
+            bob.send("<message to='alice@a.test/big' id='big'><body>" + "x" * 40000 + "</body></message>")
+            got = alice.read_until(r"<message[^>]*id='big'.*?</message>", 15).decode()
+            assert "type='error'" not in got and got.count("x") >= 40000
+        finally:
+            alice.close()
+            bob.close()
         # a.test -> b.test: b.test trusts a.test's certificate (EXTERNAL),
         # but a.test does not trust b.test's: still, a.test only needs b.test
         # to accept it, and b.test -> a.test has to use dialback.

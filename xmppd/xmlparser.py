@@ -207,6 +207,15 @@ class StreamParser:
                 # An endless stream header (attributes without end).
                 raise XMLStreamError("policy-violation", "stream header too large")
 
+    def set_limits(self, limits: Limits) -> None:
+        """New limits from the next byte on, for a stream authenticated
+        without a restart (s2s dialback), which keeps its parser."""
+        self.limits = limits
+        self.max_stanza_size = limits.stanza_size
+        self._max_depth = limits.depth + 1
+        self._max_nodes = limits.nodes
+        self._slice = max(1024, min(16384, limits.stanza_size // 4))
+
     def halt(self) -> None:
         """Dispatch nothing more from this parser (before a stream reset).
 

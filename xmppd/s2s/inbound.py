@@ -245,6 +245,9 @@ class InboundStream(ServerStream):
         if self.phase != AUTHENTICATED:
             self.phase = AUTHENTICATED
             self.cancel_auth_timeout()
+            # Dialback authenticates without a stream restart: the parser
+            # this stream keeps gets the post-authentication limits now.
+            self.parser.set_limits(self.service.limits)
 
     # -- dialback (we are the receiving server) ------------------------------------------
 
