@@ -60,7 +60,8 @@ class Daemon:
                  s2s: str | None = None, s2s_direct_tls: bool = False) -> None:
         """``s2s``: lines for an ``[s2s]`` table with a loopback listener on
         ``self.s2s_port`` (and ``self.s2s_tls_port`` with ``s2s_direct_tls``);
-        None leaves ``[s2s]`` out (defaults: no s2s listener)."""
+        None switches federation off (``enabled = false``), so that no test
+        daemon looks up other domains in DNS."""
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = tuple(hosts)
@@ -97,7 +98,11 @@ class Daemon:
             {plugin_line}
             """)
         text = text.replace("{c2s_lines}", textwrap.dedent(self.c2s).strip() + "\n")
-        if self.s2s is not None:
+        if self.s2s is None:
+            # No test reaches beyond this machine: without an [s2s] of its
+            # own, a daemon does not federate (other domains bounce at once).
+            text += "\n[s2s]\nenabled = false\n"
+        else:
             listen_tls = f'["tcp:{self.s2s_tls_port}:interface=127.0.0.1"]' if self.s2s_tls_port else "[]"
             text += (f'\n[s2s]\nlisten = ["tcp:{self.s2s_port}:interface=127.0.0.1"]\n'
                      f"listen_tls = {listen_tls}\n" + textwrap.dedent(self.s2s).strip() + "\n")
