@@ -9,7 +9,8 @@ domain filter, then the blocking command) on the path between them, as with s2s.
 
 Remote contacts get broadcasts and probes like local ones: the router hands
 them to the s2s service, which never bounces presence (a login does not
-come back with one error per unreachable contact).  Inbound presence from
+come back with one error per unreachable contact).  With federation off
+(``[s2s] enabled = false``) they are skipped, for the same reason.  Inbound presence from
 remote contacts arrives through the same filter chain into
 :meth:`PresencePlugin.inbound`.
 
@@ -169,6 +170,8 @@ class PresencePlugin(Plugin):
             to = jidlib.parse(contact)
         except jidlib.InvalidJID:
             return
+        if self.router.remote is None and not self.router.is_local(to):
+            return  # federation off: the contact is unreachable, say nothing
         self.router.deliver(copy_to(stanza, contact), sender, to)
 
     def _probe_contacts(self, session, roster) -> None:
@@ -180,6 +183,8 @@ class PresencePlugin(Plugin):
                 to = jidlib.parse(contact)
             except jidlib.InvalidJID:
                 continue
+            if self.router.remote is None and not self.router.is_local(to):
+                continue  # federation off
             probe = presence("probe", session.jid.bare, contact)
             self.router.deliver(probe, session.jid.bare_jid(), to)
 
