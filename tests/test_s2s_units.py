@@ -169,3 +169,67 @@ def test_established_stream_lost_with_held_output_bounces_each_stanza_once(serve
     assert link.stream is None and ("a.test", "b.test") not in srv.s2s.links
     clock.advance(120)
     assert len(alice.got) == 2  # once each
+
+
+# -- the receiving side, in process ---------------------------------------------------
+
+
+@pytest.fixture
+def inbound(tmp_path, monkeypatch):
+    """An inbound stream of a server hosting a.test and c.test, TLS not required."""
+    from twisted.internet import defer
+
+    from xmppd.s2s.inbound import InboundFactory
+
+    cfg = configlib.from_dict({"server": {"hosts": ["a.test", "c.test"]},
+                               "s2s": {"require_encryption": False}}, "test.toml")
+    object.__setattr__(cfg, "data_dir", str(tmp_path))
+    srv = Server(cfg, store=MemoryStore(), clock=Clock(), certs=object())
+    keys = {}  # (local, remote) -> verdict of the authoritative server
+    monkeypatch.setattr(srv.s2s, "verify_dialback",
+                        lambda local, remote, sid, key: defer.succeed(keys.get((local, remote), "invalid")))
+    delivered = []
+    monkeypatch.setattr(srv.s2s, "inbound", lambda el, sender, to: delivered.append((el, sender, to)))
+    stream = InboundFactory(srv.s2s).buildProtocol(None)
+    transport = StringTransport()
+    stream.makeConnection(transport)
+    stream.dataReceived(b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
+                        b" xmlns:db='jabber:server:dialback' from='b.test' to='a.test' version='1.0'>")
+    return stream, transport, keys, delivered
+
+
+def test_dialback_pairs_piggyback_and_addressing(inbound):
+    stream, transport, keys, delivered = inbound
+    assert b"urn:xmpp:features:dialback" in transport.value()
+    keys[("a.test", "b.test")] = keys[("c.test", "b.test")] = "valid"
+    transport.clear()
+    stream.dataReceived(b"<db:result from='b.test' to='a.test'>k1</db:result>")
+    assert b"<db:result from='a.test' to='b.test' type='valid'/>" in transport.value()
+    stream.dataReceived(b"<message from='bob@b.test/x' to='alice@a.test' id='1'><body>hi</body></message>")
+    el, sender, to = delivered[-1]
+    assert (el.uri, el.name, sender.full, to.full) == (NS_CLIENT, "message", "bob@b.test/x", "alice@a.test")
+    assert next(el.elements()).uri == NS_CLIENT  # jabber:server renamed while parsing
+    # A second pair on the same stream (XEP-0220 piggybacking): c.test.
+    stream.dataReceived(b"<db:result from='b.test' to='c.test'>k2</db:result>")
+    assert b"<db:result from='c.test' to='b.test' type='valid'/>" in transport.value()
+    stream.dataReceived(b"<message from='bob@b.test/x' to='carol@c.test' id='2'/>")
+    assert delivered[-1][2].full == "carol@c.test"
+    # A domain the stream never authenticated as: invalid-from, and nothing delivered.
+    stream.dataReceived(b"<message from='eve@d.test/x' to='alice@a.test' id='3'/>")
+    assert b"<invalid-from" in transport.value() and len(delivered) == 2
+
+
+def test_invalid_dialback_key_is_refused(inbound):
+    stream, transport, keys, delivered = inbound
+    stream.dataReceived(b"<db:result from='b.test' to='a.test'>forged</db:result>")
+    out = transport.value()
+    assert b"type='invalid'" in out and b"<not-authorized" in out
+    assert not stream.pairs
+
+
+def test_unauthenticated_pair_is_improper_addressing(inbound):
+    stream, transport, keys, delivered = inbound
+    keys[("a.test", "b.test")] = "valid"
+    stream.dataReceived(b"<db:result from='b.test' to='a.test'>k1</db:result>")
+    stream.dataReceived(b"<message from='bob@b.test/x' to='carol@c.test' id='4'/>")
+    assert b"<improper-addressing" in transport.value() and not delivered

@@ -225,6 +225,10 @@ class S2SService:
 
     def verify_answered(self, stream: OutboundStream, el: domish.Element) -> None:
         link = stream.link
+        if el.getAttribute("from") != link.remote or el.getAttribute("to") != link.local:
+            log.info("s2s out {local} -> {remote}: db:verify answer for other domains ignored",
+                     local=link.local, remote=link.remote)
+            return
         d = link.verify_sent.pop(el.getAttribute("id", ""), None)
         if d is None or d.called:
             return
