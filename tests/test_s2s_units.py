@@ -233,3 +233,15 @@ def test_unauthenticated_pair_is_improper_addressing(inbound):
     stream.dataReceived(b"<db:result from='b.test' to='a.test'>k1</db:result>")
     stream.dataReceived(b"<message from='bob@b.test/x' to='carol@c.test' id='4'/>")
     assert b"<improper-addressing" in transport.value() and not delivered
+
+
+def test_unreadable_trust_anchors_stop_the_start_naming_the_key(tmp_path):
+    """What start-up and ``xmppctl check`` (both build the Server) report."""
+    (tmp_path / "empty.pem").write_text("not a certificate\n")
+    for key, value, words in (("ca_file", str(tmp_path / "missing.pem"), "No such file"),
+                              ("ca_file", str(tmp_path / "empty.pem"), "no PEM certificate"),
+                              ("ca_dir", str(tmp_path / "empty.pem"), "not a directory")):
+        cfg = _config({key: value})
+        with pytest.raises(ConfigError) as e:
+            Server(cfg, store=MemoryStore(), clock=Clock(), certs=object())
+        assert e.value.key == f"s2s.{key}" and words in str(e.value), str(e.value)
