@@ -245,3 +245,27 @@ def test_unreadable_trust_anchors_stop_the_start_naming_the_key(tmp_path):
         with pytest.raises(ConfigError) as e:
             Server(cfg, store=MemoryStore(), clock=Clock(), certs=object())
         assert e.value.key == f"s2s.{key}" and words in str(e.value), str(e.value)
+
+
+def test_a_failed_domain_is_not_retried_for_retry_delay(server, monkeypatch):
+    from xmppd.s2s.outbound import LinkFailed
+
+    srv, clock, alice = server
+    attempts = []
+
+    def fail_at_once(link):
+        attempts.append(link)
+        link.bounce_queue(LinkFailed("connection refused"))
+        srv.s2s.link_idle(link)
+
+    monkeypatch.setattr(OutboundLink, "start", fail_at_once)
+    bob = jidlib.parse("bob@b.test")
+    srv.router.deliver(_from_alice(1), alice.jid, bob, alice)
+    clock.advance(4)
+    srv.router.deliver(_from_alice(2), alice.jid, bob, alice)  # within retry_delay (5 s)
+    assert len(attempts) == 1 and [e["id"] for e in alice.got] == ["s1", "s2"]
+    assert "not retried" in alice.got[1].toXml() and "connection refused" in alice.got[1].toXml()
+    clock.advance(2)
+    srv.router.deliver(_from_alice(3), alice.jid, bob, alice)
+    assert len(attempts) == 2 and len(alice.got) == 3
+    assert not srv.s2s.links

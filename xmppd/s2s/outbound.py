@@ -175,6 +175,10 @@ class OutboundStream(ServerStream):
         # peer is the check above (RFC 6120 §13.7.2, XEP-0344).
         if "EXTERNAL" in mechanisms and not self._sasl_sent:
             self._sasl_sent = True
+            # Nothing may follow <auth/> until the peer answered and (on
+            # success) the stream restarted: the peer reads the next bytes
+            # with a fresh parser.  db:verify requests wait until then.
+            self._verify_ready = False
             self.transport.write(f"<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>=</auth>".encode())
             return
         self._try_dialback(features)
@@ -211,6 +215,8 @@ class OutboundStream(ServerStream):
         if el.name == "failure":
             log.info("s2s out {remote}: EXTERNAL refused; trying dialback", remote=self.link.remote)
             self._sasl_sent = False
+            self._verify_ready = True
+            self.link.service.flush_verifies(self)
             return self._try_dialback(None)
         return self.fail(LinkFailed(f"unexpected SASL <{el.name}/>"))
 
@@ -229,6 +235,8 @@ class OutboundStream(ServerStream):
         self.phase = AUTHENTICATED
         self.cancel_auth_timeout()
         self.start_producing()
+        self._verify_ready = True
+        self.link.service.flush_verifies(self)
         log.info("s2s out {local} -> {remote}: authenticated with {how} ({tls}, peer certificate {cert})",
                  local=self.link.local, remote=self.link.remote, how=self.how, tls=self.tls_version(),
                  cert="verified" if self.peer_verified else "not verified")
@@ -302,6 +310,8 @@ class OutboundLink:
                                 f"no connection to {self.remote} in time")
 
     def bounce_queue(self, failure: LinkFailed) -> None:
+        """The link could not be set up: bounce what waits, and remember why for a while."""
+        self.service.link_failed(self, failure.reason)
         for stanza in self.queue.take_all():
             self.service.bounce(stanza, failure.condition if failure.condition.startswith("remote-")
                                 else "remote-server-not-found", failure.reason)

@@ -42,6 +42,8 @@ from xmppd.stanzas import StanzaError, error_reply
 log = Logger()
 
 STATUS_FILE = "s2s-status.json"
+#: Domain pairs whose last link failed, remembered for [s2s] retry_delay.
+MAX_FAILED_PAIRS = 10000
 
 
 class S2SService:
@@ -75,6 +77,9 @@ class S2SService:
         self.inbound_streams: set = set()
         self._inbound_count: dict[str, int] = {}
         self._status_call = None
+        # (local, remote) -> (until, reason): recent failures, so that a
+        # dead domain is not hammered with one attempt per stanza.
+        self._failed: dict[tuple[str, str], tuple[float, str]] = {}
         server.router.remote = self.send
         self._idle = task.LoopingCall(self._close_idle)
         self._idle.clock = server.clock
@@ -159,9 +164,36 @@ class S2SService:
         key = (sender.host, to.host)
         link = self.links.get(key)
         if link is None:
+            recent = self.recent_failure(key)
+            if recent is not None:
+                self.bounce(stanza, "remote-server-not-found", recent)
+                return
             link = self.links[key] = OutboundLink(self, sender.host, to.host)
             self.status_changed()
         link.send(stanza)
+
+    def recent_failure(self, key: tuple[str, str]) -> str | None:
+        """Why the last link for ``key`` failed, while ``retry_delay`` has not passed."""
+        failed = self._failed.get(key)
+        if failed is None:
+            return None
+        until, reason = failed
+        if self.server.clock.seconds() < until:
+            return f"{reason} (not retried for {self.config.retry_delay:g} s)"
+        del self._failed[key]
+        return None
+
+    def link_failed(self, link: OutboundLink, reason: str) -> None:
+        if self.config.retry_delay <= 0:
+            return
+        failed = self._failed
+        if len(failed) >= MAX_FAILED_PAIRS:
+            now = self.server.clock.seconds()
+            for key in [k for k, (until, _r) in failed.items() if until <= now]:
+                del failed[key]
+            while len(failed) >= MAX_FAILED_PAIRS:
+                del failed[next(iter(failed))]
+        failed[(link.local, link.remote)] = (self.server.clock.seconds() + self.config.retry_delay, reason)
 
     def bounce(self, stanza: domish.Element, condition: str, text: str | None = None) -> None:
         """The error reply to a stanza that could not leave, to its (local) sender."""
@@ -192,6 +224,9 @@ class S2SService:
         """Ask ``remote``'s authoritative server about ``key``: "valid", "invalid" or a reason."""
         link = self.links.get((local, remote))
         if link is None:
+            recent = self.recent_failure((local, remote))
+            if recent is not None:
+                return defer.succeed(recent)
             link = self.links[(local, remote)] = OutboundLink(self, local, remote)
         d: defer.Deferred = defer.Deferred()
         if len(link.verify_waiting) + len(link.verify_sent) >= MAX_PENDING_VERIFY:
