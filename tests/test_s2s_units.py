@@ -269,3 +269,34 @@ def test_a_failed_domain_is_not_retried_for_retry_delay(server, monkeypatch):
     srv.router.deliver(_from_alice(3), alice.jid, bob, alice)
     assert len(attempts) == 2 and len(alice.got) == 3
     assert not srv.s2s.links
+
+
+PEER_HEADER = (b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
+               b" xmlns:db='jabber:server:dialback' from='b.test' id='%s' version='1.0'>")
+
+
+def test_no_dialback_verify_between_sasl_auth_and_the_restart(server, monkeypatch):
+    """The peer reads what follows <auth/> with a new parser after <success/>: nothing may
+    come in between (it once broke dialback for the other direction, now and then)."""
+    from xmppd.s2s.tls import PeerCertificate
+
+    srv, clock, alice = server
+    monkeypatch.setattr(srv.s2s.trust, "check", lambda conn, domain: PeerCertificate(True, True, "DNS-ID"))
+    link = srv.s2s.links[("a.test", "b.test")] = OutboundLink(srv.s2s, "a.test", "b.test")
+    stream = OutboundStream(link, direct_tls=True)  # TLS underneath: no STARTTLS step
+    transport = StringTransport()
+    stream.makeConnection(transport)
+    link.connecting = stream
+    stream.dataReceived(PEER_HEADER % b"s1" + b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:"
+                        b"ns:xmpp-sasl'><mechanism>EXTERNAL</mechanism></mechanisms></stream:features>")
+    assert transport.value().endswith(b"mechanism='EXTERNAL'>=</auth>")
+    verdict = srv.s2s.verify_dialback("a.test", "b.test", "their-stream", "k3y")
+    assert b"db:verify" not in transport.value()  # not while the exchange runs
+    stream.dataReceived(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+    assert b"db:verify" not in transport.value()
+    stream.dataReceived(PEER_HEADER % b"s2" + b"<stream:features/>")
+    out = transport.value()
+    assert out.rindex(b"<stream:stream") < out.index(b"<db:verify")  # after our restart
+    assert link.stream is stream and stream.how == "EXTERNAL"
+    stream.dataReceived(b"<db:verify from='b.test' to='a.test' id='their-stream' type='valid'/>")
+    assert verdict.result == "valid"
