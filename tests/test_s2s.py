@@ -18,7 +18,8 @@ from tests.federation import Federation, wait_for_log
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
-    f = Federation(tmp_path_factory.mktemp("s2s"))
+    # a.test pings its links every second (XEP-0199); b.test answers.
+    f = Federation(tmp_path_factory.mktemp("s2s"), a_s2s="ping_interval = 1\nping_timeout = 2")
     yield f
     f.stop()
 
@@ -84,6 +85,21 @@ def test_disco_info_and_ping_of_the_remote_server(fed):
         assert "type='error'" in reply and "service-unavailable" in reply
     finally:
         alice.close()
+
+
+def test_answered_pings_keep_the_link(fed):
+    alice = fed.login(fed.a, "alice", "pings")
+    try:
+        alice.send("<message to='bob@b.test' type='chat' id='p0'><body>link up</body></message>")
+        time.sleep(3.5)  # three ping rounds, each answered within ping_timeout
+        alice.send("<message to='nobody@b.test/x' type='chat' id='p1'><body>still up?</body></message>")
+        # b.test answers over the same link (no new authentication in between).
+        assert "service-unavailable" in _stanza(alice, "message", "p1")
+    finally:
+        alice.close()
+    log = fed.a.logtext()
+    assert "no answer to a ping" not in log
+    assert log.count("s2s out a.test -> b.test: authenticated") == 1
 
 
 def test_subscriptions_presence_probes_and_unavailable(fed):

@@ -300,3 +300,37 @@ def test_no_dialback_verify_between_sasl_auth_and_the_restart(server, monkeypatc
     assert link.stream is stream and stream.how == "EXTERNAL"
     stream.dataReceived(b"<db:verify from='b.test' to='a.test' id='their-stream' type='valid'/>")
     assert verdict.result == "valid"
+
+
+def test_links_are_pinged_and_dropped_when_the_peer_stops_answering(server):
+    """XEP-0199 on s2s: a ping every ping_interval (120 s); an answer (any) keeps the
+    link, none within ping_timeout (30 s) drops it and bounces what it held."""
+    srv, clock, alice = server
+    link, stream, transport = _established(srv)
+    srv.s2s.start()
+    pongs = 0
+    for _ in range(3):  # the peer answers: the link lives on
+        link.send(_from_alice(0, "presence", "probe"))  # traffic, so never idle
+        clock.advance(60)
+        link.send(_from_alice(0, "presence", "probe"))
+        clock.advance(61)
+        ping = transport.value().decode().rsplit("<iq", 1)
+        assert len(ping) == 2 and "urn:xmpp:ping" in ping[1] and "from='a.test' to='b.test'" in ping[1]
+        ident = ping[1].split("id='", 1)[1].split("'", 1)[0]
+        pong = domish.Element((NS_CLIENT, "iq"))
+        pong["type"], pong["id"], pong["from"], pong["to"] = "result", ident, "b.test", "a.test"
+        srv.s2s.inbound(pong, jidlib.parse("b.test"), jidlib.parse("a.test"))
+        pongs += 1
+        assert link.ping_id is None and not transport.disconnecting
+    # Now the peer is silent: its next ping goes unanswered.
+    link.send(_from_alice(0, "presence", "probe"))
+    clock.advance(121)
+    assert link.ping_id is not None
+    stream.pauseProducing()  # and it stopped reading
+    link.send(_from_alice(7))
+    clock.advance(31)
+    assert transport.disconnecting or transport.disconnected or link.stream is None
+    stream.connectionLost(Failure(ConnectionLost()))
+    assert [e["id"] for e in alice.got] == ["s7"] and "remote-server-not-found" in alice.got[0].toXml()
+    assert not srv.s2s._pings
+    srv.s2s.stop()

@@ -287,6 +287,10 @@ class OutboundLink:
         # domain's authoritative server: (stream id, key, Deferred).
         self.verify_waiting: list[tuple[str, str, defer.Deferred]] = []
         self.verify_sent: dict[str, defer.Deferred] = {}
+        # XEP-0199: when the peer last showed it reads (stream ready, ping answered).
+        self.alive = self.last_used
+        self.ping_id: str | None = None
+        self.ping_sent = 0.0
 
     # -- stanzas ------------------------------------------------------------------------
 
@@ -392,6 +396,8 @@ class OutboundLink:
     def stream_ready(self, stream: OutboundStream) -> None:
         self.connecting = None
         self.stream = stream
+        self.alive = self.service.server.clock.seconds()
+        self.ping_id = None
         for stanza in self.queue.take_all():
             stream.send_bytes(serialize(stanza))
         self.service.status_changed()
@@ -417,6 +423,7 @@ class OutboundLink:
                 for stanza in held.stanzas():
                     self.service.bounce(stanza, "remote-server-not-found", reason)
                 held.clear()
+        self.service.forget_ping(self)
         self.service.verifies_lost(stream)
         self.service.link_idle(self)
         self.service.status_changed()

@@ -81,7 +81,10 @@ class S2SService:
         # dead domain is not hammered with one attempt per stanza.
         self._failed: dict[tuple[str, str], tuple[float, str]] = {}
         server.router.remote = self.send
-        self._idle = task.LoopingCall(self._close_idle)
+        self._idle = task.LoopingCall(self._housekeeping)
+        # Outstanding XEP-0199 pings of our links: iq id -> link.
+        self._pings: dict[str, OutboundLink] = {}
+        self._ping_serial = 0
         self._idle.clock = server.clock
 
     @property
@@ -98,8 +101,11 @@ class S2SService:
 
     def start(self) -> None:
         self.keys  # noqa: B018 -- create the secret now, not at the first dialback
-        interval = max(1.0, min(60.0, self.config.idle_timeout / 4))
-        self._idle.start(interval, now=False)
+        cfg = self.config
+        periods = [60.0, cfg.idle_timeout / 4]
+        if cfg.ping_interval:
+            periods += [cfg.ping_interval / 2, cfg.ping_timeout / 2]
+        self._idle.start(max(1.0, min(periods)), now=False)
 
     def stop(self) -> None:
         if self._idle.running:
@@ -216,6 +222,9 @@ class S2SService:
 
     def inbound(self, stanza: domish.Element, sender: JID, to: JID) -> None:
         """An authenticated peer's stanza, addressed to one of our hosts."""
+        if self._pings and stanza.name == "iq" and stanza.getAttribute("type") in ("result", "error") \
+                and self._pong(stanza, sender, to):
+            return
         self.server.router.deliver(stanza, sender, to)
 
     # -- dialback verification (we are the receiving server) ------------------------------
@@ -295,17 +304,54 @@ class S2SService:
             del self.links[(link.local, link.remote)]
         self.status_changed()
 
-    def _close_idle(self) -> None:
+    def _housekeeping(self) -> None:
+        """Close idle streams; ping our links (XEP-0199) and drop those that do not answer."""
         now = self.server.clock.seconds()
-        limit = self.config.idle_timeout
+        cfg = self.config
+        limit = cfg.idle_timeout
         for link in list(self.links.values()):
-            if link.stream is not None and now - link.last_used > limit:
+            stream = link.stream
+            if stream is None:
+                continue
+            if now - link.last_used > limit:
                 log.info("s2s out {local} -> {remote}: idle, closing", local=link.local, remote=link.remote)
-                link.stream.close()
+                self.forget_ping(link)
+                stream.close()
+            elif link.ping_id is not None:
+                if now - link.ping_sent > cfg.ping_timeout:
+                    log.info("s2s out {local} -> {remote}: no answer to a ping in {t:g} s, dropping the link",
+                             local=link.local, remote=link.remote, t=cfg.ping_timeout)
+                    self.forget_ping(link)
+                    stream.abort()
+            elif cfg.ping_interval and now - link.alive > cfg.ping_interval:
+                self._ping(link, stream, now)
         for stream in list(self.inbound_streams):
             if now - stream.last_active > limit:
                 log.info("s2s in {peer}: idle, closing", peer=stream.peer)
                 stream.close()
+
+    def _ping(self, link: OutboundLink, stream: OutboundStream, now: float) -> None:
+        self._ping_serial += 1
+        ident = f"s2s-ping-{self._ping_serial}"
+        link.ping_id, link.ping_sent = ident, now
+        self._pings[ident] = link
+        stream.send_bytes(f"<iq type='get' id='{ident}' from='{link.local}' to='{link.remote}'>"
+                          "<ping xmlns='urn:xmpp:ping'/></iq>".encode())
+
+    def forget_ping(self, link: OutboundLink) -> None:
+        if link.ping_id is not None:
+            self._pings.pop(link.ping_id, None)
+            link.ping_id = None
+
+    def _pong(self, stanza: domish.Element, sender: JID, to: JID) -> bool:
+        """An answer to one of our pings (any answer, errors too, shows the peer is there)."""
+        link = self._pings.get(stanza.getAttribute("id", ""))
+        if link is None or link.remote != sender.host or link.local != to.host or to.user is not None:
+            return False
+        del self._pings[link.ping_id]
+        link.ping_id = None
+        link.alive = self.server.clock.seconds()
+        return True
 
     # -- status for xmppctl s2s -------------------------------------------------------------
 

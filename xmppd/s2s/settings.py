@@ -51,6 +51,8 @@ class S2SConfig:
     close_timeout: float = 10.0
     idle_timeout: float = 600.0
     retry_delay: float = 5.0
+    ping_interval: float = 120.0
+    ping_timeout: float = 30.0
     queue_max_stanzas: int = 1000
     queue_timeout: float = 60.0
     max_connections_per_domain: int = 4
@@ -145,6 +147,8 @@ def parse(sec, endpoints, tcp_overlap, max_depth) -> S2SConfig:
         close_timeout=sec.number("close_timeout", 10.0, minimum=1),
         idle_timeout=sec.number("idle_timeout", 600.0, minimum=1),
         retry_delay=sec.number("retry_delay", 5.0, minimum=0),
+        ping_interval=sec.number("ping_interval", 120.0, minimum=0),
+        ping_timeout=sec.number("ping_timeout", 30.0, minimum=1),
         queue_max_stanzas=sec.int("queue_max_stanzas", 1000, minimum=1),
         queue_timeout=sec.number("queue_timeout", 60.0, minimum=1),
         max_connections_per_domain=sec.int("max_connections_per_domain", 4, minimum=1),
