@@ -334,3 +334,42 @@ def test_links_are_pinged_and_dropped_when_the_peer_stops_answering(server):
     assert [e["id"] for e in alice.got] == ["s7"] and "remote-server-not-found" in alice.got[0].toXml()
     assert not srv.s2s._pings
     srv.s2s.stop()
+
+
+def test_per_domain_limits(tmp_path, monkeypatch):
+    """[s2s.domains."b.test"]: its own stanza size and connection count."""
+    from twisted.internet import defer
+
+    from xmppd.s2s.inbound import InboundFactory
+
+    cfg = configlib.from_dict({"server": {"hosts": ["a.test"]}, "s2s": {
+        "require_encryption": False, "max_connections_per_domain": 3,
+        "domains": {"b.test": {"max_stanza_size": 8192, "max_connections": 1}}}}, "test.toml")
+    assert cfg.s2s.connections_for("b.test") == 1 and cfg.s2s.connections_for("c.test") == 3
+    object.__setattr__(cfg, "data_dir", str(tmp_path))
+    srv = Server(cfg, store=MemoryStore(), clock=Clock(), certs=object())
+    monkeypatch.setattr(srv.s2s, "verify_dialback", lambda *a: defer.succeed("valid"))
+    monkeypatch.setattr(srv.s2s, "inbound", lambda *a: None)
+
+    def connect(domain: str):
+        stream = InboundFactory(srv.s2s).buildProtocol(None)
+        transport = StringTransport()
+        stream.makeConnection(transport)
+        stream.dataReceived(f"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/"
+                            f"streams' xmlns:db='jabber:server:dialback' from='{domain}' to='a.test'"
+                            f" version='1.0'>".encode())
+        stream.dataReceived(f"<db:result from='{domain}' to='a.test'>k</db:result>".encode())
+        return stream, transport
+
+    big = "<message from='u@{d}/r' to='alice@a.test'><body>" + "x" * 12000 + "</body></message>"
+    b1, t1 = connect("b.test")
+    b2, t2 = connect("b.test")
+    assert b"too many connections" in t2.value()
+    b1.dataReceived(big.replace("{d}", "b.test").encode())
+    assert b"<policy-violation" in t1.value() and b"larger than 8192 bytes" in t1.value()
+    c1, tc = connect("c.test")
+    c1.dataReceived(big.replace("{d}", "c.test").encode())
+    assert b"<stream:error" not in tc.value()
+    with pytest.raises(ConfigError) as e:
+        configlib.from_dict({"s2s": {"domains": {"b.test": {"max_stanza_sise": 1}}}}, "test.toml")
+    assert e.value.key == 's2s.domains.b.test.max_stanza_sise'

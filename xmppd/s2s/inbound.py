@@ -81,6 +81,11 @@ class InboundStream(ServerStream):
                 log.info("s2s in {peer}: TLS failed ({domain}): {error}", peer=self.peer,
                          domain=self.remote or "?", error=reason.getErrorMessage())
 
+    def parser_limits(self):
+        if self.phase >= AUTHENTICATED:
+            return self.service.limits_for(self.remote)
+        return self.service.preauth_limits
+
     def header_bytes(self) -> bytes:
         return self.header_for(self.local or self.server.config.default_host, self.remote, True)
 
@@ -247,7 +252,7 @@ class InboundStream(ServerStream):
             self.cancel_auth_timeout()
             # Dialback authenticates without a stream restart: the parser
             # this stream keeps gets the post-authentication limits now.
-            self.parser.set_limits(self.service.limits)
+            self.parser.set_limits(self.parser_limits())
 
     # -- dialback (we are the receiving server) ------------------------------------------
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, task
@@ -57,6 +58,11 @@ class S2SService:
         self.config = config
         self.reactor = reactor
         self.limits, self.preauth_limits = s2s_limits(config)
+        # [s2s.domains."x"] max_stanza_size: that domain's own post-authentication limits.
+        self._domain_limits = {
+            domain: replace(self.limits, stanza_size=d.max_stanza_size)
+            for domain, d in config.domains.items() if d.max_stanza_size != config.max_stanza_size
+        }
         self._keys: DialbackKeys | None = None  # read from the data dir at first use
         try:
             self.trust = PeerTrust(config.ca_file, config.ca_dir, config.ca_system)
@@ -134,9 +140,13 @@ class S2SService:
             return f"{domain} is served here"
         return None
 
+    def limits_for(self, domain: str | None):
+        """Parser limits of an authenticated stream from ``domain``."""
+        return self._domain_limits.get(domain, self.limits) if domain else self.limits
+
     def admit_inbound(self, domain: str) -> bool:
         count = self._inbound_count.get(domain, 0)
-        if count >= self.config.max_connections_per_domain:
+        if count >= self.config.connections_for(domain):
             return False
         self._inbound_count[domain] = count + 1
         self.status_changed()

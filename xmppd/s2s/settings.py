@@ -30,6 +30,14 @@ class Route:
 
 
 @dataclass(frozen=True)
+class DomainLimits:
+    """``[s2s.domains."<domain>"]``: limits for one remote domain, overriding ``[s2s]``."""
+
+    max_stanza_size: int
+    max_connections: int
+
+
+@dataclass(frozen=True)
 class S2SConfig:
     enabled: bool = True
     listen: tuple[str, ...] = ()
@@ -44,6 +52,7 @@ class S2SConfig:
     secure_domains: frozenset[str] = frozenset()
     blocked_domains: frozenset[str] = frozenset()
     routes: dict = field(default_factory=dict)  # domain -> Route
+    domains: dict = field(default_factory=dict)  # domain -> DomainLimits
     nameservers: tuple[tuple[str, int], ...] = ()
     dns_timeout: float = 10.0
     connect_timeout: float = 10.0
@@ -60,6 +69,10 @@ class S2SConfig:
     max_stanza_nodes: int = DEFAULT_MAX_NODES
     max_depth: int = DEFAULT_MAX_DEPTH
     max_outbound_bytes: int = 4 * 1024 * 1024
+
+    def connections_for(self, domain: str) -> int:
+        limits = self.domains.get(domain)
+        return limits.max_connections if limits is not None else self.max_connections_per_domain
 
     def needs_certificate(self, domain: str) -> bool:
         """A valid certificate is required of ``domain`` (no dialback fallback)."""
@@ -124,6 +137,10 @@ def _nameservers(sec) -> tuple[tuple[str, int], ...]:
 
 def parse(sec, endpoints, tcp_overlap, max_depth) -> S2SConfig:
     """Read ``[s2s]`` (a :class:`~xmppd.config.Section`); the helpers come from xmppd.config."""
+    domains_sec = sec.table_of("domains")
+    domain_tables = {}
+    for name in domains_sec.table:
+        domain_tables[_domain(domains_sec, name, name)] = domains_sec.table_of(name)
     routes_sec = sec.table_of("routes")
     routes = {_domain(routes_sec, d, d): _route(routes_sec, d, v) for d, v in routes_sec.table.items()}
     cfg = S2SConfig(
@@ -157,6 +174,14 @@ def parse(sec, endpoints, tcp_overlap, max_depth) -> S2SConfig:
         max_depth=max_depth(sec),
         max_outbound_bytes=sec.int("max_outbound_bytes", 4 * 1024 * 1024, minimum=65536),
     )
+    domains = {}
+    for domain, dsec in domain_tables.items():
+        domains[domain] = DomainLimits(
+            max_stanza_size=dsec.int("max_stanza_size", cfg.max_stanza_size, minimum=4096),
+            max_connections=dsec.int("max_connections", cfg.max_connections_per_domain, minimum=1),
+        )
+        dsec.reject_unknown()
+    object.__setattr__(cfg, "domains", domains)
     tcp_overlap(sec, {"listen": cfg.listen, "listen_tls": cfg.listen_tls})
     sec.reject_unknown()
     if not cfg.enabled and (cfg.listen or cfg.listen_tls):
