@@ -19,7 +19,7 @@ from tests.federation import Federation, wait_for_log
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     # a.test pings its links every second (XEP-0199); b.test answers.
-    f = Federation(tmp_path_factory.mktemp("s2s"), a_s2s="ping_interval = 1\nping_timeout = 2")
+    f = Federation(tmp_path_factory.mktemp("s2s"), a_s2s="ping_interval = 1\nping_timeout = 3")
     yield f
     f.stop()
 
@@ -91,7 +91,8 @@ def test_answered_pings_keep_the_link(fed):
     alice = fed.login(fed.a, "alice", "pings")
     try:
         alice.send("<message to='bob@b.test' type='chat' id='p0'><body>link up</body></message>")
-        time.sleep(3.5)  # three ping rounds, each answered within ping_timeout
+        # Long enough for an unanswered ping (sent at 1 s) to drop the link (at 4-5 s).
+        time.sleep(5.5)
         alice.send("<message to='nobody@b.test/x' type='chat' id='p1'><body>still up?</body></message>")
         # b.test answers over the same link (no new authentication in between).
         assert "service-unavailable" in _stanza(alice, "message", "p1")

@@ -64,14 +64,19 @@ class PeerTrust:
             for name in sorted(os.listdir(ca_dir)):
                 if name.lower().endswith(_CERT_SUFFIXES) and not name.startswith("."):
                     count += self._add_file(os.path.join(ca_dir, name), required=False)
-        if system:
-            paths = ssl.get_default_verify_paths()
-            try:
-                if paths.cafile or paths.capath:
-                    self.store.load_locations(paths.cafile, paths.capath)
-            except crypto.Error:
-                log.warn("s2s: the system trust store could not be loaded")
+        # The system store is read at the first check: a server that never
+        # federates (and every in-process test) does not pay for it.
+        self._system_pending = system
         self.anchors = count
+
+    def _load_system(self) -> None:
+        self._system_pending = False
+        paths = ssl.get_default_verify_paths()
+        try:
+            if paths.cafile or paths.capath:
+                self.store.load_locations(paths.cafile, paths.capath)
+        except crypto.Error:
+            log.warn("s2s: the system trust store could not be loaded")
 
     def _add_file(self, path: str, required: bool) -> int:
         with open(path, "rb") as f:
@@ -93,6 +98,8 @@ class PeerTrust:
         """Does the peer's certificate on ``conn`` authenticate ``domain``?"""
         if conn is None:
             return PeerCertificate(False, False, "no TLS")
+        if self._system_pending:
+            self._load_system()
         try:
             leaf = conn.get_peer_certificate()
             chain = conn.get_peer_cert_chain() or []
