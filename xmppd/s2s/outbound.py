@@ -69,6 +69,8 @@ class OutboundStream(ServerStream):
         self._db_sent = False
         self._verify_ready = False
         self.peer_verified = False
+        # db:verify requests written on this stream, by stream id, awaiting the answer.
+        self.verify_sent: dict[str, defer.Deferred] = {}
 
     @property
     def service(self) -> "S2SService":
@@ -286,7 +288,6 @@ class OutboundLink:
         # Dialback keys other servers gave us, to check with this remote
         # domain's authoritative server: (stream id, key, Deferred).
         self.verify_waiting: list[tuple[str, str, defer.Deferred]] = []
-        self.verify_sent: dict[str, defer.Deferred] = {}
         # XEP-0199: when the peer last showed it reads (stream ready, ping answered).
         self.alive = self.last_used
         self.ping_id: str | None = None
@@ -423,7 +424,8 @@ class OutboundLink:
                 for stanza in held.stanzas():
                     self.service.bounce(stanza, "remote-server-not-found", reason)
                 held.clear()
-        self.service.forget_ping(self)
+        if self.stream is None:
+            self.service.forget_ping(self)
         self.service.verifies_lost(stream)
         self.service.link_idle(self)
         self.service.status_changed()

@@ -248,13 +248,14 @@ class S2SService:
                 return defer.succeed(recent)
             link = self.links[(local, remote)] = OutboundLink(self, local, remote)
         d: defer.Deferred = defer.Deferred()
-        if len(link.verify_waiting) + len(link.verify_sent) >= MAX_PENDING_VERIFY:
+        stream = link.stream or link.connecting
+        sent = len(stream.verify_sent) if stream is not None else 0
+        if len(link.verify_waiting) + sent >= MAX_PENDING_VERIFY:
             d.callback("too many dialback requests pending")
             return d
         entry = (stream_id, key, d)
         d.addTimeout(self.config.auth_timeout, self.server.clock,
                      onTimeoutCancel=lambda *_: "authoritative server did not answer in time")
-        stream = link.stream or link.connecting
         if stream is not None and stream.verify_ready:
             self._send_verify(link, stream, entry)
         else:
@@ -266,7 +267,7 @@ class S2SService:
         stream_id, key, d = entry
         if d.called:
             return
-        link.verify_sent[stream_id] = d
+        stream.verify_sent[stream_id] = d
         stream.send_verify(
             f"<db:verify from='{link.local}' to='{link.remote}' id='{domish.escapeToXml(stream_id, True)}'>"
             f"{domish.escapeToXml(key)}</db:verify>".encode())
@@ -283,7 +284,7 @@ class S2SService:
             log.info("s2s out {local} -> {remote}: db:verify answer for other domains ignored",
                      local=link.local, remote=link.remote)
             return
-        d = link.verify_sent.pop(el.getAttribute("id", ""), None)
+        d = stream.verify_sent.pop(el.getAttribute("id", ""), None)
         if d is None or d.called:
             return
         kind = el.getAttribute("type")
@@ -291,7 +292,7 @@ class S2SService:
 
     def verifies_lost(self, stream: OutboundStream) -> None:
         link = stream.link
-        sent, link.verify_sent = link.verify_sent, {}
+        sent, stream.verify_sent = stream.verify_sent, {}
         waiting = []
         if link.stream is None and link.connecting is None:
             waiting, link.verify_waiting = link.verify_waiting, []
