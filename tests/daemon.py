@@ -56,7 +56,12 @@ class Daemon:
     """One xmppd process with a generated config."""
 
     def __init__(self, tmp: Path, hosts=("localhost",), extra: str = "", plugins=None,
-                 tls: str = "required", direct_tls: bool = False, c2s: str = "") -> None:
+                 tls: str = "required", direct_tls: bool = False, c2s: str = "",
+                 s2s: str | None = None, s2s_direct_tls: bool = False) -> None:
+        """``s2s``: lines for an ``[s2s]`` table with a loopback listener on
+        ``self.s2s_port`` (and ``self.s2s_tls_port`` with ``s2s_direct_tls``);
+        None switches federation off (``enabled = false``), so that no test
+        daemon looks up other domains in DNS."""
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = tuple(hosts)
@@ -68,6 +73,9 @@ class Daemon:
         self.extra_env: dict[str, str] = {}  # e.g. NOTIFY_SOCKET
         self.prefix: list[str] = []  # argv before twistd, e.g. setpriv
         self.c2s = c2s  # extra lines for the [c2s] table, e.g. "auth_timeout = 2"
+        self.s2s = s2s
+        self.s2s_port = free_port() if s2s is not None else None
+        self.s2s_tls_port = free_port() if s2s is not None and s2s_direct_tls else None
         self.write_config(extra, plugins, tls)
 
     def write_config(self, extra: str = "", plugins=None, tls: str = "required") -> None:
@@ -90,6 +98,14 @@ class Daemon:
             {plugin_line}
             """)
         text = text.replace("{c2s_lines}", textwrap.dedent(self.c2s).strip() + "\n")
+        if self.s2s is None:
+            # No test reaches beyond this machine: without an [s2s] of its
+            # own, a daemon does not federate (other domains bounce at once).
+            text += "\n[s2s]\nenabled = false\n"
+        else:
+            listen_tls = f'["tcp:{self.s2s_tls_port}:interface=127.0.0.1"]' if self.s2s_tls_port else "[]"
+            text += (f'\n[s2s]\nlisten = ["tcp:{self.s2s_port}:interface=127.0.0.1"]\n'
+                     f"listen_tls = {listen_tls}\n" + textwrap.dedent(self.s2s).strip() + "\n")
         self.config_path.write_text(text + textwrap.dedent(extra))
 
     def env(self) -> dict:
@@ -108,6 +124,8 @@ class Daemon:
             wait_for_port(self.port, proc=self.proc)
             if self.tls_port:
                 wait_for_port(self.tls_port, proc=self.proc)
+            if self.s2s_port:
+                wait_for_port(self.s2s_port, proc=self.proc)
             self.wait_started()
         return self
 

@@ -20,17 +20,12 @@ import re
 import socket
 import struct
 import time
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
 from tests.daemon import Daemon
+from tests.pki import CA, _write_pair
 from tests.tlsclient import TLSClient
 from tests.xmpp import Client, run
 from twisted.internet import defer
@@ -46,96 +41,6 @@ from xmppd.certs import (
     check_certificates,
     client_certificate,
 )
-
-XMPP_ADDR = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.5")
-NOW = datetime.now(timezone.utc)
-
-
-# --------------------------------------------------------------------------
-# PKI
-
-
-def _utf8(text: str) -> bytes:
-    """DER UTF8String, the value of an id-on-xmppAddr otherName."""
-    raw = text.encode("utf-8")
-    assert len(raw) < 128
-    return bytes([0x0C, len(raw)]) + raw
-
-
-def _name(cn: str, email: str | None = None) -> x509.Name:
-    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "xmppd tests"),
-             x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-    if email:
-        attrs.append(x509.NameAttribute(NameOID.EMAIL_ADDRESS, email))
-    return x509.Name(attrs)
-
-
-class CA:
-    def __init__(self, cn: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.name = _name(cn)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(self.name).issuer_name(self.name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - timedelta(days=30))
-            .not_valid_after(NOW + timedelta(days=365))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()),
-                           critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-
-    def pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def issue(self, cn: str, serial: int, xmpp: tuple[str, ...] = (), emails: tuple[str, ...] = (),
-              subject_email: str | None = None, expired: bool = False) -> tuple[x509.Certificate, object]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(cn, subject_email)).issuer_name(self.name)
-            .public_key(key.public_key())
-            .serial_number(serial)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                           critical=False)
-        )
-        if expired:
-            builder = builder.not_valid_before(NOW - timedelta(days=20)).not_valid_after(
-                NOW - timedelta(days=1))
-        else:
-            builder = builder.not_valid_before(NOW - timedelta(days=1)).not_valid_after(
-                NOW + timedelta(days=30))
-        sans = [x509.OtherName(XMPP_ADDR, _utf8(a)) for a in xmpp]
-        sans += [x509.RFC822Name(e) for e in emails]
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return builder.sign(self.key, hashes.SHA256()), key
-
-    def crl(self, revoked: tuple[int, ...]) -> bytes:
-        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.name)
-                   .last_update(NOW - timedelta(hours=1)).next_update(NOW + timedelta(days=7)))
-        for serial in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial)
-                .revocation_date(NOW - timedelta(hours=1)).build())
-        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
-def _write_pair(directory: Path, name: str, cert: x509.Certificate, key) -> str:
-    path = directory / f"{name}.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return str(path)
-
 
 REVOKED_SERIAL = 0x5E7
 SERIALS = {"alice-two-domains": 0xA2D, "alice": 0xA11CE, "bob-other-domain": 0xB0B, "both": 0xB07, "nobody": 0x404,

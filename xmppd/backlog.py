@@ -51,16 +51,24 @@ class OutboundBacklog:
         self.size = 0
 
     def messages(self) -> list[domish.Element]:
-        """The ``<message/>`` stanzas held, parsed back, oldest first.
+        """The ``<message/>`` stanzas held (a client session's, for offline storage).
+
+        Other stanzas (presence, IQ) are not worth keeping: the client asks
+        for that state again when it reconnects.
+        """
+        return self.stanzas(("message",))
+
+    def stanzas(self, names: tuple[str, ...] = ("message", "iq", "presence")) -> list[domish.Element]:
+        """The stanzas held whose element is one of ``names``, parsed back, oldest first.
 
         Everything held was serialised by this server (one stanza per
         chunk), so the input is trusted and well-formed; domish's expat
         stream is enough, with text buffering on so that a long body is
-        joined in linear time.  Other stanzas (presence, IQ) are not worth
-        keeping: the client asks for that state again when it reconnects.
+        joined in linear time.
         """
         out: list[domish.Element] = []
-        wanted = [c for c in self.chunks if c.startswith(b"<message")]
+        prefixes = tuple(b"<" + n.encode() for n in names)
+        wanted = [c for c in self.chunks if c.startswith(prefixes)]
         if not wanted:
             return out
         stream = domish.elementStream()

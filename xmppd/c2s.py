@@ -19,20 +19,19 @@ A bound session is a streaming producer on its transport: while the
 transport's buffer is full, output is held in an
 :class:`~xmppd.backlog.OutboundBacklog` bounded by ``[c2s]
 max_outbound_bytes`` instead of growing the buffer without limit.
+
+The life-cycle part (parser, header, stream errors, time bounds, flow
+control) is shared with the server-to-server streams in
+:mod:`xmppd.stream`; this module adds what only clients do.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import os
-import uuid
-from typing import TYPE_CHECKING, Callable
-
 from twisted.internet import protocol
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.logger import Logger
 from twisted.words.xish import domish
-from zope.interface import implementer
 
 from OpenSSL import SSL
 
@@ -42,17 +41,13 @@ from xmppd.backlog import OutboundBacklog
 from xmppd.certs import ClientCertificate, client_certificate
 from xmppd.stanzas import (
     NS_CLIENT,
-    NS_STREAM_ERRORS,
     NS_STREAMS,
     StanzaError,
     error_reply,
     iq_result,
-    serialize,
 )
-from xmppd.xmlparser import Limits, StreamParser, XMLStreamError
-
-if TYPE_CHECKING:
-    from xmppd.core import Server
+from xmppd.stream import AUTHENTICATED, BOUND, CLOSED, HEADER, NEGOTIATING, XMPPStream
+from xmppd.xmlparser import Limits
 
 log = Logger()
 
@@ -64,39 +59,27 @@ NS_SASL_CB = "urn:xmpp:sasl-cb:0"
 _XML_LANG = ("http://www.w3.org/XML/1998/namespace", "lang")
 _STANZAS = frozenset(("message", "presence", "iq"))
 
-# Connection phases.
-HEADER, NEGOTIATING, AUTHENTICATED, BOUND, CLOSED = range(5)
+# Connection phases (shared with every stream kind).
+__all__ = ["C2SStream", "C2SFactory", "parser_limits", "HEADER", "NEGOTIATING",
+           "AUTHENTICATED", "BOUND", "CLOSED"]
 
 
-@implementer(IHandshakeListener, IPushProducer)
-class C2SStream(protocol.Protocol):
+class C2SStream(XMPPStream):
     """A client connection, and after binding the user's session."""
 
     factory: "C2SFactory"
+    kind = "c2s"
+    ESTABLISHED = BOUND
 
     def __init__(self) -> None:
-        self.phase = HEADER
+        super().__init__()
         self.host: str | None = None
-        self.secure = False
         self.username: str | None = None
         self.jid: jidlib.JID | None = None
         self.available = False
         self.priority = 0
-        self.header_sent = False
         self.mechanism: sasl.Mechanism | None = None
         self.auth_failures = 0
-        self.parser: StreamParser | None = None
-        self.peer = "?"
-        self._timeout = None
-        self._closer = None  # aborts a close that does not complete
-        self.tls_pending = False  # a TLS handshake has started and not finished
-        # Output flow (see send_bytes): True while output goes straight to
-        # the transport; False while the transport is paused or once closed.
-        self._direct = True
-        self._paused = False
-        self._producing = False  # registered as the transport's producer
-        self._backlog: OutboundBacklog | None = None  # only for slow sessions
-        self._drained: list[Callable[[], None]] | None = None
         self._refusal: str | None = None
         self._cert_logged = False
         # Per-session state owned by plugins (e.g. blocking interest).
@@ -104,9 +87,8 @@ class C2SStream(protocol.Protocol):
 
     # -- connection life cycle ----------------------------------------------
 
-    @property
-    def server(self) -> "Server":
-        return self.factory.server
+    def stream_settings(self):
+        return self.server.config.c2s
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -115,129 +97,23 @@ class C2SStream(protocol.Protocol):
         if not self.factory.admit(self.peer):
             self._refusal = "policy-violation"
             log.warn("c2s {peer}: too many connections from this address", peer=self.peer)
-        self._new_parser()
-        clock = self.server.clock
-        self.last_active = clock.seconds()
-        self._timeout = clock.callLater(self.server.config.c2s.auth_timeout, self._auth_timeout)
+        super().connectionMade()
 
-    def handshakeCompleted(self) -> None:
-        """IHandshakeListener: the TLS handshake (direct or STARTTLS) finished."""
-        self.tls_pending = False
-
-    def connectionLost(self, reason=None) -> None:
-        previous, self.phase = self.phase, CLOSED
-        self._direct = False
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        if self._closer is not None and self._closer.active():
-            self._closer.cancel()
-        self._closer = None
+    def connection_closed(self, previous: int, reason) -> None:
         self.factory.release(self.peer)
         if self.secure and previous < AUTHENTICATED and reason is not None and reason.check(SSL.Error):
             # e.g. a vhost with client_cert = "required" and no valid certificate
             log.info("c2s {peer}: TLS failed for {host}: {error}", peer=self.peer,
                      host=self.host or self._sni() or "(no SNI)", error=reason.getErrorMessage())
-        if previous == BOUND:
-            self._end_session()
 
-    def _auth_timeout(self) -> None:
-        self._timeout = None
-        if self.phase >= BOUND:
-            return
-        if self.tls_pending:
-            # Nothing can reach a peer that has not finished its handshake,
-            # and a TLS close would wait for that handshake: abort.
-            log.info("c2s {peer}: TLS handshake not completed in time", peer=self.peer)
-            self._abort()
-            return
-        log.info("c2s {peer}: no authenticated session in time", peer=self.peer)
-        self.stream_error("connection-timeout", "authenticate sooner")
+    def established_ended(self) -> None:
+        self._end_session()
 
-    def _abort(self) -> None:
-        """Drop the connection now, whatever is buffered (connectionLost follows)."""
-        if self.phase != CLOSED:
-            self.parser.halt()
-            was_bound, self.phase = self.phase == BOUND, CLOSED
-            self._direct = False
-            if was_bound:
-                self._end_session()
-        self.transport.abortConnection()
-
-    def _close_timed_out(self) -> None:
-        self._closer = None
-        log.info("c2s {peer}: connection not closed after {t:g}s (peer not reading?), aborting",
-                 peer=self.peer, t=self.server.config.c2s.close_timeout)
-        self.transport.abortConnection()
-
-    def _new_parser(self) -> None:
-        if self.parser is not None:
-            self.parser.halt()
+    def parser_limits(self) -> Limits:
         # Until SASL succeeds, the much smaller pre-authentication limits.
-        limits = self.factory.limits if self.phase >= AUTHENTICATED else self.factory.preauth_limits
-        self.parser = StreamParser(self._stream_start, self._element, self._stream_end, limits)
-        self.header_sent = False
+        return self.factory.limits if self.phase >= AUTHENTICATED else self.factory.preauth_limits
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.phase == CLOSED:
-            return
-        self.last_active = self.server.clock.seconds()
-        try:
-            self.parser.feed(data)
-        except XMLStreamError as e:
-            log.info("c2s {peer}: {error}", peer=self.peer, error=e)
-            self.stream_error(e.condition, e.text)
-        except Exception:
-            log.failure("c2s {peer}: internal error", peer=self.peer)
-            self.stream_error("internal-server-error")
-
-    # -- output ----------------------------------------------------------------
-
-    def send(self, element: domish.Element) -> None:
-        if self._direct:
-            self.transport.write(serialize(element))
-        elif self.phase != CLOSED:
-            self._hold(serialize(element))
-
-    def send_bytes(self, data: bytes) -> None:
-        # The hot path is the first test: one attribute, as before flow
-        # control existed.  Only a paused (or closed) session goes further.
-        if self._direct:
-            self.transport.write(data)
-        elif self.phase != CLOSED:
-            self._hold(data)
-
-    @property
-    def writable(self) -> bool:
-        """True while output goes straight to the transport (not paused, not closed)."""
-        return self._direct
-
-    def when_drained(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once held output has reached the transport.
-
-        For senders of bulk output (offline delivery) that should wait for a
-        slow client instead of filling the backlog.  Never called if the
-        session closes first.
-        """
-        if self._direct:
-            callback()
-        elif self.phase != CLOSED:
-            if self._drained is None:
-                self._drained = []
-            self._drained.append(callback)
-
-    def _hold(self, data: bytes) -> None:
-        """Keep output while the transport is paused; too much of it ends the session."""
-        if self._backlog.add(data):
-            # Not now: we are inside some delivery loop over the sessions,
-            # which closing (unbinding) would change under it.  Until then
-            # the session stays bound and keeps what it is sent, so that it
-            # all takes the offline path together.
-            self.server.clock.callLater(0, self._overflowed)
-
-    def _overflowed(self) -> None:
-        backlog = self._backlog
-        if self.phase == CLOSED or backlog is None:
-            return  # gone first (its backlog was released then), or caught up
+    def output_overflowed(self, backlog: OutboundBacklog) -> None:
         log.warn("c2s {jid} from {peer}: client is not reading; {size} bytes of output held"
                  " (max_outbound_bytes = {limit}), closing",
                  jid=self.jid.full, peer=self.peer, size=backlog.size, limit=backlog.limit)
@@ -246,79 +122,13 @@ class C2SStream(protocol.Protocol):
         # it the server is short of resources, which it is not.
         self.stream_error("policy-violation", "too much output waiting: read your stream")
 
-    # IPushProducer: the transport tells a bound session when its buffer is full.
-
-    def pauseProducing(self) -> None:
-        if self.phase == CLOSED:
-            return
-        self._paused = True
-        self._direct = False
-        if self._backlog is None:
-            self._backlog = OutboundBacklog(self.server.config.c2s.max_outbound_bytes)
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if self.phase == CLOSED:
-            return
-        backlog = self._backlog
-        if backlog is not None:
-            write = self.transport.write
-            # transport.write may pause us again at once: stop there.
-            while backlog.chunks and not self._paused:
-                write(backlog.popleft())
-            if not backlog.chunks:
-                self._backlog = None  # a session that caught up holds nothing
-        if not self._paused:
-            self._direct = True
-            callbacks, self._drained = self._drained, None
-            for callback in callbacks or ():
-                callback()
-
-    def stopProducing(self) -> None:
-        """The transport is going away; connectionLost does the cleanup."""
-
-    def _send_header(self, stream_id: str | None = None) -> None:
+    def header_bytes(self) -> bytes:
         host = self.host or self.server.config.default_host
-        self.stream_id = stream_id or uuid.uuid4().hex
-        self.transport.write(
-            (
-                "<?xml version='1.0'?>"
-                f"<stream:stream xmlns='{NS_CLIENT}' xmlns:stream='{NS_STREAMS}'"
-                f" from='{host}' id='{self.stream_id}' version='1.0' xml:lang='en'>"
-            ).encode()
-        )
-        self.header_sent = True
-
-    def stream_error(self, condition: str, text: str = "") -> None:
-        """Send ``<stream:error/>``, close the stream and the connection."""
-        if self.phase == CLOSED:
-            return
-        if not self.header_sent:
-            self._send_header()
-        body = f"<stream:error><{condition} xmlns='{NS_STREAM_ERRORS}'/>"
-        if text:
-            body += f"<text xmlns='{NS_STREAM_ERRORS}'>{domish.escapeToXml(text)}</text>"
-        self.transport.write((body + "</stream:error></stream:stream>").encode())
-        self._close()
-
-    def _close(self) -> None:
-        self.parser.halt()
-        was_bound = self.phase == BOUND
-        self.phase = CLOSED
-        self._direct = False
-        if self._producing:
-            # A registered producer keeps a TLS transport from sending
-            # close_notify and a TCP one from closing after its last write.
-            self._producing = False
-            self.transport.unregisterProducer()
-        self.transport.loseConnection()
-        # A peer that never reads (or never answers close_notify) would keep
-        # the connection forever: bound the close in time.
-        self._closer = self.server.clock.callLater(
-            self.server.config.c2s.close_timeout, self._close_timed_out
-        )
-        if was_bound:
-            self._end_session()
+        return (
+            "<?xml version='1.0'?>"
+            f"<stream:stream xmlns='{NS_CLIENT}' xmlns:stream='{NS_STREAMS}'"
+            f" from='{host}' id='{self.stream_id}' version='1.0' xml:lang='en'>"
+        ).encode()
 
     def _end_session(self) -> None:
         log.info("c2s {jid} from {peer}: session ended", jid=self.jid.full, peer=self.peer)
@@ -339,8 +149,7 @@ class C2SStream(protocol.Protocol):
         instead, and release it like this only when the resumption window
         ends.
         """
-        backlog, self._backlog = self._backlog, None
-        self._drained = None
+        backlog = self.take_backlog()
         if backlog is None or not backlog.chunks:
             return
         held, size = len(backlog.chunks), backlog.size
@@ -364,7 +173,7 @@ class C2SStream(protocol.Protocol):
 
     # -- stream header -------------------------------------------------------
 
-    def _stream_start(self, uri: str, local: str, attrs: dict, decls: dict) -> None:
+    def stream_started(self, uri: str, local: str, attrs: dict, decls: dict) -> None:
         to = attrs.get("to")
         if to is not None:
             try:
@@ -491,14 +300,9 @@ class C2SStream(protocol.Protocol):
             passwords=self.server.config.sasl_for(self.host).password_mechanisms,
         )
 
-    def _stream_end(self) -> None:
-        log.debug("c2s {peer}: client closed the stream", peer=self.peer)
-        self.transport.write(b"</stream:stream>")
-        self._close()
-
     # -- elements ----------------------------------------------------------------
 
-    def _element(self, el: domish.Element) -> None:
+    def element(self, el: domish.Element) -> None:
         phase = self.phase
         if phase == BOUND:
             if el.uri != NS_CLIENT or el.name not in _STANZAS:
@@ -673,11 +477,9 @@ class C2SStream(protocol.Protocol):
         self.jid = jidlib.make(self.username, self.host, resource)
         self.phase = BOUND
         self.bound_at = self.server.clock.seconds()  # for `xmppctl sessions`
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
+        self.cancel_auth_timeout()
         # From now on the transport tells us when the client stops reading.
-        self.transport.registerProducer(self, True)
-        self._producing = True
+        self.start_producing()
         old = self.server.router.bind(self)
         if old is not None:
             log.info("c2s {jid}: new session replaces the old one", jid=self.jid.full)

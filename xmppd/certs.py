@@ -464,10 +464,11 @@ def _display_names(cert: x509.Certificate) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _identity_for(cert: x509.Certificate, host: str) -> str | None:
+def _identity_for(cert: x509.Certificate, host: str, service: str = "_xmpp-client") -> str | None:
     """
     Which RFC 6125 / RFC 6120 §13.7.1.2 identifier makes ``cert`` valid for
-    ``host``: a DNS-ID, an SRV-ID ``_xmpp-client.<host>``, or an XmppAddr.
+    ``host``: a DNS-ID, an SRV-ID ``<service>.<host>`` (``_xmpp-client`` for
+    clients, ``_xmpp-server`` for peers), or an XmppAddr.
     service_identity does the DNS and SRV matching (wildcards included).
     """
     try:
@@ -477,7 +478,7 @@ def _identity_for(cert: x509.Certificate, host: str) -> str | None:
     host = _normalise(host)
     if patterns:
         for label, service_id in (("DNS-ID", DNS_ID), ("SRV-ID", SRV_ID)):
-            name = host if service_id is DNS_ID else f"_xmpp-client.{host}"
+            name = host if service_id is DNS_ID else f"{service}.{host}"
             try:
                 verify_service_identity(patterns, obligatory_ids=[service_id(name)],
                                         optional_ids=[])
@@ -487,6 +488,37 @@ def _identity_for(cert: x509.Certificate, host: str) -> str | None:
     if any(_normalise(a) == host for a in _xmpp_addrs(cert)):
         return "XmppAddr"
     return None
+
+
+def identity_for(cert: x509.Certificate, host: str, service: str = "_xmpp-client") -> str | None:
+    """Public form of the identity check, for the s2s peer verification."""
+    return _identity_for(cert, host, service)
+
+
+def policy_context(policy: TLSPolicy, chain: Sequence[x509.Certificate], key: object,
+                   path: str, client: bool = False) -> SSL.Context:
+    """
+    A context with ``policy`` applied carrying ``chain`` and ``key``: the
+    server side of a vhost's stream, or (``client``) the initiating side of
+    a server-to-server connection, which presents the same certificate.
+    """
+    if not client:
+        return _build_context(policy, chain, key, path)
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(_TLS_VERSIONS[policy.min_version])
+    ctx.set_options(SSL.OP_NO_COMPRESSION | getattr(SSL, "OP_NO_RENEGOTIATION", 0))
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    ctx.set_cipher_list((policy.ciphers or DEFAULT_CIPHERS).encode("ascii"))
+    tlsgroups.apply(ctx, policy.groups)
+    try:
+        ctx.use_certificate(chain[0])
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(key)  # type: ignore[arg-type]
+        ctx.check_privatekey()
+    except (SSL.Error, TypeError, ValueError) as e:
+        raise CertificateError(path, f"OpenSSL refused the certificate or key ({e})") from None
+    return ctx
 
 
 def _coverage(cert: x509.Certificate, host: str) -> str | None:
@@ -1551,6 +1583,11 @@ class CertificateStore:
         then the default certificate, then the default host.
         """
         return self._lookup(host).context
+
+    def credentials(self, host: str) -> tuple[tuple[x509.Certificate, ...], object, str]:
+        """Chain, key and file of the certificate served for ``host`` (the s2s contexts reuse them)."""
+        loaded = self._lookup(host).loaded
+        return loaded.chain, loaded.key, loaded.source.cert_path
 
     def starttls_options(self, host: str) -> _StartTLSCreator:
         """Argument for ``transport.startTLS()`` on the server side of a stream to ``host``."""

@@ -198,6 +198,7 @@ class Config:
     sections: dict = field(default_factory=dict)  # other top-level tables, by name
     client_certs: dict = field(default_factory=dict)  # host -> ClientCertConfig
     host_sasl: dict = field(default_factory=dict)  # host -> SASLConfig
+    s2s: Any = None  # xmppd.s2s.settings.S2SConfig (federation, docs/s2s.rst)
 
     def client_cert(self, host: str) -> ClientCertConfig:
         """The client-certificate settings of ``host`` (off when not configured)."""
@@ -308,6 +309,16 @@ def _tcp_overlap(sec: Section, lists: dict[str, tuple[str, ...]]) -> None:
             seen.setdefault(port, []).append((name, interface))
 
 
+def _cross_overlap(c2s_sec: Section, c2s: C2SConfig, s2s_sec: Section, name: str,
+                   values: tuple[str, ...]) -> None:
+    """An s2s listener on a port a c2s listener already has."""
+    try:
+        _tcp_overlap(s2s_sec, {"c2s.listen": c2s.listen, "c2s.listen_tls": c2s.listen_tls,
+                               name: values})
+    except ConfigError as e:
+        raise ConfigError(e.path, e.key, e.value, e.allowed.replace("s2s.c2s.", "c2s.")) from None
+
+
 def _paths(sec: Section, name: str, default: tuple) -> tuple[str, ...]:
     values = sec.strings(name, default)
     for v in values:
@@ -385,7 +396,7 @@ def _sasl_settings(sec: Section, base: SASLConfig) -> SASLConfig:
     )
 
 
-KNOWN_TABLES = ("server", "c2s", "tls", "auth", "sasl", "sm", "hosts")
+KNOWN_TABLES = ("server", "c2s", "s2s", "tls", "auth", "sasl", "sm", "hosts")
 # Tables read by plugins and other parts at start-up (their keys are checked
 # there); any other top-level name is a typo.
 SECTION_TABLES = (
@@ -443,6 +454,13 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
     c2s_sec.reject_unknown()
     if not c2s.listen and not c2s.listen_tls:
         raise c2s_sec.error("listen", [], "no listener: c2s.listen and c2s.listen_tls are both empty")
+
+    from xmppd.s2s import settings as s2s_settings
+
+    s2s = s2s_settings.parse(Section(path, "s2s", data.get("s2s", {})), _endpoints, _tcp_overlap,
+                             _max_depth)
+    for name, values in (("listen", s2s.listen), ("listen_tls", s2s.listen_tls)):
+        _cross_overlap(c2s_sec, c2s, Section(path, "s2s", {}), name, values)
 
     tls_sec = Section(path, "tls", data.get("tls", {}))
     tls = TLSConfig(
@@ -513,7 +531,7 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         path=path, hosts=hosts, data_dir=data_dir, admins=admins, c2s=c2s, tls=tls,
         plugins=plugins, auth=auth,
         host_sections=host_sections, sections=sections,
-        client_certs=client_certs, host_sasl=host_sasl,
+        client_certs=client_certs, host_sasl=host_sasl, s2s=s2s,
     )
 
 

@@ -39,6 +39,11 @@ class Server:
         self.router.user_exists = self._user_exists
         self.throttle = self._build_throttle()
         self.certs = certs if certs is not None else self._build_certs()
+        self.s2s = None
+        if config.s2s is not None and config.s2s.enabled:
+            from xmppd.s2s.service import S2SService
+
+            self.s2s = S2SService(self, config.s2s)
         self.plugins = []
         for name in config.plugins:
             plugin = load_plugin(name, config.path)

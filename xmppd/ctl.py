@@ -146,6 +146,9 @@ def run(reactor, args) -> defer.Deferred:
         live = yield _live(config, args)
         if live:
             return
+    if args.command == "s2s":
+        print(s2s_status(config))
+        return
     # Arguments first: a typo must not create a store or ask for a password.
     account = _parse_account(args.jid, config) if hasattr(args, "jid") else None
     if args.command == "import":
@@ -354,6 +357,33 @@ def _cert_store(config):
     return build_cert_store(config, generate=False)
 
 
+def s2s_status(config) -> str:
+    """The live s2s connections, from the status file the running server keeps."""
+    import json
+
+    from xmppd.pidfile import held_by_live_process
+    from xmppd.s2s.service import STATUS_FILE
+
+    if not held_by_live_process(os.path.join(config.data_dir, "xmppd.pid")):
+        raise CtlError("xmppd is not running")
+    try:
+        with open(os.path.join(config.data_dir, STATUS_FILE)) as f:
+            status = json.load(f)
+    except FileNotFoundError:
+        return "no s2s connections"
+    except (OSError, ValueError) as e:
+        raise CtlError(f"cannot read the s2s status: {e}") from None
+    rows = status.get("connections", [])
+    if not rows:
+        return "no s2s connections"
+    lines = [f"{'DIR':4} {'DOMAINS':40} {'STATE':12} {'TLS':8} {'AUTH':9} PEER"]
+    for r in rows:
+        lines.append(f"{r.get('direction', '?'):4} {', '.join(r.get('pairs', [])):40} "
+                     f"{r.get('state', '?'):12} {r.get('tls', '?'):8} {r.get('auth', '?'):9} "
+                     f"{r.get('peer', '')}")
+    return "\n".join(lines)
+
+
 @defer.inlineCallbacks
 def check(config, reactor):
     """
@@ -442,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="send <reset/> (reconnect now) instead of <policy-violation/>")
     sub.add_parser("users", help="accounts per host (count, and the list where the "
                                  "connector can list)").add_argument("host", nargs="?")
+    sub.add_parser("s2s", help="list the live server-to-server connections")
     sub.add_parser("blocklist", help="show a user's XEP-0191 blocklist").add_argument("jid")
     p = sub.add_parser("filter", help="show or set a user's domain filter",
                        description="POLICY is ALL, LOCAL, OWN, BLOCK, LIST, BLACKLIST, CUSTOM or "

@@ -77,5 +77,7 @@ def listeners(server) -> list[tuple[str, str, Any]]:
     if config.c2s.listen_tls:
         direct = server.certs.direct_tls_factory(C2SFactory(server, direct_tls=True))
         out += [("c2s.listen_tls", desc, direct) for desc in config.c2s.listen_tls]
+    if server.s2s is not None:
+        out += server.s2s.listeners()  # [s2s] listen / listen_tls
     out += server.components.listeners()  # XEP-0114, when external components are configured
     return out

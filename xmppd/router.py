@@ -7,6 +7,11 @@ the same filter chain, so a filter such as the blocking command sees every
 path; stanzas from the server itself (pushes, replies) use
 :meth:`Router.send_from_server` and bypass it.
 
+Destinations on other servers go, after the same filter chain, to the s2s
+service (:attr:`Router.remote`, see :mod:`xmppd.s2s.service`); stanzas from
+other servers come in through :meth:`Router.deliver` like plugin-emitted
+ones, so every filter runs on them too.
+
 The hot path is kept free of I/O and configuration look-ups: sessions are
 dicts keyed by bare JID and resource, filters are a plain list, IQ handlers a
 dict keyed by ``(type, namespace, element)``.
@@ -87,6 +92,9 @@ class Router:
         self.user_exists: Callable[[JID], defer.Deferred] = lambda j: defer.succeed(False)
         self.on_bound: list[Callable[[Session], None]] = []
         self.on_closed: list[Callable[[Session], None]] = []
+        # Destinations on other servers: (stanza, to), set by the s2s service
+        # (xmppd.s2s.service); None: no federation, they bounce.
+        self.remote: Callable[[domish.Element, JID], None] | None = None
 
     # -- session registry -------------------------------------------------
 
@@ -184,9 +192,10 @@ class Router:
             component = self.components.get(to.host)
             if component is not None:
                 self._to_component(component, stanza, session)
-                return
-            # No s2s yet: the remote server is unreachable.
-            self.bounce(stanza, StanzaError("remote-server-not-found"), session)
+            elif self.remote is not None:
+                self.remote(stanza, to)  # the filters ran; s2s bounces what cannot leave
+            else:
+                self.bounce(stanza, StanzaError("remote-server-not-found"), session)
             return
         if to.user is None:
             self._to_server(stanza, sender, to, session)
@@ -196,11 +205,15 @@ class Router:
             self._to_full(stanza, sender, to, session)
 
     def send_from_server(self, stanza: domish.Element, to: JID) -> None:
-        """Deliver a server-generated stanza to a local full or bare JID (or a component)."""
+        """Deliver a server-generated stanza to a full or bare JID (components and
+        remote ones too)."""
         if to.host not in self.hosts:
             component = self.components.get(to.host)
-            if component is not None and component.online:
-                component.send(stanza)
+            if component is not None:
+                if component.online:
+                    component.send(stanza)
+            elif self.remote is not None:
+                self.remote(stanza, to)
             return
         if to.resource is not None:
             target = self.sessions.get(to.bare, {}).get(to.resource)

@@ -64,6 +64,8 @@ class ServerService(service.MultiService):
         from xmppd.auth.factory import log_problems
 
         log_problems(self.server.connectors.values())
+        if self.server.s2s is not None:
+            self.server.s2s.start()
         interval = self.server.config.tls.poll_interval
         if interval > 0:
             self.server.certs.start_polling(interval)
@@ -85,6 +87,8 @@ class ServerService(service.MultiService):
     def stopService(self):
         self.notifier.stopping()
         self.server.certs.stop_polling()
+        if self.server.s2s is not None:
+            self.server.s2s.stop()
         stopped = [defer.maybeDeferred(port.stopListening) for port in self.ports]
         self.ports = []
         return defer.gatherResults(stopped + [defer.maybeDeferred(super().stopService)])

@@ -152,7 +152,11 @@ class StreamParser:
         on_element: Callable[[domish.Element], None],
         on_stream_end: Callable[[], None],
         limits: Limits | int,
+        rename: tuple[str, str] | None = None,
     ) -> None:
+        """``rename = (a, b)``: elements in namespace ``a`` are built in ``b``
+        (s2s streams: ``jabber:server`` stanzas become ``jabber:client`` ones,
+        the namespace every other part of the server works in)."""
         if isinstance(limits, int):
             limits = Limits(limits)
         self._on_stream_start = on_stream_start
@@ -174,6 +178,7 @@ class StreamParser:
         self._run: str | list[str] | None = None  # character data of the open element (see _text)
         self._halted = False
         self._decls: dict[str, str] = {}
+        self._rename_from, self._rename_to = rename if rename is not None else (None, None)
         self._parser = self._make_parser()
 
     def set_limits(self, limits: Limits) -> None:
@@ -221,6 +226,15 @@ class StreamParser:
             if self._depth == 0 and self._fed > self.limits.header_size:
                 # An endless stream header (attributes without end).
                 raise XMLStreamError("policy-violation", "stream header too large")
+
+    def set_limits(self, limits: Limits) -> None:
+        """New limits from the next byte on, for a stream authenticated
+        without a restart (s2s dialback), which keeps its parser."""
+        self.limits = limits
+        self.max_stanza_size = limits.stanza_size
+        self._max_depth = limits.depth + 1
+        self._max_nodes = limits.nodes
+        self._slice = max(1024, min(16384, limits.stanza_size // 4))
 
     def halt(self) -> None:
         """Dispatch nothing more from this parser (before a stream reset).
@@ -283,6 +297,8 @@ class StreamParser:
             self._count(0)  # raises the policy-violation
         self._depth = depth
         uri, local = _split(name)
+        if uri == self._rename_from:
+            uri = self._rename_to
         if depth == 2 and local == "stream" and uri == NS_STREAMS:
             # A stream header where a stanza belongs: the client thinks it
             # restarted the stream, but only STARTTLS and SASL success restart

@@ -7,8 +7,12 @@ does) runs in :meth:`PresencePlugin.inbound`.  Both halves run in this
 process for local contacts, but keeping them apart keeps every filter (the
 domain filter, then the blocking command) on the path between them, as with s2s.
 
-Remote contacts are skipped in broadcasts and probes until s2s exists, so a
-login does not bounce one error per remote contact.
+Remote contacts get broadcasts and probes like local ones: the router hands
+them to the s2s service, which never bounces presence (a login does not
+come back with one error per unreachable contact).  With federation off
+(``[s2s] enabled = false``) they are skipped, for the same reason.  Inbound presence from
+remote contacts arrives through the same filter chain into
+:meth:`PresencePlugin.inbound`.
 
 Subscription state is written outside any IQ, so a failed write
 (:class:`~xmppd.storage.StoreError`) is handled here: the presence stanza
@@ -172,12 +176,12 @@ class PresencePlugin(Plugin):
             to = jidlib.parse(contact)
         except jidlib.InvalidJID:
             return
-        if not self.router.is_local(to):
-            return
+        if self.router.remote is None and not self.router.is_local(to):
+            return  # federation off: the contact is unreachable, say nothing
         self.router.deliver(copy_to(stanza, contact), sender, to)
 
     def _probe_contacts(self, session, roster) -> None:
-        """Answer for local contacts the user is subscribed to (RFC 6121 §4.3)."""
+        """Probe every contact the user is subscribed to, local or remote (RFC 6121 §4.3)."""
         for contact, item in roster.items():
             if not item.to:
                 continue
@@ -185,8 +189,8 @@ class PresencePlugin(Plugin):
                 to = jidlib.parse(contact)
             except jidlib.InvalidJID:
                 continue
-            if not self.router.is_local(to):
-                continue
+            if self.router.remote is None and not self.router.is_local(to):
+                continue  # federation off
             probe = presence("probe", session.jid.bare, contact)
             self.router.deliver(probe, session.jid.bare_jid(), to)
 

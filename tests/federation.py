@@ -1,0 +1,152 @@
+"""Two xmppd daemons federating on loopback, for the s2s tests.
+
+:class:`Federation` starts ``a.test`` and ``b.test``, each with a server
+certificate from a test CA made here (or from a rogue CA, for the
+"untrusted certificate" cases), each trusting the test CA only
+(``ca_system = false``: nothing on this machine decides), with
+``[s2s.routes]`` pointing at the other's loopback port, so no test reaches
+DNS or any other machine.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import socket
+import struct
+
+from OpenSSL import SSL
+
+from tests.daemon import Daemon
+from tests.pki import CA
+from tests.rawclient import RawClient
+
+PASSWORD = "fed-secret"
+
+
+class Federation:
+    def __init__(self, tmp: Path, a_s2s: str = "", b_s2s: str = "", a_trusted: bool = True,
+                 b_trusted: bool = True, a_extra: str = "", b_extra: str = "", plugins=None,
+                 direct_tls: bool = False, start: bool = True, a_routes: dict | None = None) -> None:
+        tmp = Path(tmp)
+        ca, rogue = CA("xmppd federation test CA"), CA("Rogue CA")
+        ca_file = tmp / "ca.pem"
+        tmp.mkdir(parents=True, exist_ok=True)
+        ca_file.write_bytes(ca.pem())
+        self.ca, self.ca_file = ca, ca_file
+        self.a = Daemon(tmp / "a", hosts=("a.test",), s2s="", s2s_direct_tls=direct_tls, plugins=plugins)
+        self.b = Daemon(tmp / "b", hosts=("b.test",), s2s="", s2s_direct_tls=direct_tls, plugins=plugins)
+        pairs = ((self.a, "a.test", self.b, "b.test", a_s2s, a_extra, a_trusted),
+                 (self.b, "b.test", self.a, "a.test", b_s2s, b_extra, b_trusted))
+        for daemon, domain, other, other_domain, lines, extra, trusted in pairs:
+            cert, key = (ca if trusted else rogue).issue_server(domain, tmp / "certs")
+            if direct_tls:
+                route = f"tls:127.0.0.1:{other.s2s_tls_port}"
+            else:
+                route = f"tcp:127.0.0.1:{other.s2s_port}"
+            more = "".join(f'"{d}" = "{r}"\n' for d, r in (a_routes or {}).items()) if daemon is self.a else ""
+            daemon.s2s = (f'ca_file = "{ca_file}"\nca_system = false\n{lines}\n'
+                          f'[s2s.routes]\n"{other_domain}" = "{route}"\n{more}')
+            daemon.write_config(f'\n[hosts."{domain}".tls]\ncert = "{cert}"\nkey = "{key}"\n' + extra,
+                                plugins)
+        if start:
+            self.start()
+
+    def start(self) -> "Federation":
+        for daemon in (self.a, self.b):
+            daemon.start()
+        for daemon, user in ((self.a, "alice@a.test"), (self.b, "bob@b.test")):
+            daemon.adduser(user, PASSWORD)
+        return self
+
+    def stop(self) -> None:
+        for daemon in (self.a, self.b):
+            if daemon.proc is not None:
+                daemon.stop()
+
+    def login(self, daemon: Daemon, user: str, resource: str = "raw", presence: bool = True) -> RawClient:
+        """A raw client logged in as ``user`` (local part) on ``daemon``'s host."""
+        client = RawClient(daemon.port, host=daemon.hosts[0])
+        client.login(user, PASSWORD, resource)
+        if presence:
+            client.send("<presence/>")
+        return client
+
+
+def wait_for_log(daemon: Daemon, pattern: str, timeout: float = 10.0) -> str:
+    """Wait until ``pattern`` (regex) appears in the daemon's log; return the match."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = re.search(pattern, daemon.logtext())
+        if m:
+            return m.group(0)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {pattern!r} in the log of {daemon.hosts[0]}:\n"
+                                 + daemon.logtext()[-3000:])
+        time.sleep(0.05)
+
+
+class S2SPeer:
+    """A hand-driven remote server: STARTTLS, then SASL EXTERNAL with ``cert``/``key``.
+
+    For what a real peer would never send (forged addresses); it speaks
+    only the initiating side, from ``domain`` to ``to``.
+    """
+
+    def __init__(self, port: int, domain: str, to: str, cert: str, key: str) -> None:
+        self.domain, self.to = domain, to
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.conn: SSL.Connection | None = None
+        self.buffer = b""
+        self.cert, self.key = cert, key
+
+    def send(self, data: str) -> None:
+        (self.conn or self.sock).sendall(data.encode())
+
+    def read_until(self, pattern: str) -> str:
+        regex = re.compile(pattern.encode(), re.S)
+        while True:
+            m = regex.search(self.buffer)
+            if m:
+                out, self.buffer = self.buffer[: m.end()], self.buffer[m.end():]
+                return out.decode()
+            try:
+                chunk = (self.conn or self.sock).recv(65536)
+            except (SSL.ZeroReturnError, SSL.SysCallError):
+                chunk = b""
+            if not chunk:
+                raise ConnectionError(self.buffer.decode(errors="replace"))
+            self.buffer += chunk
+
+    def open(self) -> str:
+        self.send("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                  "xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' "
+                  f"from='{self.domain}' to='{self.to}' version='1.0'>")
+        return self.read_until("</stream:features>|<stream:features/>")
+
+    def authenticate(self) -> None:
+        assert "starttls" in self.open()
+        self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        self.read_until("<proceed[^>]*/>")
+        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        ctx.use_certificate_chain_file(self.cert)
+        ctx.use_privatekey_file(self.key)
+        self.sock.settimeout(None)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+        conn = SSL.Connection(ctx, self.sock)
+        conn.set_tlsext_host_name(self.to.encode())
+        conn.set_connect_state()
+        conn.do_handshake()
+        self.conn, self.buffer = conn, b""
+        features = self.open()
+        assert "EXTERNAL" in features, features
+        self.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>")
+        assert "<success" in self.read_until("<success[^>]*/>|</success>|</failure>")
+        self.open()
+
+    def close(self) -> None:
+        try:
+            (self.conn or self.sock).close()
+        except Exception:
+            pass
