@@ -38,7 +38,7 @@ from xmppd import jid as jidlib
 from xmppd.s2s.common import (
     NS_DIALBACK, NS_DIALBACK_FEATURE, NS_SASL, NS_SERVER, NS_TLS, STANZAS, ServerStream,
 )
-from xmppd.stanzas import NS_CLIENT, NS_STREAMS, text_of
+from xmppd.stanzas import NS_CLIENT, NS_STREAMS
 from xmppd.stream import AUTHENTICATED, CLOSED, HEADER, NEGOTIATING
 
 log = Logger()
@@ -213,7 +213,7 @@ class InboundStream(ServerStream):
     def _sasl_external(self, el: domish.Element) -> None:
         if self.phase != NEGOTIATING or el.getAttribute("mechanism") != "EXTERNAL":
             return self._sasl_failure("invalid-mechanism")
-        text = text_of(el).strip()
+        text = str(el).strip()
         authzid = None
         if text and text != "=":
             try:
@@ -258,7 +258,7 @@ class InboundStream(ServerStream):
 
     def _db_result(self, el: domish.Element) -> None:
         sender, to = el.getAttribute("from"), el.getAttribute("to")
-        key = text_of(el).strip()
+        key = str(el).strip()
         try:
             remote = jidlib.parse(sender or "").host
             local = jidlib.parse(to or "").host
@@ -327,7 +327,7 @@ class InboundStream(ServerStream):
         if originating not in self.server.router.hosts or not ident:
             kind = "invalid"
         else:
-            valid = self.service.keys.check(text_of(el), receiving, originating, ident)
+            valid = self.service.keys.check(str(el), receiving, originating, ident)
             kind = "valid" if valid else "invalid"
         log.info("s2s in {peer}: dialback verify for {orig} -> {recv}: {kind}", peer=self.peer,
                  orig=originating, recv=receiving, kind=kind)
