@@ -56,7 +56,10 @@ class StanzaFilter(Protocol):
     :class:`StanzaError` to bounce (never for presence and error stanzas:
     those are dropped instead).  ``sender`` is the full JID of the
     originating entity, ``to`` the parsed destination.
+    ``name`` labels the filter's refusals on the metrics page.
     """
+
+    name: str
 
     def check(self, stanza: domish.Element, sender: JID, to: JID) -> Any: ...
 
@@ -75,6 +78,11 @@ class Router:
         self.user_exists: Callable[[JID], defer.Deferred] = lambda j: defer.succeed(False)
         self.on_bound: list[Callable[[Session], None]] = []
         self.on_closed: list[Callable[[Session], None]] = []
+        # Read by the metrics page (xmppd.metrics); kept up to date at bind,
+        # unbind and refusal, never per delivered stanza.
+        self.session_counts: dict[str, int] = dict.fromkeys(self.hosts, 0)
+        # (filter name, "bounced" | "dropped") -> stanzas the filter refused
+        self.refusals: dict[tuple[str, str], int] = {}
 
     # -- session registry -------------------------------------------------
 
@@ -83,6 +91,9 @@ class Router:
         resources = self.sessions.setdefault(session.jid.bare, {})
         old = resources.get(session.jid.resource)
         resources[session.jid.resource] = session
+        if old is None:  # a replaced session leaves the count as it was
+            host = session.jid.host
+            self.session_counts[host] = self.session_counts.get(host, 0) + 1
         for hook in self.on_bound:
             hook(session)
         return old
@@ -94,6 +105,7 @@ class Router:
         del resources[session.jid.resource]
         if not resources:
             del self.sessions[session.jid.bare]
+        self.session_counts[session.jid.host] -= 1
         for hook in self.on_closed:
             try:
                 hook(session)
@@ -159,7 +171,11 @@ class Router:
             verdict = f.check(stanza, sender, to)
             if verdict is not None:
                 if verdict is not DROP and stanza.name != "presence":
+                    key = (getattr(f, "name", type(f).__name__), "bounced")
                     self.bounce(stanza, verdict, session)
+                else:
+                    key = (getattr(f, "name", type(f).__name__), "dropped")
+                self.refusals[key] = self.refusals.get(key, 0) + 1
                 return
         self.deliver_unfiltered(stanza, sender, to, session)
 

@@ -125,7 +125,9 @@ def build(config_path: str | None):
 
 
 def listeners(server) -> list[tuple[str, str, Any]]:
-    """``(config key, endpoint string, factory)`` of every c2s listener, not bound.
+    """``(config key, endpoint string, factory)`` of every listener, not bound.
+
+    The c2s listeners, and the metrics page when ``[metrics] listen`` is set.
 
     ``xmppd.tap.build`` binds them; ``xmppctl check`` only builds them (the
     direct-TLS factory needs the certificates), so it refuses what start-up
@@ -139,6 +141,10 @@ def listeners(server) -> list[tuple[str, str, Any]]:
     if config.c2s.listen_tls:
         direct = server.certs.direct_tls_factory(C2SFactory(server, direct_tls=True))
         out += [("c2s.listen_tls", desc, direct) for desc in config.c2s.listen_tls]
+    if server.metrics is not None:
+        from xmppd import metrics
+
+        out.append(("metrics.listen", server.metrics.listen, metrics.site(server)))
     return out
 
 
