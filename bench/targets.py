@@ -165,10 +165,11 @@ class Xmppd(Target):
 
     @staticmethod
     def _twistd() -> list[str]:
-        t = REPO / ".venv" / "bin" / "twistd"
-        if t.exists():
-            return [str(t)]
-        return [sys.executable, "-m", "twisted"]
+        for t in (REPO / ".venv" / "bin" / "twistd", Path(sys.executable).parent / "twistd"):
+            if t.exists():
+                return [str(t)]
+        # "python -m twisted" is twist, not twistd (no -n, no --pidfile)
+        return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
     @staticmethod
     def _python() -> str:

@@ -280,4 +280,4 @@ def test_metrics_listener_that_cannot_bind_stops_start_up(tmp_path):
 def test_bad_metrics_config_is_refused_by_check(tmp_path, table, key):
     d = Daemon(tmp_path, extra=f"[metrics]\n{table}\n")
     r = d.ctl("check", check=False)
-    assert r.returncode == 1 and key in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 1 and key in r.stdout + r.stderr, r.stdout + r.stderr

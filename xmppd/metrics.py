@@ -211,7 +211,7 @@ class MetricsPage(resource.Resource):
         return body
 
 
-class QuietSite(web.Site):
+class MetricsSite(web.Site):
     """No access-log line per scrape, no start/stop lines per connection."""
 
     noisy = False
@@ -220,7 +220,7 @@ class QuietSite(web.Site):
         pass
 
 
-def site(server: "Server") -> QuietSite:
+def site(server: "Server") -> MetricsSite:
     """The ``twisted.web`` site of the page, with its registry; hooks the store's timer."""
     from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
 
@@ -233,4 +233,4 @@ def site(server: "Server") -> QuietSite:
                        buckets=WRITE_BUCKETS, registry=registry)
     if hasattr(server.store, "observe_write"):
         server.store.observe_write = writes.observe
-    return QuietSite(MetricsPage(registry), timeout=HTTP_TIMEOUT)
+    return MetricsSite(MetricsPage(registry), timeout=HTTP_TIMEOUT)
