@@ -21,6 +21,8 @@ PW = "pw-secret-1"
 USERS = ["alice@localhost", "bob@localhost", "carol@localhost", "dave@localhost",
          "erin@other.test"]
 YEAR = 365 * 86400
+PLUGINS = ["roster", "presence", "disco", "ping", "version", "offline", "vcard",
+           "urn:xmpp:blocking", "domain-filter"]
 
 
 def scrape(port: int, path: str = "/metrics", accept: str | None = None):
@@ -60,12 +62,16 @@ def wait_for(port: int, name: str, expected: float, timeout: float = 10, **label
 def md(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("metrics")
     mport = free_port()
-    d = Daemon(tmp, hosts=("localhost", "other.test"), extra=f"""
+    d = Daemon(tmp, hosts=("localhost", "other.test"), plugins=PLUGINS, extra=f"""
         [metrics]
         listen = "tcp:{mport}:interface=127.0.0.1"
 
         [limits]
         auth_failures_per_ip_account = 2
+
+        [domain-filter]
+        default = "BLACKLIST"
+        domains = ["spam.example"]
         """)
     d.metrics_port = mport
     for u in USERS:
@@ -153,6 +159,14 @@ def test_blocked_contact_counts_as_refused_by_blocking(md):
         value(before, "xmppd_stanzas_received_total", kind="message") == 2
     assert value(after, "xmppd_stanzas_sent_total", kind="message") - \
         value(before, "xmppd_stanzas_sent_total", kind="message") == 2
+    # The domain filter refuses what the blocklist would not see.
+    carol.send("<message to='x@spam.example' type='chat' id='m3'><body>hello</body></message>")
+    carol.read_until("<message[^>]*type='error'.*?</message>")
+    final = samples(port)
+    assert value(final, "xmppd_stanzas_refused_total", filter="domain-filter", action="bounced") - \
+        value(after, "xmppd_stanzas_refused_total", filter="domain-filter", action="bounced") == 1
+    assert value(final, "xmppd_stanzas_refused_total", filter="blocking", action="bounced") == \
+        value(after, "xmppd_stanzas_refused_total", filter="blocking", action="bounced")
     carol.close()
     dave.close()
 

@@ -34,8 +34,6 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Iterator
 
 from twisted.logger import Logger
-from twisted.web import resource
-from twisted.web import server as web
 
 from xmppd.config import Config, endpoint
 
@@ -44,13 +42,10 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-PATH = b"/metrics"
 # Buckets of the store-write histogram, seconds: a WAL commit with
 # synchronous=FULL is one fsync, ~0.1–10 ms on most disks; the tail shows a
 # slow or busy disk (busy_timeout is 5 s).
 WRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-# An idle scraper connection is closed after this many seconds.
-HTTP_TIMEOUT = 30
 
 
 @dataclass(frozen=True)
@@ -188,41 +183,15 @@ class ServerCollector:
 # -- the web page ---------------------------------------------------------------
 
 
-class MetricsPage(resource.Resource):
-    """``GET /metrics``: the registry in the format the scraper accepts; 404 elsewhere."""
+def site(server: "Server"):
+    """The ``twisted.web`` site of the page, with its registry; hooks the store's timer.
 
-    isLeaf = True
-
-    def __init__(self, registry) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def render_GET(self, request) -> bytes:
-        if request.path != PATH:
-            request.setResponseCode(404)
-            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-            return b"not found: the metrics are at /metrics\n"
-        from prometheus_client.exposition import choose_encoder
-
-        accept = request.getHeader(b"accept")
-        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
-        body = encoder(self.registry)
-        request.setHeader(b"Content-Type", content_type.encode("ascii"))
-        return body
-
-
-class MetricsSite(web.Site):
-    """No access-log line per scrape, no start/stop lines per connection."""
-
-    noisy = False
-
-    def log(self, request) -> None:
-        pass
-
-
-def site(server: "Server") -> MetricsSite:
-    """The ``twisted.web`` site of the page, with its registry; hooks the store's timer."""
+    twisted.web and prometheus_client are imported here, so a server
+    without ``[metrics]`` never loads them.
+    """
     from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
+
+    from xmppd.metricspage import MetricsPage, MetricsSite
 
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=registry)  # CPU, memory, descriptors of this process
@@ -233,4 +202,4 @@ def site(server: "Server") -> MetricsSite:
                        buckets=WRITE_BUCKETS, registry=registry)
     if hasattr(server.store, "observe_write"):
         server.store.observe_write = writes.observe
-    return MetricsSite(MetricsPage(registry), timeout=HTTP_TIMEOUT)
+    return MetricsSite(MetricsPage(registry))
