@@ -764,6 +764,20 @@ class Bench:
 
 # ---------------------------------------------------------------------------
 
+def scrape_stanza_counts(port: int) -> dict:
+    """The stanza counters of xmppd's metrics page (shows it was on and counting)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(("xmppd_stanzas_received_total", "xmppd_stanzas_sent_total")):
+            name, _, number = line.rpartition(" ")
+            out[name.replace("xmppd_stanzas_", "").replace("_total", "")] = int(float(number))
+    return out
+
+
 async def run_target(name: str, args, p: dict, certs: dict, workroot: Path, cpu_server):
     cls = targets_mod.TARGETS[name]
     port = free_port_pair()
@@ -826,6 +840,9 @@ async def run_target(name: str, args, p: dict, certs: dict, workroot: Path, cpu_
                 log(f"    {sat['msgs_per_s']} msg/s, {sat['cpu_s_per_10k_msgs']} CPU-s/10k, "
                     f"lost {sat['lost']}; @{fix['rate']}/s p50 {fix['lat_p50_ms']} ms "
                     f"p99 {fix['lat_p99_ms']} ms lost {fix['lost']}")
+                if getattr(t, "metrics_port", None):
+                    r["metrics_scrape"] = scrape_stanza_counts(t.metrics_port)
+                    log(f"    metrics page: {r['metrics_scrape']}")
                 try:
                     if not args.skip_blocking:
                         log(f"[{name}] rep {rep}: phase 5 blocking")
@@ -897,6 +914,9 @@ def main(argv=None):
                                       "of the table (e.g. an xmppd-only run against peers "
                                       "measured before)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dirs")
+    ap.add_argument("--xmppd-metrics", action="store_true",
+                    help="run xmppd with its [metrics] page on (port + 1), scraped after "
+                         "each message phase: compare with a run without it")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
 
@@ -913,6 +933,8 @@ def main(argv=None):
     p["profile"] = "quick" if args.quick else "full"
 
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    targets_mod.Xmppd.metrics = args.xmppd_metrics
+    p["xmppd_metrics"] = args.xmppd_metrics
     for n in names:
         if n not in targets_mod.TARGETS:
             ap.error(f"unknown target {n!r}")

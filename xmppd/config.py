@@ -252,6 +252,16 @@ def _endpoints(sec: Section, name: str, default: tuple) -> tuple[str, ...]:
     return values
 
 
+def endpoint(sec: Section, name: str, default: Any) -> Any:
+    """One listener endpoint string (``[metrics] listen``), checked as c2s listeners are."""
+    value = sec.str(name, default)
+    if value is not default:
+        problem = _endpoint_problem(value)
+        if problem is not None:
+            raise sec.error(name, value, problem)
+    return value
+
+
 def _endpoint_problem(description: str) -> str | None:
     """
     What would stop the daemon from listening on ``description``, as far as
@@ -400,7 +410,7 @@ KNOWN_TABLES = ("server", "c2s", "s2s", "tls", "auth", "sasl", "sm", "hosts")
 # Tables read by plugins and other parts at start-up (their keys are checked
 # there); any other top-level name is a typo.
 SECTION_TABLES = (
-    "limits", "acl", "adhoc", "blocking", "domain-filter", "offline", "ping",
+    "limits", "acl", "adhoc", "blocking", "domain-filter", "metrics", "offline", "ping",
     "register", "roster", "vcard", "version", "components",
 )
 # Keys of [hosts."<domain>"] tables.

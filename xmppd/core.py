@@ -29,8 +29,12 @@ class Server:
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
+        from xmppd import metrics
+
         self.config = config
         self.clock = clock
+        # [metrics]: None when off (the default); read before any listener exists.
+        self.metrics = metrics.settings(config)
         self.store = store if store is not None else SQLiteStore(config.data_dir)
         self.router = Router(config.hosts)
         self.connectors: dict[str, IAuthConnector] = (

@@ -80,4 +80,8 @@ def listeners(server) -> list[tuple[str, str, Any]]:
     if server.s2s is not None:
         out += server.s2s.listeners()  # [s2s] listen / listen_tls
     out += server.components.listeners()  # XEP-0114, when external components are configured
+    if server.metrics is not None:  # [metrics] listen
+        from xmppd import metrics
+
+        out.append(("metrics.listen", server.metrics.listen, metrics.site(server)))
     return out

@@ -61,7 +61,10 @@ class StanzaFilter(Protocol):
     :class:`StanzaError` to bounce (never for presence and error stanzas:
     those are dropped instead).  ``sender`` is the full JID of the
     originating entity, ``to`` the parsed destination.
+    ``name`` labels the filter's refusals on the metrics page.
     """
+
+    name: str
 
     def check(self, stanza: domish.Element, sender: JID, to: JID) -> Any: ...
 
@@ -95,6 +98,11 @@ class Router:
         # Destinations on other servers: (stanza, to), set by the s2s service
         # (xmppd.s2s.service); None: no federation, they bounce.
         self.remote: Callable[[domish.Element, JID], None] | None = None
+        # Read by the metrics page (xmppd.metrics); kept up to date at bind,
+        # unbind and refusal, never per delivered stanza.
+        self.session_counts: dict[str, int] = dict.fromkeys(self.hosts, 0)
+        # (filter name, "bounced" | "dropped") -> stanzas the filter refused
+        self.refusals: dict[tuple[str, str], int] = {}
 
     # -- session registry -------------------------------------------------
 
@@ -103,6 +111,9 @@ class Router:
         resources = self.sessions.setdefault(session.jid.bare, {})
         old = resources.get(session.jid.resource)
         resources[session.jid.resource] = session
+        if old is None:  # a replaced session leaves the count as it was
+            host = session.jid.host
+            self.session_counts[host] = self.session_counts.get(host, 0) + 1
         for hook in self.on_bound:
             hook(session)
         return old
@@ -114,6 +125,7 @@ class Router:
         del resources[session.jid.resource]
         if not resources:
             del self.sessions[session.jid.bare]
+        self.session_counts[session.jid.host] -= 1
         for hook in self.on_closed:
             try:
                 hook(session)
@@ -180,7 +192,11 @@ class Router:
             verdict = f.check(stanza, sender, to)
             if verdict is not None:
                 if verdict is not DROP and stanza.name != "presence":
+                    key = (getattr(f, "name", type(f).__name__), "bounced")
                     self.bounce(stanza, verdict, session)
+                else:
+                    key = (getattr(f, "name", type(f).__name__), "dropped")
+                self.refusals[key] = self.refusals.get(key, 0) + 1
                 return
         self.deliver_unfiltered(stanza, sender, to, session)
 

@@ -83,6 +83,7 @@ class _Counter:
         self.max_entries = max_entries
         self.failures: OrderedDict[str, list[float]] = OrderedDict()
         self.evicted = 0
+        self.engaged = 0  # times a key reached the limit (the metrics page reads it)
         self._evict_logged_until = float("-inf")
 
     def _expire(self, now: float) -> None:
@@ -134,6 +135,7 @@ class _Counter:
         if len(times) > self.limit:
             del times[0]
         if before < self.limit <= len(times):
+            self.engaged += 1
             log.warn(
                 "login throttle engaged for {kind} {key}: {count} failed logins within "
                 "{window:.0f}s; further attempts refused for {wait:.0f}s",

@@ -127,6 +127,8 @@ def _blocked_error() -> StanzaError:
 class BlockingFilter:
     """The router filter; reads only in-memory sets for online users."""
 
+    name = "blocking"
+
     def __init__(self, plugin: "BlockingPlugin") -> None:
         self.plugin = plugin
 

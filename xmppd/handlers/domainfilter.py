@@ -65,6 +65,8 @@ OFFLINE_CACHE_SIZE = 10000
 class DomainFilter:
     """The router filter: in-memory look-ups only for online users."""
 
+    name = "domain-filter"
+
     def __init__(self, plugin: "DomainFilterPlugin") -> None:
         self.plugin = plugin
         self.hosts = plugin.router.hosts
