@@ -29,6 +29,8 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+from typing import TYPE_CHECKING
+
 from twisted.internet import protocol
 from twisted.logger import Logger
 from twisted.words.xish import domish
@@ -45,9 +47,13 @@ from xmppd.stanzas import (
     StanzaError,
     error_reply,
     iq_result,
+    serialize,
 )
 from xmppd.stream import AUTHENTICATED, BOUND, CLOSED, HEADER, NEGOTIATING, XMPPStream
 from xmppd.xmlparser import Limits
+
+if TYPE_CHECKING:
+    from xmppd.core import Server
 
 log = Logger()
 
@@ -535,7 +541,7 @@ class C2SStream(XMPPStream):
         self.server.router.route(el, self)
 
 
-_plain_element = C2SStream._element
+_plain_element = C2SStream.element
 
 
 class MeteredC2SStream(C2SStream):
@@ -554,8 +560,8 @@ class MeteredC2SStream(C2SStream):
     parsing.
     """
 
-    def _element(self, el: domish.Element) -> None:
-        if self.phase == BOUND:  # as C2SStream._element, counted
+    def element(self, el: domish.Element) -> None:
+        if self.phase == BOUND:  # as C2SStream.element, counted
             name = el.name
             if el.uri != NS_CLIENT or name not in _STANZAS:
                 return self.stream_error("unsupported-stanza-type")

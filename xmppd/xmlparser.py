@@ -181,14 +181,6 @@ class StreamParser:
         self._rename_from, self._rename_to = rename if rename is not None else (None, None)
         self._parser = self._make_parser()
 
-    def set_limits(self, limits: Limits) -> None:
-        """Apply other limits from the next stanza on (a stream that authenticates without a restart)."""
-        self.limits = limits
-        self.max_stanza_size = limits.stanza_size
-        self._max_depth = limits.depth + 1
-        self._max_nodes = limits.nodes
-        self._slice = max(1024, min(16384, limits.stanza_size // 4))
-
     def _make_parser(self):
         p = expat.ParserCreate("UTF-8", " ", intern=None)
         # Linear text accumulation.  The text buffer is allocated per
@@ -229,7 +221,8 @@ class StreamParser:
 
     def set_limits(self, limits: Limits) -> None:
         """New limits from the next byte on, for a stream authenticated
-        without a restart (s2s dialback), which keeps its parser."""
+        without a restart (s2s dialback, an XEP-0114 handshake), which keeps
+        its parser."""
         self.limits = limits
         self.max_stanza_size = limits.stanza_size
         self._max_depth = limits.depth + 1
