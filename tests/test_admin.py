@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -170,7 +171,7 @@ def test_status_counts_live_sessions_per_host(ad):
                             re.M).group(1))
         shown = float(re.search(r"memory:\s+([\d.]+) MiB \(VmRSS\)", out).group(1))
         assert abs(shown * 1024 - rss) < 20 * 1024  # the daemon's own VmRSS
-        assert "s2s:      none" in out
+        assert "s2s:      off ([s2s] enabled = false)" in out
     finally:
         a.close()
         c.close()
@@ -231,6 +232,37 @@ def test_reload_applies_acl_and_limit_without_restart(ad):
         extra.close()
     finally:
         alice.close()
+        ad.config_path.write_text(ad.base_config)
+        ad.ctl("reload")
+
+
+def wait_for_log(d, text: str, since: int, timeout: float = 15) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in d.logtext()[since:]:
+        assert time.monotonic() < deadline, d.logtext()[since:][-3000:]
+        time.sleep(0.05)
+    return d.logtext()[since:]
+
+
+def test_reload_changes_the_log_level(ad):
+    line = f'data_dir = "{ad.data_dir}"\n'
+    assert line in ad.base_config
+    ad.config_path.write_text(ad.base_config.replace(line, line + 'log_level = "warn"\n'))
+    try:
+        out = ad.ctl("reload").stdout
+        assert re.search(r"now in force: .*server\.log_level", out)
+        # At "warn", a login and a logout leave no info lines of xmppd's.
+        since = len(ad.logtext())
+        login(ad, "bob", "bob-secret", resource="quiet").close()
+        time.sleep(1)
+        quiet = ad.logtext()[since:]
+        assert "session bound" not in quiet and "authenticated with" not in quiet, quiet
+        ad.config_path.write_text(ad.base_config)
+        assert re.search(r"now in force: .*server\.log_level", ad.ctl("reload").stdout)
+        since = len(ad.logtext())
+        login(ad, "bob", "bob-secret", resource="loud").close()
+        wait_for_log(ad, "bob@localhost/loud from 127.0.0.1: session bound", since)
+    finally:
         ad.config_path.write_text(ad.base_config)
         ad.ctl("reload")
 

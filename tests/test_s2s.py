@@ -13,13 +13,18 @@ import time
 
 import pytest
 
+from tests.daemon import free_port
 from tests.federation import Federation, wait_for_log
+from tests.test_metrics import samples, value
 
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     # a.test pings its links every second (XEP-0199); b.test answers.
-    f = Federation(tmp_path_factory.mktemp("s2s"), a_s2s="ping_interval = 1\nping_timeout = 3")
+    metrics_port = free_port()
+    f = Federation(tmp_path_factory.mktemp("s2s"), a_s2s="ping_interval = 1\nping_timeout = 3",
+                   a_extra=f'\n[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n')
+    f.metrics_port = metrics_port
     yield f
     f.stop()
 
@@ -67,6 +72,12 @@ def test_xmppctl_s2s_lists_live_connections(fed):
         time.sleep(0.2)
     for row in rows:
         assert row[3].startswith("TLSv1.") and row[4] == "EXTERNAL", out
+    status = fed.a.ctl("status").stdout
+    assert re.search(r"s2s:\s+1 incoming, 1 outgoing established", status), status
+    snapshot = samples(fed.metrics_port)
+    for direction in ("in", "out"):
+        assert value(snapshot, "xmppd_s2s_connections", direction=direction,
+                     state="established") == 1, snapshot
 
 
 def test_disco_info_and_ping_of_the_remote_server(fed):

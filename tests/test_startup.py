@@ -20,6 +20,7 @@ def _twistd(args, cwd, env=None, timeout=20):
 
 @pytest.mark.parametrize("toml,key", [
     ("[server]\nhosts = 'localhost'\n", "server.hosts"),
+    ("[server]\nlog_level = 'loud'\n", "server.log_level"),
     ("[c2s]\nlisten = ['nonsense:1']\n", "c2s.listen"),
     ("[c2s]\nlisten = ['tcp:99999']\n", "c2s.listen"),
     ("[c2s]\nlisten_tls = ['tcp:0']\n", "c2s.listen_tls"),

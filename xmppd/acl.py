@@ -38,8 +38,9 @@ from twisted.logger import Logger
 
 from xmppd import jid as jidlib
 from xmppd.jid import JID
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 ROLES = ("ALL", "LOCAL", "DOMAIN_ADMIN", "ADMIN", "NONE")
 

@@ -38,8 +38,9 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 import xmppd
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 VERSION = 1
 SOCKET_NAME = "xmppd.ctl"
@@ -183,6 +184,7 @@ class AdminChannel:
         self.commands = {
             "status": self.status, "sessions": self.sessions, "kick": self.kick,
             "certs": self.certs, "reload": self.reload, "users": self.users,
+            "s2s": self.s2s,
         }
 
     def run(self, command: str, args: dict):
@@ -211,8 +213,24 @@ class AdminChannel:
             "version": xmppd.__version__, "pid": os.getpid(),
             "uptime": time.time() - self.started, "started": self.started,
             "config": config.path, "data_dir": config.data_dir, "hosts": list(config.hosts),
-            "sessions": per_host, "vm_rss_kib": vm_rss_kib(), "s2s": None,
+            "sessions": per_host, "vm_rss_kib": vm_rss_kib(),
+            "s2s": self._s2s_counts(),
         }
+
+    def s2s(self) -> list[dict] | None:
+        """Live server-to-server connections (None: federation is off)."""
+        service = getattr(self.server, "s2s", None)
+        return service.describe() if service is not None else None
+
+    def _s2s_counts(self) -> dict | None:
+        links = self.s2s()
+        if links is None:
+            return None
+        counts = {"in": 0, "out": 0}
+        for link in links:
+            if link.get("state") == "established":
+                counts[link["direction"]] = counts.get(link["direction"], 0) + 1
+        return counts
 
     def sessions(self) -> list[dict]:
         out = []

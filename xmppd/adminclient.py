@@ -122,7 +122,12 @@ def format_status(data: dict) -> str:
     ]
     width = max(len(h) for h in data["hosts"])
     lines += [f"  {host.ljust(width)}  {data['sessions'].get(host, 0)}" for host in data["hosts"]]
-    lines.append("s2s:      none (no server-to-server support yet)")
+    s2s = data.get("s2s")
+    if s2s is None:
+        lines.append("s2s:      off ([s2s] enabled = false)")
+    else:
+        lines.append(f"s2s:      {s2s.get('in', 0)} incoming, {s2s.get('out', 0)} outgoing "
+                     f"established (xmppctl s2s lists them)")
     return "\n".join(lines) + "\n"
 
 
@@ -185,3 +190,17 @@ def cert_infos(rows: list[dict]) -> list:
             row[key] = tuple(row[key])
         out.append(CertInfo(**row))
     return out
+
+
+def format_s2s(rows: list[dict] | None) -> str:
+    """``xmppctl s2s``: one line per connection."""
+    if rows is None:
+        return "federation is off ([s2s] enabled = false)\n"
+    if not rows:
+        return "no s2s connections\n"
+    lines = [f"{'DIR':4} {'DOMAINS':40} {'STATE':12} {'TLS':8} {'AUTH':9} PEER"]
+    for r in rows:
+        lines.append(f"{r.get('direction', '?'):4} {', '.join(r.get('pairs', [])):40} "
+                     f"{r.get('state', '?'):12} {r.get('tls', '?'):8} {r.get('auth', '?'):9} "
+                     f"{r.get('peer', '')}")
+    return "\n".join(lines) + "\n"

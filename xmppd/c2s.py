@@ -51,11 +51,12 @@ from xmppd.stanzas import (
 )
 from xmppd.stream import AUTHENTICATED, BOUND, CLOSED, HEADER, NEGOTIATING, XMPPStream
 from xmppd.xmlparser import Limits
+from xmppd.logfilter import log_observer
 
 if TYPE_CHECKING:
     from xmppd.core import Server
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"

@@ -64,6 +64,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from xmppd import tlsgroups
+from xmppd.logfilter import log_observer
 
 try:
     import idna as _idna
@@ -85,7 +86,7 @@ __all__ = [
     "has_errors",
 ]
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 #: Warn when a certificate in service expires within this time.
 EXPIRY_WARNING = timedelta(days=14)

@@ -118,6 +118,8 @@ class Section:
                 raise self.error(name, self.table[name], "unknown key")
 
 
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
 DEFAULT_PLUGINS = (
     "roster", "presence", "disco", "ping", "version", "offline", "vcard",
     "urn:xmpp:blocking",
@@ -198,6 +200,7 @@ class Config:
     sections: dict = field(default_factory=dict)  # other top-level tables, by name
     client_certs: dict = field(default_factory=dict)  # host -> ClientCertConfig
     host_sasl: dict = field(default_factory=dict)  # host -> SASLConfig
+    log_level: str = "info"  # [server] log_level: xmppd's own messages (xmppd.logfilter)
     s2s: Any = None  # xmppd.s2s.settings.S2SConfig (federation, docs/s2s.rst)
 
     def client_cert(self, host: str) -> ClientCertConfig:
@@ -435,6 +438,7 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
     hosts = _host_list(server)
     data_dir = server.str("data_dir", "./var")
     admins = _admins(server)
+    log_level = server.choice("log_level", LOG_LEVELS, "info")
     server.reject_unknown()
 
     c2s_sec = Section(path, "c2s", data.get("c2s", {}))
@@ -539,6 +543,7 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
                               + ", ".join(KNOWN_TABLES + SECTION_TABLES))
     return Config(
         path=path, hosts=hosts, data_dir=data_dir, admins=admins, c2s=c2s, tls=tls,
+        log_level=log_level,
         plugins=plugins, auth=auth,
         host_sections=host_sections, sections=sections,
         client_certs=client_certs, host_sasl=host_sasl, s2s=s2s,

@@ -16,8 +16,9 @@ from xmppd.jid import JID
 from xmppd.registry import load_plugin
 from xmppd.router import Router
 from xmppd.storage import IKeyValueStore, SQLiteStore
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 
 class Server:

@@ -99,7 +99,7 @@ def _config_path(args) -> str | None:
 NO_STORE, READ, WRITE, CREATE = "none", "read", "write", "create"
 STORE_ACCESS = {
     "check": NO_STORE, "reload": NO_STORE, "certs": NO_STORE,
-    "status": NO_STORE, "sessions": NO_STORE,
+    "status": NO_STORE, "sessions": NO_STORE, "s2s": NO_STORE,
     "reports": READ, "blocklist": READ, "users": READ, "export": READ,
     "import": CREATE,
     "passwd": WRITE, "deluser": WRITE,
@@ -146,9 +146,6 @@ def run(reactor, args) -> defer.Deferred:
         live = yield _live(config, args)
         if live:
             return
-    if args.command == "s2s":
-        print(s2s_status(config))
-        return
     # Arguments first: a typo must not create a store or ask for a password.
     account = _parse_account(args.jid, config) if hasattr(args, "jid") else None
     if args.command == "import":
@@ -231,7 +228,7 @@ def run(reactor, args) -> defer.Deferred:
 
 
 # Commands answered by the running server over its admin socket (xmppd/admin.py).
-LIVE_COMMANDS = ("status", "sessions", "certs", "reload", "users")
+LIVE_COMMANDS = ("status", "sessions", "certs", "reload", "users", "s2s")
 
 
 @defer.inlineCallbacks
@@ -271,6 +268,8 @@ def _live(config, args):
         elif args.command == "reload":
             data = adminclient.request(data_dir, "reload")
             print(adminclient.format_reload(data, data.get("pid")), end="")
+        elif args.command == "s2s":
+            print(adminclient.format_s2s(adminclient.request(data_dir, "s2s")), end="")
         elif args.command == "users":
             args_ = {"host": args.host} if args.host else {}
             print(adminclient.format_users(adminclient.request(data_dir, "users", args_)), end="")
@@ -280,7 +279,7 @@ def _live(config, args):
     except adminclient.NotRunning as e:
         if args.command == "reload" and _sighup(config):
             return True
-        if args.command in ("status", "sessions", "reload"):
+        if args.command in ("status", "sessions", "reload", "s2s"):
             raise CtlError(str(e)) from None
     if args.command == "certs":
         yield _offline_certs(config)
@@ -357,34 +356,6 @@ def _cert_store(config):
     return build_cert_store(config, generate=False)
 
 
-def s2s_status(config) -> str:
-    """The live s2s connections, from the status file the running server keeps."""
-    import json
-
-    from xmppd.pidfile import held_by_live_process
-    from xmppd.s2s.service import STATUS_FILE
-
-    if not held_by_live_process(os.path.join(config.data_dir, "xmppd.pid")):
-        raise CtlError("xmppd is not running")
-    try:
-        with open(os.path.join(config.data_dir, STATUS_FILE)) as f:
-            status = json.load(f)
-    except FileNotFoundError:
-        return "no s2s connections"
-    except (OSError, ValueError) as e:
-        raise CtlError(f"cannot read the s2s status: {e}") from None
-    rows = status.get("connections", [])
-    if not rows:
-        return "no s2s connections"
-    lines = [f"{'DIR':4} {'DOMAINS':40} {'STATE':12} {'TLS':8} {'AUTH':9} PEER"]
-    for r in rows:
-        lines.append(f"{r.get('direction', '?'):4} {', '.join(r.get('pairs', [])):40} "
-                     f"{r.get('state', '?'):12} {r.get('tls', '?'):8} {r.get('auth', '?'):9} "
-                     f"{r.get('peer', '')}")
-    return "\n".join(lines)
-
-
-@defer.inlineCallbacks
 def check(config, reactor):
     """
     All problems an operator should fix before starting: a list of lines.

@@ -36,11 +36,12 @@ from typing import TYPE_CHECKING, Iterator
 from twisted.logger import Logger
 
 from xmppd.config import Config, endpoint
+from xmppd.logfilter import log_observer
 
 if TYPE_CHECKING:
     from xmppd.core import Server
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 # Buckets of the store-write histogram, seconds: a WAL commit with
 # synchronous=FULL is one fsync, ~0.1–10 ms on most disks; the tail shows a
@@ -127,6 +128,20 @@ class ServerCollector:
             sent.add_metric([kind], c2s.STANZAS_SENT[kind] + by_byte[ord(kind[0])])
         yield received
         yield sent
+
+        if server.s2s is not None:
+            # Per direction and state only: remote domains are not labels
+            # (any server on the internet could add one).
+            links = GaugeMetricFamily(
+                "xmppd_s2s_connections", "Server-to-server streams, by direction and state.",
+                labels=["direction", "state"])
+            counts = {(d, st): 0 for d in ("in", "out") for st in ("established", "negotiating")}
+            for link in server.s2s.describe():
+                key = (link.get("direction", "?"), link.get("state", "?"))
+                counts[key] = counts.get(key, 0) + 1
+            for (direction, state), n in sorted(counts.items()):
+                links.add_metric([direction, state], n)
+            yield links
 
         refused = CounterMetricFamily(
             "xmppd_stanzas_refused",

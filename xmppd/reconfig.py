@@ -24,12 +24,13 @@ from twisted.internet import task
 from twisted.logger import Logger
 
 from xmppd.config import Config, ConfigError, Section, load
+from xmppd.logfilter import log_observer, set_level
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 #: What a reload applies (README.rst, "Reload"), for the docs and the report.
 RELOADABLE = (
-    "server.admins", 'hosts."<domain>".admins', "acl",
+    "server.log_level", "server.admins", 'hosts."<domain>".admins', "acl",
     "limits", "c2s.auth_timeout", "c2s.max_connections_per_ip", "c2s.max_auth_failures",
     "c2s.max_outbound_bytes", "c2s.close_timeout",
     "domain-filter (except poll_interval)", 'hosts."<domain>".domain-filter',
@@ -135,11 +136,13 @@ def merge(old: Config, new: Config) -> Config:
             sections[name] = Section(path, name, table)
     c2s = replace(new.c2s, **{k: getattr(old.c2s, k) for k in _C2S_RESTART})
     return replace(old, admins=new.admins, c2s=c2s, host_sections=host_sections,
-                   sections=sections)
+                   sections=sections, log_level=new.log_level)
 
 
 def _applied_keys(old: Config, merged: Config) -> list[str]:
     out = []
+    if old.log_level != merged.log_level:
+        out.append("server.log_level")
     if old.admins != merged.admins:
         out.append("server.admins")
     out += [f"c2s.{k}" for k in old.c2s.__dataclass_fields__
@@ -169,6 +172,7 @@ def _apply(server, merged: Config, applied: list[str]) -> None:
     domain_filter = server.plugin("domain-filter")
     filter_defaults = domain_filter.read_defaults(merged) if domain_filter is not None else None
     server.config = merged
+    set_level(merged.log_level)
     if fresh_throttle is not None:
         server.throttle.retune(fresh_throttle)
     if fresh_acl is not None:

@@ -30,8 +30,9 @@ from xmppd.plugin import Request
 from xmppd.stanzas import NS_CLIENT, StanzaError, error_reply, iq_result, serialize
 from xmppd.storage import StoreError
 from xmppd.storefail import stanza_error as store_failure
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 DROP = object()
 """A filter verdict: discard silently."""

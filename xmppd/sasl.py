@@ -30,8 +30,9 @@ from xmppd.auth.base import (
     TemporaryAuthFailure,
     UserExists,
 )
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 # scramp refuses ``tls-exporter`` only because Python's ssl cannot compute it
 # (its README says so); it treats the binding data as opaque bytes.  Our TLS

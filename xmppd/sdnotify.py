@@ -17,7 +17,9 @@ import time
 
 from twisted.logger import Logger
 
-log = Logger()
+from xmppd.logfilter import log_observer
+
+log = Logger(observer=log_observer)
 
 
 class Notifier:

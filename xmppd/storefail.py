@@ -21,8 +21,9 @@ from twisted.logger import Logger
 
 from xmppd.stanzas import StanzaError
 from xmppd.storage import StoreError
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 LOG_INTERVAL = 60.0
 """Seconds between two log lines for the same failure (file, operation, reason)."""

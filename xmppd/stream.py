@@ -38,11 +38,12 @@ from zope.interface import implementer
 from xmppd.backlog import OutboundBacklog
 from xmppd.stanzas import NS_STREAM_ERRORS, serialize
 from xmppd.xmlparser import Limits, StreamParser, XMLStreamError
+from xmppd.logfilter import log_observer
 
 if TYPE_CHECKING:
     from xmppd.core import Server
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 # Connection phases shared by every stream kind (a kind uses the ones it needs).
 HEADER, NEGOTIATING, AUTHENTICATED, BOUND, CLOSED = range(5)

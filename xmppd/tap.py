@@ -19,10 +19,11 @@ from twisted.python import usage
 
 from xmppd.config import ConfigError, load
 from xmppd.listen import listen_all, listeners
+from xmppd.logfilter import log_observer, set_level
 from xmppd.pidfile import PidFile, PidFileLocked
 from xmppd.sdnotify import Notifier
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 
 class Options(usage.Options):
@@ -108,6 +109,7 @@ def build(config_path: str | None):
     from xmppd.core import Server
 
     config = load(config_path)
+    set_level(config.log_level)
     pidfile = PidFile(os.path.join(config.data_dir, "xmppd.pid"))
     try:
         stale = pidfile.acquire()

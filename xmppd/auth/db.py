@@ -34,8 +34,9 @@ from twisted.python.failure import Failure
 from xmppd.auth.base import NoSuchUser, NotSupported, TemporaryAuthFailure, UserExists
 from xmppd.auth.health import BackendHealth
 from xmppd.config import ConfigError
+from xmppd.logfilter import log_observer
 
-log = Logger(namespace="xmppd.auth.db")
+log = Logger(namespace="xmppd.auth.db", observer=log_observer)
 
 # Our own outcomes pass through the error mapping untouched.
 PASS_THROUGH = (UserExists, NoSuchUser, NotSupported, TemporaryAuthFailure)

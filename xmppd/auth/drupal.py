@@ -40,8 +40,9 @@ from xmppd import jid as jidlib
 from xmppd.auth import passwords
 from xmppd.auth.base import IAuthConnector, NotSupported
 from xmppd.auth.db import Database
+from xmppd.logfilter import log_observer
 
-log = Logger(namespace="xmppd.auth.drupal")
+log = Logger(namespace="xmppd.auth.drupal", observer=log_observer)
 
 
 

@@ -193,7 +193,9 @@ def log_problems(connectors, log=None) -> defer.Deferred:
     """
     from twisted.logger import Logger
 
-    log = log if log is not None else Logger(namespace="xmppd.auth")
+    from xmppd.logfilter import log_observer
+
+    log = log if log is not None else Logger(namespace="xmppd.auth", observer=log_observer)
     seen, ds = set(), []
     for c in connectors:
         if id(c) in seen:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from xmppd.auth.base import TemporaryAuthFailure
+from xmppd.logfilter import log_observer
 
 
 class BackendHealth:
@@ -26,7 +27,7 @@ class BackendHealth:
             from twisted.internet import reactor as clock
         self.name = name
         self.clock = clock
-        self.log = log if log is not None else Logger(namespace=f"xmppd.auth.{name}")
+        self.log = log if log is not None else Logger(namespace=f"xmppd.auth.{name}", observer=log_observer)
         self.down_since: float | None = None
         self.reason: str | None = None
         self.refused = 0

@@ -52,8 +52,9 @@ from zope.interface import implementer
 from xmppd.auth.base import IAuthConnector, NotSupported, TemporaryAuthFailure
 from xmppd.auth.health import BackendHealth
 from xmppd.config import ConfigError
+from xmppd.logfilter import log_observer
 
-log = Logger(namespace="xmppd.auth.ldap")
+log = Logger(namespace="xmppd.auth.ldap", observer=log_observer)
 
 TEMPLATE_FIELDS = ("user", "domain", "jid")
 _FIELD = re.compile(r"\{([^{}]*)\}")

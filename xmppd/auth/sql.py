@@ -42,8 +42,9 @@ from zope.interface import implementer
 from xmppd.auth import passwords
 from xmppd.auth.base import IAuthConnector, NoSuchUser, NotSupported, UserExists
 from xmppd.auth.db import Database, Query, validate_placeholders
+from xmppd.logfilter import log_observer
 
-log = Logger(namespace="xmppd.auth.sql")
+log = Logger(namespace="xmppd.auth.sql", observer=log_observer)
 
 TABLE = "xmppd_users"
 

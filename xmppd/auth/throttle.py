@@ -47,7 +47,9 @@ from collections import OrderedDict
 
 from twisted.logger import Logger
 
-log = Logger(namespace="xmppd.auth.throttle")
+from xmppd.logfilter import log_observer
+
+log = Logger(namespace="xmppd.auth.throttle", observer=log_observer)
 
 #: The counters, in the order ``blocked`` consults them.
 MODES = ("address+account", "address", "account")

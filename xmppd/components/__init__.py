@@ -30,12 +30,13 @@ from twisted.logger import Logger
 from xmppd.components import settings as component_settings
 from xmppd.components.external import ComponentFactory, ExternalRoute
 from xmppd.components.internal import HandlerCollection
+from xmppd.logfilter import log_observer
 
 if TYPE_CHECKING:
     from xmppd.core import Server
     from xmppd.plugin import Request
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 
 class Components:

@@ -46,11 +46,12 @@ from xmppd import jid as jidlib
 from xmppd.components.namespaces import NS_ACCEPT, to_client_namespace
 from xmppd.stanzas import NS_STREAM_ERRORS, NS_STREAMS, StanzaError, error_reply, serialize
 from xmppd.xmlparser import StreamParser, XMLStreamError
+from xmppd.logfilter import log_observer
 
 if TYPE_CHECKING:
     from xmppd.core import Server
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 _STANZAS = frozenset(("message", "presence", "iq"))
 HEADER, HANDSHAKE, READY, CLOSED = range(4)

@@ -38,8 +38,9 @@ from xmppd import jid as jidlib
 from xmppd.config import ConfigError
 from xmppd.components.namespaces import to_client_namespace
 from xmppd.stanzas import StanzaError, error_reply
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 # Requests a handler sends with ``request()`` and nobody answers are
 # forgotten after this long (wokkel's StreamManager has no default; an

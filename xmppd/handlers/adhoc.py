@@ -67,8 +67,9 @@ from xmppd.jid import JID
 from xmppd.plugin import Plugin, Request
 from xmppd.stanzas import NS_CLIENT, StanzaError
 from xmppd.wokkel_compat import data_form, disco
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 NS_COMMANDS = "http://jabber.org/protocol/commands"
 NS_ADMIN = "http://jabber.org/protocol/admin"

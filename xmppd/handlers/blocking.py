@@ -38,8 +38,9 @@ from xmppd.handlers.presence import copy_to
 from xmppd.plugin import Plugin, Request
 from xmppd.router import DROP
 from xmppd.stanzas import NS_CLIENT, StanzaError, escape_attr
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 NS_BLOCKING = "urn:xmpp:blocking"
 NS_BLOCKING_ERRORS = "urn:xmpp:blocking:errors"

@@ -56,8 +56,9 @@ from xmppd.router import DROP
 from xmppd.stanzas import StanzaError
 from xmppd.storage import StoreError
 from xmppd.storefail import report
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 OFFLINE_CACHE_SIZE = 10000
 

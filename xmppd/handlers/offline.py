@@ -26,8 +26,9 @@ from xmppd.stanzas import serialize
 from xmppd.storage import StoreError
 from xmppd.storefail import report
 from xmppd.xmlparser import Limits, XMLStreamError, parse_fragment
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 STORE = "offline"
 NS_DELAY = "urn:xmpp:delay"

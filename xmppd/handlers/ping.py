@@ -13,8 +13,9 @@ from twisted.words.xish import domish
 
 from xmppd.plugin import Plugin, Request
 from xmppd.stanzas import NS_CLIENT
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 NS_PING = "urn:xmpp:ping"
 

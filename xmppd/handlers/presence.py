@@ -33,8 +33,9 @@ from xmppd.plugin import Plugin
 from xmppd.stanzas import NS_CLIENT, StanzaError, serialize
 from xmppd.storage import StoreError
 from xmppd.storefail import stanza_error as store_failure
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 SUBSCRIPTION_TYPES = frozenset(("subscribe", "subscribed", "unsubscribe", "unsubscribed"))
 

@@ -21,8 +21,9 @@ from xmppd.plugin import Plugin, Request
 from xmppd.stanzas import StanzaError, error_reply, iq_result
 from xmppd.storage import StoreError
 from xmppd.storefail import stanza_error as store_failure
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 NS_REGISTER = "jabber:iq:register"
 NS_FEATURE = "http://jabber.org/features/iq-register"

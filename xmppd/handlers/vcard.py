@@ -19,8 +19,9 @@ from twisted.words.xish import domish
 from xmppd.plugin import Plugin, Request
 from xmppd.stanzas import NS_CLIENT, StanzaError, serialize_fragment
 from xmppd.xmlparser import Limits, XMLStreamError, parse_fragment
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 NS_VCARD = "vcard-temp"
 STORE = "vcard"

@@ -40,8 +40,9 @@ from xmppd.s2s.common import (
 )
 from xmppd.stanzas import NS_CLIENT, NS_STREAMS
 from xmppd.stream import AUTHENTICATED, CLOSED, HEADER, NEGOTIATING
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 #: Dialback requests one stream may have outstanding (each costs a look-up).
 MAX_PENDING_DIALBACK = 8

@@ -35,11 +35,12 @@ from xmppd.s2s.queue import PendingQueue
 from xmppd.s2s.resolve import Target
 from xmppd.stanzas import NS_STREAMS, serialize
 from xmppd.stream import AUTHENTICATED, CLOSED, NEGOTIATING
+from xmppd.logfilter import log_observer
 
 if TYPE_CHECKING:
     from xmppd.s2s.service import S2SService
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 #: db:verify requests waiting on one link (each is one peer's login attempt).
 MAX_PENDING_VERIFY = 64
@@ -401,7 +402,6 @@ class OutboundLink:
         self.ping_id = None
         for stanza in self.queue.take_all():
             stream.send_bytes(serialize(stanza))
-        self.service.status_changed()
 
     def stream_lost(self, stream: OutboundStream, previous: int, reason) -> None:
         if stream is self.connecting:
@@ -428,7 +428,6 @@ class OutboundLink:
             self.service.forget_ping(self)
         self.service.verifies_lost(stream)
         self.service.link_idle(self)
-        self.service.status_changed()
 
     def close(self) -> None:
         for stream in (self.stream, self.connecting):

@@ -22,9 +22,11 @@ from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from xmppd.logfilter import log_observer
 from twisted.names import dns, error
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 DEFAULT_PORT = 5269
 SERVICES = (("_xmpps-server._tcp.", True), ("_xmpp-server._tcp.", False))

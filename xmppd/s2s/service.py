@@ -20,8 +20,6 @@ stanzas that cannot leave (``remote-server-not-found`` /
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import replace
 from typing import Any
 
@@ -39,10 +37,10 @@ from xmppd.s2s.resolve import Resolver
 from xmppd.s2s.settings import S2SConfig
 from xmppd.s2s.tls import PeerTrust, S2STLS
 from xmppd.stanzas import StanzaError, error_reply
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
-STATUS_FILE = "s2s-status.json"
 #: Domain pairs whose last link failed, remembered for [s2s] retry_delay.
 MAX_FAILED_PAIRS = 10000
 
@@ -82,7 +80,6 @@ class S2SService:
         self.links: dict[tuple[str, str], OutboundLink] = {}
         self.inbound_streams: set = set()
         self._inbound_count: dict[str, int] = {}
-        self._status_call = None
         # (local, remote) -> (until, reason): recent failures, so that a
         # dead domain is not hammered with one attempt per stanza.
         self._failed: dict[tuple[str, str], tuple[float, str]] = {}
@@ -149,7 +146,6 @@ class S2SService:
         if count >= self.config.connections_for(domain):
             return False
         self._inbound_count[domain] = count + 1
-        self.status_changed()
         return True
 
     def release_inbound(self, domain: str) -> None:
@@ -158,7 +154,6 @@ class S2SService:
             self._inbound_count[domain] = count
         else:
             self._inbound_count.pop(domain, None)
-        self.status_changed()
 
     # -- stanzas out ------------------------------------------------------------------
 
@@ -185,7 +180,6 @@ class S2SService:
                 self.bounce(stanza, "remote-server-not-found", recent)
                 return
             link = self.links[key] = OutboundLink(self, sender.host, to.host)
-            self.status_changed()
         link.send(stanza)
 
     def recent_failure(self, key: tuple[str, str]) -> str | None:
@@ -313,7 +307,6 @@ class S2SService:
             return
         if self.links.get((link.local, link.remote)) is link:
             del self.links[(link.local, link.remote)]
-        self.status_changed()
 
     def _housekeeping(self) -> None:
         """Close idle streams; ping our links (XEP-0199) and drop those that do not answer."""
@@ -364,7 +357,7 @@ class S2SService:
         link.alive = self.server.clock.seconds()
         return True
 
-    # -- status for xmppctl s2s -------------------------------------------------------------
+    # -- status for xmppctl s2s / status (the admin socket) ------------------------------
 
     def describe(self) -> list[dict]:
         out = []
@@ -378,18 +371,3 @@ class S2SService:
                             "queued": len(link.queue)})
         out.extend(stream.describe() for stream in self.inbound_streams)
         return out
-
-    def status_changed(self) -> None:
-        """Write the status file soon (coalesced: at most once a second)."""
-        if self._status_call is None or not self._status_call.active():
-            self._status_call = self.server.clock.callLater(1.0, self.write_status)
-
-    def write_status(self) -> None:
-        path = os.path.join(self.server.config.data_dir, STATUS_FILE)
-        try:
-            tmp = f"{path}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({"pid": os.getpid(), "connections": self.describe()}, f)
-            os.replace(tmp, path)
-        except OSError as e:
-            log.warn("s2s: cannot write {path}: {error}", path=path, error=e.strerror or e)

@@ -30,8 +30,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from xmppd.certs import identity_for, policy_context
+from xmppd.logfilter import log_observer
 
-log = Logger()
+log = Logger(observer=log_observer)
 
 _CERT_SUFFIXES = (".pem", ".crt", ".cer")
 
