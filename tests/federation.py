@@ -28,7 +28,10 @@ PASSWORD = "fed-secret"
 class Federation:
     def __init__(self, tmp: Path, a_s2s: str = "", b_s2s: str = "", a_trusted: bool = True,
                  b_trusted: bool = True, a_extra: str = "", b_extra: str = "", plugins=None,
-                 direct_tls: bool = False, start: bool = True, a_routes: dict | None = None) -> None:
+                 direct_tls: bool = False, start: bool = True, a_routes: dict | None = None,
+                 a_domains: tuple[str, ...] = (), a_dns: tuple[str, ...] | None = None) -> None:
+        """``a_domains``: more domains a.test serves (components), routed to it from b.test;
+        ``a_dns``: the DNS names of a.test's certificate (default: just ``a.test``)."""
         tmp = Path(tmp)
         ca, rogue = CA("xmppd federation test CA"), CA("Rogue CA")
         ca_file = tmp / "ca.pem"
@@ -40,12 +43,14 @@ class Federation:
         pairs = ((self.a, "a.test", self.b, "b.test", a_s2s, a_extra, a_trusted),
                  (self.b, "b.test", self.a, "a.test", b_s2s, b_extra, b_trusted))
         for daemon, domain, other, other_domain, lines, extra, trusted in pairs:
-            cert, key = (ca if trusted else rogue).issue_server(domain, tmp / "certs")
+            cert, key = (ca if trusted else rogue).issue_server(
+                domain, tmp / "certs", dns=a_dns if daemon is self.a else None)
             if direct_tls:
                 route = f"tls:127.0.0.1:{other.s2s_tls_port}"
             else:
                 route = f"tcp:127.0.0.1:{other.s2s_port}"
-            more = "".join(f'"{d}" = "{r}"\n' for d, r in (a_routes or {}).items()) if daemon is self.a else ""
+            more = "".join(f'"{d}" = "{r}"\n' for d, r in (a_routes or {}).items()) if daemon is self.a \
+                else "".join(f'"{d}" = "{route}"\n' for d in a_domains)
             daemon.s2s = (f'ca_file = "{ca_file}"\nca_system = false\n{lines}\n'
                           f'[s2s.routes]\n"{other_domain}" = "{route}"\n{more}')
             daemon.write_config(f'\n[hosts."{domain}".tls]\ncert = "{cert}"\nkey = "{key}"\n' + extra,

@@ -1,0 +1,143 @@
+"""Issue 13, with federation: remote users reach public components; private ones stay local.
+
+``a.test`` (tests/federation.py) serves three component domains:
+
+* ``echo.a.test``: in process (examples/echo.py plus unmodified wokkel ping
+  and disco handlers), public; a.test's certificate names it, so both
+  directions authenticate with SASL EXTERNAL;
+* ``gw.a.test``: an external component (XEP-0114, played by a raw socket),
+  public; no certificate names it, so its outgoing stream to b.test falls
+  back to dialback (b.test asks a.test, the authoritative server);
+* ``priv.a.test``: external, ``public = false``: unknown to other servers
+  (``host-unknown``), and what it sends to them bounces with
+  ``service-unavailable``.
+
+``bob@b.test`` on the other daemon is a raw client, so every assertion is
+about what crosses the wire.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.daemon import free_port
+from tests.federation import Federation, S2SPeer, wait_for_log
+from tests.rawclient import RawComponent
+
+ECHO_HANDLERS = '["examples.echo:EchoBot", "wokkel.ping:PingHandler", "wokkel.disco:DiscoHandler"]'
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    cport = free_port()
+    extra = f"""
+[components]
+listen = ["tcp:{cport}:interface=127.0.0.1"]
+
+[components."echo.a.test"]
+name = "Echo bot"
+handlers = {ECHO_HANDLERS}
+
+[components."gw.a.test"]
+secret = "gw-secret"
+
+[components."priv.a.test"]
+secret = "priv-secret"
+public = false
+"""
+    f = Federation(tmp_path_factory.mktemp("s2scomp"), a_extra=extra,
+                   a_domains=("echo.a.test", "gw.a.test", "priv.a.test"),
+                   a_dns=("a.test", "echo.a.test"))
+    f.cport = cport
+    yield f
+    f.stop()
+
+
+def _stanza(client, name: str, ident: str, timeout: float = 10.0) -> str:
+    return client.read_until(rf"<{name}[^>]*id='{ident}'[^>]*(/>|>.*?</{name}>)", timeout).decode()
+
+
+def _component(fed, domain: str, secret: str) -> RawComponent:
+    c = RawComponent(fed.cport, host=domain, timeout=10)
+    assert b"<handshake/>" in c.handshake(domain, secret)
+    return c
+
+
+def test_remote_user_reaches_in_process_component(fed):
+    bob = fed.login(fed.b, "bob")
+    try:
+        bob.send("<message to='echo.a.test' type='chat' id='e1'><body>echo me</body></message>")
+        # The echo bot answers without copying the id.
+        got = bob.read_until(r"<message[^>]*from='echo\.a\.test'.*?</message>", 10).decode()
+        assert "type='chat'" in got and "<body>echo me</body>" in got, got
+        got = bob.iq("<iq type='get' to='echo.a.test' id='d1'>"
+                     "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>", "d1")
+        assert "type='result'" in got and "Echo bot" in got and "urn:xmpp:ping" in got, got
+        got = bob.iq("<iq type='get' to='echo.a.test' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>", "p1")
+        assert "type='result'" in got and "from='echo.a.test'" in got, got
+    finally:
+        bob.close()
+    # The component's own link: echo.a.test is the local side, authenticated by
+    # the certificate that names it; b.test's stream to it likewise.
+    wait_for_log(fed.a, r"s2s out echo\.a\.test -> b\.test: authenticated with EXTERNAL")
+    wait_for_log(fed.a, r"s2s in \S+: b\.test authenticated for echo\.a\.test with EXTERNAL")
+
+
+def test_external_component_federates_with_dialback(fed):
+    gw = _component(fed, "gw.a.test", "gw-secret")
+    bob = fed.login(fed.b, "bob")
+    try:
+        gw.send("<message from='gw.a.test' to='bob@b.test/raw' id='g1'><body>from the gateway</body></message>")
+        got = _stanza(bob, "message", "g1", timeout=20)
+        assert "from='gw.a.test'" in got and "<body>from the gateway</body>" in got, got
+        bob.send("<message to='user@gw.a.test' id='g2'><body>to the gateway</body></message>")
+        got = _stanza(gw, "message", "g2")
+        assert "from='bob@b.test/raw'" in got and "to the gateway" in got, got
+    finally:
+        bob.close()
+        gw.close()
+    # No certificate names gw.a.test: b.test checked the key with a.test.
+    wait_for_log(fed.b, r"s2s in \S+: gw\.a\.test authenticated for b\.test with dialback")
+    wait_for_log(fed.a, r"dialback verify for gw\.a\.test -> b\.test: valid")
+
+
+def test_private_component_is_unknown_to_remote_servers(fed):
+    priv = _component(fed, "priv.a.test", "priv-secret")
+    bob = fed.login(fed.b, "bob")
+    try:
+        bob.send("<message to='priv.a.test' type='chat' id='x1'><body>let me in</body></message>")
+        got = _stanza(bob, "message", "x1", timeout=20)
+        assert "type='error'" in got and "remote-server-not-found" in got, got
+        # It never reached the component.
+        priv.send("<iq type='get' from='priv.a.test' to='a.test' id='alive'><ping xmlns='urn:xmpp:ping'/></iq>")
+        assert "x1" not in _stanza(priv, "iq", "alive")
+        # What it sends to a remote JID is bounced back to it, not federated.
+        priv.send("<message from='priv.a.test' to='bob@b.test/raw' type='chat' id='x2'><body>out</body></message>")
+        got = _stanza(priv, "message", "x2")
+        assert "type='error'" in got and "service-unavailable" in got, got
+    finally:
+        bob.close()
+        priv.close()
+    wait_for_log(fed.b, r"s2s out b\.test -> priv\.a\.test: .*host-unknown")
+    assert "priv.a.test -> b.test" not in fed.a.logtext()
+
+
+def test_stanza_to_private_component_on_an_authenticated_stream(fed):
+    """A peer already authenticated for b.test -> a.test cannot address priv.a.test."""
+    cert, key = fed.ca.issue_server("b.test", fed.a.dir.parent / "peer", name="peer-b")
+    peer = S2SPeer(fed.a.s2s_port, "b.test", "a.test", cert, key)
+    try:
+        peer.authenticate()
+        peer.send("<message from='bob@b.test/x' to='priv.a.test' id='sneak'><body>hi</body></message>")
+        error = peer.read_until("</stream:stream>")
+        assert "<host-unknown" in error, error
+    finally:
+        peer.close()
+    # ... and a private domain is refused in a stream header like any unknown name.
+    peer = S2SPeer(fed.a.s2s_port, "b.test", "priv.a.test", cert, key)
+    try:
+        peer.send("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                  "xmlns:stream='http://etherx.jabber.org/streams' "
+                  "from='b.test' to='priv.a.test' version='1.0'>")
+        assert "<host-unknown" in peer.read_until("</stream:stream>")
+    finally:
+        peer.close()
