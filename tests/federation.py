@@ -29,22 +29,20 @@ class Federation:
     def __init__(self, tmp: Path, a_s2s: str = "", b_s2s: str = "", a_trusted: bool = True,
                  b_trusted: bool = True, a_extra: str = "", b_extra: str = "", plugins=None,
                  direct_tls: bool = False, start: bool = True, a_routes: dict | None = None,
-                 a_domains: tuple[str, ...] = (), a_dns: tuple[str, ...] | None = None) -> None:
-        """``a_domains``: more domains a.test serves (components), routed to it from b.test;
-        ``a_dns``: the DNS names of a.test's certificate (default: just ``a.test``)."""
+                 a_domains: tuple[str, ...] = ()) -> None:
+        """``a_domains``: more domains a.test serves (components), routed to it from b.test."""
         tmp = Path(tmp)
         ca, rogue = CA("xmppd federation test CA"), CA("Rogue CA")
         ca_file = tmp / "ca.pem"
         tmp.mkdir(parents=True, exist_ok=True)
         ca_file.write_bytes(ca.pem())
-        self.ca, self.ca_file = ca, ca_file
+        self.ca, self.ca_file, self.tmp = ca, ca_file, tmp
         self.a = Daemon(tmp / "a", hosts=("a.test",), s2s="", s2s_direct_tls=direct_tls, plugins=plugins)
         self.b = Daemon(tmp / "b", hosts=("b.test",), s2s="", s2s_direct_tls=direct_tls, plugins=plugins)
         pairs = ((self.a, "a.test", self.b, "b.test", a_s2s, a_extra, a_trusted),
                  (self.b, "b.test", self.a, "a.test", b_s2s, b_extra, b_trusted))
         for daemon, domain, other, other_domain, lines, extra, trusted in pairs:
-            cert, key = (ca if trusted else rogue).issue_server(
-                domain, tmp / "certs", dns=a_dns if daemon is self.a else None)
+            cert, key = (ca if trusted else rogue).issue_server(domain, tmp / "certs")
             if direct_tls:
                 route = f"tls:127.0.0.1:{other.s2s_tls_port}"
             else:

@@ -3,8 +3,9 @@
 ``a.test`` (tests/federation.py) serves three component domains:
 
 * ``echo.a.test``: in process (examples/echo.py plus unmodified wokkel ping
-  and disco handlers), public; a.test's certificate names it, so both
-  directions authenticate with SASL EXTERNAL;
+  and disco handlers), public; its own certificate in ``[tls] certs_dir``
+  (``echo.a.test.crt`` + ``.key``), so both directions authenticate with
+  SASL EXTERNAL;
 * ``gw.a.test``: an external component (XEP-0114, played by a raw socket),
   public; no certificate names it, so its outgoing stream to b.test falls
   back to dialback (b.test asks a.test, the authoritative server);
@@ -29,7 +30,11 @@ ECHO_HANDLERS = '["examples.echo:EchoBot", "wokkel.ping:PingHandler", "wokkel.di
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     cport = free_port()
+    tmp = tmp_path_factory.mktemp("s2scomp")
     extra = f"""
+[tls]
+certs_dir = "{tmp / 'compcerts'}"
+
 [components]
 listen = ["tcp:{cport}:interface=127.0.0.1"]
 
@@ -44,9 +49,10 @@ secret = "gw-secret"
 secret = "priv-secret"
 public = false
 """
-    f = Federation(tmp_path_factory.mktemp("s2scomp"), a_extra=extra,
-                   a_domains=("echo.a.test", "gw.a.test", "priv.a.test"),
-                   a_dns=("a.test", "echo.a.test"))
+    f = Federation(tmp, a_extra=extra, a_domains=("echo.a.test", "gw.a.test", "priv.a.test"),
+                   start=False)
+    f.ca.issue_server("echo.a.test", tmp / "compcerts")
+    f.start()
     f.cport = cport
     yield f
     f.stop()
@@ -77,7 +83,7 @@ def test_remote_user_reaches_in_process_component(fed):
     finally:
         bob.close()
     # The component's own link: echo.a.test is the local side, authenticated by
-    # the certificate that names it; b.test's stream to it likewise.
+    # its own certificate (certs_dir); b.test's stream to it likewise.
     wait_for_log(fed.a, r"s2s out echo\.a\.test -> b\.test: authenticated with EXTERNAL")
     wait_for_log(fed.a, r"s2s in \S+: b\.test authenticated for echo\.a\.test with EXTERNAL")
 
@@ -123,7 +129,7 @@ def test_private_component_is_unknown_to_remote_servers(fed):
 
 def test_stanza_to_private_component_on_an_authenticated_stream(fed):
     """A peer already authenticated for b.test -> a.test cannot address priv.a.test."""
-    cert, key = fed.ca.issue_server("b.test", fed.a.dir.parent / "peer", name="peer-b")
+    cert, key = fed.ca.issue_server("b.test", fed.tmp / "peer", name="peer-b")
     peer = S2SPeer(fed.a.s2s_port, "b.test", "a.test", cert, key)
     try:
         peer.authenticate()
