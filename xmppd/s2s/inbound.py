@@ -4,7 +4,8 @@ A peer connects to ``[s2s] listen`` (STARTTLS) or ``listen_tls`` (direct
 TLS) and sends us its stanzas on this stream; ours to it go on a stream we
 open (:mod:`xmppd.s2s.outbound`).  The stream walks through:
 
-1. header: ``jabber:server``, version 1.0, ``to`` one of our hosts, ``from``
+1. header: ``jabber:server``, version 1.0, ``to`` one of our hosts or a
+   public component domain (:meth:`S2SService.federates`), ``from``
    (when given) not in ``[s2s] blocked_domains`` and under
    ``max_connections_per_domain``;
 2. STARTTLS, required unless ``require_encryption`` is off (or the domain
@@ -18,7 +19,8 @@ open (:mod:`xmppd.s2s.outbound`).  The stream walks through:
 
 Every stanza must then carry ``from`` and ``to`` matching an authenticated
 pair: a ``from`` outside them is ``invalid-from``, a ``to`` outside them
-``improper-addressing`` (or ``host-unknown`` for a domain not served here).
+``improper-addressing`` (or ``host-unknown`` for a domain not served here,
+private components included: they are unknown to other servers).
 Accepted stanzas go to :meth:`S2SService.inbound`, which hands them to the
 router exactly where local ones enter it.
 

@@ -11,7 +11,9 @@ Built once at start-up from ``[s2s]`` (:mod:`xmppd.s2s.settings`), it owns
   resolver.
 
 The router calls :meth:`send` for every destination it does not host
-(after its filter chain ran, as for local ones).  Stanzas arriving from an
+(after its filter chain ran, as for local ones); the local side of a link
+is the sender's domain: a served host or a public component domain
+(:meth:`federates`).  Stanzas arriving from an
 authenticated peer enter :meth:`Router.deliver` through :meth:`inbound`,
 exactly where a local client's stanzas enter it, so the blocking command,
 the domain filter and every plugin see them.  Bounces are built here for
