@@ -14,15 +14,27 @@
   ``service-unavailable``.
 
 ``bob@b.test`` on the other daemon is a raw client, so every assertion is
-about what crosses the wire.
+about what crosses the wire.  The in-process tests at the end show the
+filter chain sees component traffic both ways (no filter of a.test applies
+to a remote user and a component by itself: blocking and the domain filter
+are per local account).
 """
 from __future__ import annotations
 
 import pytest
+from twisted.internet.task import Clock
+from twisted.words.xish import domish
 
 from tests.daemon import free_port
 from tests.federation import Federation, S2SPeer, wait_for_log
 from tests.rawclient import RawComponent
+from tests.test_s2s_units import _config
+from xmppd import jid as jidlib
+from xmppd.core import Server
+from xmppd.router import DROP
+from xmppd.s2s.outbound import OutboundLink
+from xmppd.stanzas import NS_CLIENT
+from xmppd.storage import MemoryStore
 
 ECHO_HANDLERS = '["examples.echo:EchoBot", "wokkel.ping:PingHandler", "wokkel.disco:DiscoHandler"]'
 
@@ -147,3 +159,83 @@ def test_stanza_to_private_component_on_an_authenticated_stream(fed):
         assert "<host-unknown" in peer.read_until("</stream:stream>")
     finally:
         peer.close()
+
+
+# -- in process: the filter chain, both ways -----------------------------------------
+
+
+class FakeRoute:
+    """A component route (router.ComponentRoute) that keeps what it is sent."""
+
+    online = True
+
+    def __init__(self, public: bool) -> None:
+        self.public = public
+        self.got: list[domish.Element] = []
+
+    def send(self, stanza: domish.Element) -> None:
+        self.got.append(stanza)
+
+
+class Recorder:
+    """A filter that records what it sees and drops what carries ``id='drop'``."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+
+    def check(self, stanza, sender, to):
+        self.seen.append((stanza.getAttribute("id"), sender.full, to.full))
+        return DROP if stanza.getAttribute("id") == "drop" else None
+
+
+def _message(ident: str, sender: str, to: str) -> domish.Element:
+    el = domish.Element((NS_CLIENT, "message"))
+    el["id"], el["from"], el["to"], el["type"] = ident, sender, to, "chat"
+    el.addElement("body", content="hi")
+    return el
+
+
+@pytest.fixture
+def local(tmp_path, monkeypatch):
+    cfg = _config({})
+    object.__setattr__(cfg, "data_dir", str(tmp_path))
+    srv = Server(cfg, store=MemoryStore(), clock=Clock(), certs=object())
+    started = []
+    monkeypatch.setattr(OutboundLink, "start", lambda self: started.append(self))  # no network
+    comp, priv = FakeRoute(public=True), FakeRoute(public=False)
+    srv.router.components.update({"comp.a.test": comp, "priv.a.test": priv})
+    recorder = Recorder()
+    srv.router.filters.insert(0, recorder)
+    return srv, comp, priv, recorder, started
+
+
+def test_component_traffic_passes_the_filter_chain_both_ways(local):
+    srv, comp, priv, recorder, started = local
+    bob = jidlib.parse("bob@b.test/r")
+    # out: the component's stanza is filtered, then leaves from the component domain
+    out = _message("out", "comp.a.test", "bob@b.test/r")
+    srv.router.deliver(out, jidlib.parse("comp.a.test"), bob, comp)
+    assert ("out", "comp.a.test", "bob@b.test/r") in recorder.seen
+    assert [(link.local, link.remote) for link in started] == [("comp.a.test", "b.test")]
+    srv.router.deliver(_message("drop", "comp.a.test", "bob@b.test/r"), jidlib.parse("comp.a.test"), bob, comp)
+    assert len(srv.s2s.links[("comp.a.test", "b.test")].queue) == 1  # the dropped one never queued
+    # in: a peer's stanza for the component is filtered before the component sees it
+    srv.s2s.inbound(_message("in", "bob@b.test/r", "comp.a.test"), bob, jidlib.parse("comp.a.test"))
+    srv.s2s.inbound(_message("drop", "bob@b.test/r", "comp.a.test"), bob, jidlib.parse("comp.a.test"))
+    assert ("in", "bob@b.test/r", "comp.a.test") in recorder.seen
+    assert [el["id"] for el in comp.got] == ["in"]
+
+
+def test_private_component_stanza_to_remote_bounces_after_the_filters(local):
+    srv, comp, priv, recorder, started = local
+    srv.router.deliver(_message("p1", "priv.a.test", "bob@b.test/r"), jidlib.parse("priv.a.test"),
+                       jidlib.parse("bob@b.test/r"), priv)
+    assert ("p1", "priv.a.test", "bob@b.test/r") in recorder.seen
+    assert not started and not srv.s2s.links
+    assert [(el["id"], el["type"]) for el in priv.got] == [("p1", "error")]
+    assert "service-unavailable" in priv.got[0].toXml()
+    assert srv.s2s.federates("comp.a.test") and srv.s2s.federates("a.test")
+    assert not srv.s2s.federates("priv.a.test") and not srv.s2s.federates("b.test")
+    assert srv.s2s.refuse_domain("priv.a.test") and srv.s2s.refuse_domain("comp.a.test")
