@@ -28,13 +28,15 @@ PASSWORD = "fed-secret"
 class Federation:
     def __init__(self, tmp: Path, a_s2s: str = "", b_s2s: str = "", a_trusted: bool = True,
                  b_trusted: bool = True, a_extra: str = "", b_extra: str = "", plugins=None,
-                 direct_tls: bool = False, start: bool = True, a_routes: dict | None = None) -> None:
+                 direct_tls: bool = False, start: bool = True, a_routes: dict | None = None,
+                 a_domains: tuple[str, ...] = ()) -> None:
+        """``a_domains``: more domains a.test serves (components), routed to it from b.test."""
         tmp = Path(tmp)
         ca, rogue = CA("xmppd federation test CA"), CA("Rogue CA")
         ca_file = tmp / "ca.pem"
         tmp.mkdir(parents=True, exist_ok=True)
         ca_file.write_bytes(ca.pem())
-        self.ca, self.ca_file = ca, ca_file
+        self.ca, self.ca_file, self.tmp = ca, ca_file, tmp
         self.a = Daemon(tmp / "a", hosts=("a.test",), s2s="", s2s_direct_tls=direct_tls, plugins=plugins)
         self.b = Daemon(tmp / "b", hosts=("b.test",), s2s="", s2s_direct_tls=direct_tls, plugins=plugins)
         pairs = ((self.a, "a.test", self.b, "b.test", a_s2s, a_extra, a_trusted),
@@ -45,7 +47,8 @@ class Federation:
                 route = f"tls:127.0.0.1:{other.s2s_tls_port}"
             else:
                 route = f"tcp:127.0.0.1:{other.s2s_port}"
-            more = "".join(f'"{d}" = "{r}"\n' for d, r in (a_routes or {}).items()) if daemon is self.a else ""
+            more = "".join(f'"{d}" = "{r}"\n' for d, r in (a_routes or {}).items()) if daemon is self.a \
+                else "".join(f'"{d}" = "{route}"\n' for d in a_domains)
             daemon.s2s = (f'ca_file = "{ca_file}"\nca_system = false\n{lines}\n'
                           f'[s2s.routes]\n"{other_domain}" = "{route}"\n{more}')
             daemon.write_config(f'\n[hosts."{domain}".tls]\ncert = "{cert}"\nkey = "{key}"\n' + extra,

@@ -376,6 +376,31 @@ def test_context_for_fallback_order(pki, dirs):
     assert plain.context_for("nowhere.example") is plain.context_for("x.w.test")
 
 
+def test_other_names_get_their_own_file_never_a_generated_one(pki, dirs):
+    """Public component domains (``names``): certs_dir and wildcard files only, else the fallback."""
+    data, certs, _ = dirs
+    install(pki, certs, "a.test.pem", "a.test", serial=31)
+    install(pki, certs, "comp.a.test.pem", "comp.a.test", serial=32)
+    install(pki, certs, "w.pem", "*.w.test", serial=33)
+    store = CertificateStore(["a.test"], str(data), str(certs),
+                             names=["comp.a.test", "gw.w.test", "bare.a.test", "a.test"])
+    store.load()
+    assert [i.host for i in store.describe()] == ["a.test"]  # names are not hosts
+    serial = {n: store.credentials(n)[0][0].serial_number
+              for n in ("comp.a.test", "gw.w.test", "bare.a.test")}
+    assert serial == {"comp.a.test": 32, "gw.w.test": 33, "bare.a.test": 31}
+    assert store.credentials("comp.a.test")[2] == str(certs / "comp.a.test.pem")
+    assert not (data / "certs" / "bare.a.test.pem").exists()
+    # without the name, the file is not looked for (the default host answers)
+    plain = CertificateStore(["a.test"], str(data), str(certs))
+    plain.load()
+    assert plain.credentials("comp.a.test")[0][0].serial_number == 31
+    # a reload that finds the file broken keeps the certificate it had
+    (certs / "comp.a.test.pem").write_text("garbage")
+    store.reload()
+    assert store.credentials("comp.a.test")[0][0].serial_number == 32
+
+
 def test_direct_tls_sni_picks_vhost_and_alpn(reactor, two_vhosts):
     store, ca = two_vhosts
     with serve_direct_tls(reactor, store) as port:

@@ -19,6 +19,11 @@ Sources for a host, highest priority first (see docs/certificates.rst):
 5. ``default`` -- the configured default certificate;
 6. ``generated`` -- a self-signed certificate in ``<data_dir>/certs/<host>.pem``.
 
+Other *names* (public component domains, for their server-to-server streams)
+are looked up in sources 2 to 4 only: a certificate found for one is served
+for it; otherwise the name gets what any other name gets (a served
+certificate naming it, else the default host's), never a generated one.
+
 Everything here runs in the reactor thread and only touches small local files;
 nothing touches the network.
 """
@@ -278,6 +283,7 @@ class _State:
     stale: frozenset[str] = frozenset()
     problems: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     front_resumes: bool = True  # whether direct TLS offers session resumption
+    names: Mapping[str, _Entry] = field(default_factory=dict)  # other names with their own file
 
 
 # --------------------------------------------------------------------------
@@ -1069,7 +1075,7 @@ class _Pass:
         self._cache: dict[_Source, _Loaded | CertificateError] = {}
         self._previous: dict[_Source, _Loaded] = {}
         if previous is not None:
-            for entry in [*previous.entries.values(), previous.default]:
+            for entry in [*previous.entries.values(), *previous.names.values(), previous.default]:
                 if entry is not None:
                     self._previous[entry.loaded.source] = entry.loaded
         self._certs_dir_index: list[tuple[str, x509.Certificate]] | None = None
@@ -1185,11 +1191,16 @@ class CertificateStore:
         default_host: str | None = None,
         client_certs: Mapping[str, ClientCertPolicy] | None = None,
         generate: bool = True,
+        names: Iterable[str] = (),
     ) -> None:
         if not hosts:
             raise ValueError("CertificateStore needs at least one host")
         self.hosts: list[str] = list(dict.fromkeys(hosts))
         self._keys = {_normalise(h): h for h in self.hosts}
+        #: Names that are not hosts but may have their own certificate file
+        #: (public component domains: their s2s streams present it).
+        self.names: list[str] = [n for n in dict.fromkeys(_normalise(x) for x in names)
+                                 if n and n not in self._keys]
         self.data_dir = data_dir
         # False for operator tools (``xmppctl certs``/``check``): a missing
         # self-signed certificate is previewed in memory, never written to the
@@ -1400,6 +1411,7 @@ class CertificateStore:
             else:
                 self._report_entry(entry, old, messages, run.now)
         entries = self._with_client_certs(entries, run)
+        names = self._pass_names(run, previous, messages)
         default = self._load_default(run, previous, messages)
         # Direct TLS decides on resumption before SNI names the vhost, so a
         # session made without a client certificate could otherwise be resumed
@@ -1407,12 +1419,44 @@ class CertificateStore:
         resumes = _single_certificate(entries, default) and not self.client_certs
         front = self._front(entries[self.default_host], previous, resumes)
         self._state = _State(entries, default, front, *self._name_indexes(entries),
-                             frozenset(stale), problems, resumes)
+                             frozenset(stale), problems, resumes, names)
         # Taken before reading, so a change during the pass triggers another;
         # files the pass wrote itself are not a change.
         signature.update((path, _stat_key(path)) for path in run.written)
         self._signature = signature
         return messages
+
+    def _pass_names(self, run: _Pass, previous: _State | None,
+                    messages: list[str]) -> dict[str, _Entry]:
+        """Certificates of the other names: certs_dir, wildcard and certbot sources only.
+
+        Never fatal and never generated: a name without a usable file of its
+        own is served like any name that is not a host (see :meth:`_lookup`).
+        A file that turned bad keeps the certificate it replaced.
+        """
+        out: dict[str, _Entry] = {}
+        for name in self.names:
+            found = None
+            for source in self._candidates(name, run):
+                if source.origin == DEFAULT:
+                    break
+                try:
+                    loaded = run.load(source)
+                except CertificateError as e:
+                    message = f"{name}: skipped {e}"
+                    log.warn("{message}", message=message, host=name, path=e.path)
+                    messages.append(message)
+                    continue
+                if _identity_for(loaded.leaf, name):
+                    found = self._entry(name, loaded)
+                    break
+            if found is None and previous is not None and name in previous.names:
+                old = previous.names[name]
+                if os.path.exists(old.loaded.source.cert_path):
+                    found = old
+            if found is not None:
+                out[name] = found
+        return out
 
     def _with_client_certs(self, entries: dict[str, _Entry], run: _Pass) -> dict[str, _Entry]:
         """
@@ -1572,7 +1616,7 @@ class CertificateStore:
     def _lookup(self, name: str) -> _Entry:
         state = self._current()
         key = _normalise(name)
-        entry = (state.entries.get(key) or state.by_name.get(key)
+        entry = (state.entries.get(key) or state.names.get(key) or state.by_name.get(key)
                  or (state.by_parent.get(key.split(".", 1)[1]) if "." in key else None)
                  or state.default)
         return entry or state.entries[self.default_host]

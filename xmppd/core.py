@@ -164,6 +164,7 @@ def build_connectors(config: Config, store: IKeyValueStore, reactor: Any) -> dic
 def build_cert_store(config: Config, generate: bool = True):
     """The certificate store described by ``[tls]`` and ``[hosts.*.tls]`` (not loaded)."""
     from xmppd.certs import CertificateStore, ClientCertPolicy, TLSPolicy
+    from xmppd.components.settings import public_domains
 
     tls = config.tls
     explicit = {}
@@ -185,4 +186,5 @@ def build_cert_store(config: Config, generate: bool = True):
         explicit=explicit, default_cert=default_cert,
         policy=TLSPolicy(min_version=tls.min_version, ciphers=tls.ciphers, groups=tls.groups),
         default_host=config.default_host, client_certs=client_certs, generate=generate,
+        names=public_domains(config),
     )

@@ -16,10 +16,11 @@ Traffic between users and components passes the filter chain both ways
 (blocking, domain filter), because components send through
 :meth:`Router.deliver` and users reach them through it.
 
-``public = false`` is stored on the route (``route.public``) for s2s: only
-local users may reach such a component.  Until s2s exists every requester is
-local; the server's disco#items already hides private components from
-requesters that are not on a served host or a component domain.
+``public = false`` is stored on the route (``route.public``) for s2s
+(:meth:`xmppd.s2s.service.S2SService.federates`): other servers cannot open
+streams to such a component, and what it sends to them bounces; the
+server's disco#items hides it from requesters that are not on a served host
+or a component domain.  Public components federate from their own domain.
 """
 from __future__ import annotations
 

@@ -125,6 +125,26 @@ def read(config: Config) -> ComponentsSettings:
     return ComponentsSettings(listen=listen, components=components)
 
 
+def public_domains(config: Config) -> list[str]:
+    """The public component domains (not served hosts), for the certificate store.
+
+    A light pass over ``[components]`` without validation or secret files
+    (``xmppctl certs`` runs it as another user); :func:`read` reports the
+    errors.  Private components never federate, so they need no certificate.
+    """
+    out = []
+    for name, table in config.section("components").table.items():
+        if not isinstance(table, dict) or table.get("public", True) is False:
+            continue
+        try:
+            j = jidlib.parse(name)
+        except jidlib.InvalidJID:
+            continue
+        if j.user is None and j.resource is None and j.host not in config.hosts:
+            out.append(j.host)
+    return out
+
+
 def _component(config: Config, sec: Section, name: str) -> ComponentSettings:
     try:
         j = jidlib.parse(name)

@@ -4,7 +4,8 @@ A peer connects to ``[s2s] listen`` (STARTTLS) or ``listen_tls`` (direct
 TLS) and sends us its stanzas on this stream; ours to it go on a stream we
 open (:mod:`xmppd.s2s.outbound`).  The stream walks through:
 
-1. header: ``jabber:server``, version 1.0, ``to`` one of our hosts, ``from``
+1. header: ``jabber:server``, version 1.0, ``to`` one of our hosts or a
+   public component domain (:meth:`S2SService.federates`), ``from``
    (when given) not in ``[s2s] blocked_domains`` and under
    ``max_connections_per_domain``;
 2. STARTTLS, required unless ``require_encryption`` is off (or the domain
@@ -18,7 +19,8 @@ open (:mod:`xmppd.s2s.outbound`).  The stream walks through:
 
 Every stanza must then carry ``from`` and ``to`` matching an authenticated
 pair: a ``from`` outside them is ``invalid-from``, a ``to`` outside them
-``improper-addressing`` (or ``host-unknown`` for a domain not served here).
+``improper-addressing`` (or ``host-unknown`` for a domain not served here,
+private components included: they are unknown to other servers).
 Accepted stanzas go to :meth:`S2SService.inbound`, which hands them to the
 router exactly where local ones enter it.
 
@@ -106,7 +108,8 @@ class InboundStream(ServerStream):
             host = jidlib.parse(to).host if to else None
         except jidlib.InvalidJID:
             host = None
-        if host is None or host not in self.server.router.hosts:
+        if host is None or not self.service.federates(host):
+            # A private component is as unknown to other servers as any name.
             return self.stream_error("host-unknown", f"{to!r} is not served here")
         self.local = host
         if sender:
@@ -265,7 +268,7 @@ class InboundStream(ServerStream):
             local = jidlib.parse(to or "").host
         except jidlib.InvalidJID:
             return self.stream_error("improper-addressing", "db:result needs from and to domains")
-        if local not in self.server.router.hosts:
+        if not self.service.federates(local):
             return self._db_answer(local, remote, "error", "item-not-found")
         if self.remote is not None and self.how == "" and remote != self.remote and not self.pairs:
             return self.stream_error("invalid-from", "db:result from another domain than the stream")
@@ -325,7 +328,7 @@ class InboundStream(ServerStream):
             originating = jidlib.parse(to or "").host
         except jidlib.InvalidJID:
             return self.stream_error("improper-addressing", "db:verify needs from and to domains")
-        if originating not in self.server.router.hosts or not ident:
+        if not self.service.federates(originating) or not ident:
             kind = "invalid"
         else:
             valid = self.service.keys.check(str(el), receiving, originating, ident)
@@ -357,7 +360,10 @@ class InboundStream(ServerStream):
                          peer=self.peer, sender=sender.host,
                          pairs=", ".join(r for r, _l in sorted(self.pairs)))
                 return self.stream_error("invalid-from", f"{sender.host} is not authenticated on this stream")
-            if to.host not in self.server.router.hosts:
+            if not self.service.federates(to.host):
+                # Not served, or a private component: either way unknown to
+                # peers (no stanza error: it would have to come from that
+                # domain, which does not federate).
                 return self.stream_error("host-unknown", f"{to.host} is not served here")
             return self.stream_error("improper-addressing", f"{to.host} was not authenticated on this stream")
         self.service.inbound(el, sender, to)

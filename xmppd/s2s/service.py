@@ -11,7 +11,9 @@ Built once at start-up from ``[s2s]`` (:mod:`xmppd.s2s.settings`), it owns
   resolver.
 
 The router calls :meth:`send` for every destination it does not host
-(after its filter chain ran, as for local ones).  Stanzas arriving from an
+(after its filter chain ran, as for local ones); the local side of a link
+is the sender's domain: a served host or a public component domain
+(:meth:`federates`).  Stanzas arriving from an
 authenticated peer enter :meth:`Router.deliver` through :meth:`inbound`,
 exactly where a local client's stanzas enter it, so the blocking command,
 the domain filter and every plugin see them.  Bounces are built here for
@@ -129,11 +131,25 @@ class S2SService:
 
     # -- policy -------------------------------------------------------------------
 
+    def federates(self, domain: str) -> bool:
+        """Is ``domain`` a local side of federation: a served host or a *public* component?
+
+        Private components (``[components."x"] public = false``) are not:
+        other servers are told they are unknown here, and what they send is
+        never federated.  ``router.components`` is filled once at start-up,
+        so this is two dict look-ups per call.
+        """
+        router = self.server.router
+        if domain in router.hosts:
+            return True
+        component = router.components.get(domain)
+        return component is not None and component.public
+
     def refuse_domain(self, domain: str) -> str | None:
         """Why ``domain`` may not federate with us at all, or None."""
         if domain in self.config.blocked_domains:
             return f"{domain} is blocked by this server's policy"
-        if domain in self.server.router.hosts:
+        if domain in self.server.router.hosts or domain in self.server.router.components:
             return f"{domain} is served here"
         return None
 
@@ -163,7 +179,12 @@ class S2SService:
             sender = jidlib.parse(stanza.getAttribute("from") or "")
         except jidlib.InvalidJID:
             sender = None
-        if sender is None or sender.host not in self.server.router.hosts:
+        if sender is None or not self.federates(sender.host):
+            if sender is not None and sender.host in self.server.router.components:
+                # A private component: local users only, nothing leaves for it.
+                self.bounce(stanza, "service-unavailable",
+                            f"{sender.host} does not federate (public = false)")
+                return
             # Never relay between two other servers.
             log.info("s2s: dropped a <{name}/> to {to} whose sender is not local",
                      name=stanza.name, to=to.host)
@@ -219,13 +240,13 @@ class S2SService:
             to = jidlib.parse(reply["to"])
         except (KeyError, jidlib.InvalidJID):
             return
-        if to.host in self.server.router.hosts:
+        if self.server.router.is_local(to):  # a local user or a component
             self.server.router.send_from_server(reply, to)
 
     # -- stanzas in ---------------------------------------------------------------------
 
     def inbound(self, stanza: domish.Element, sender: JID, to: JID) -> None:
-        """An authenticated peer's stanza, addressed to one of our hosts."""
+        """An authenticated peer's stanza, addressed to one of our hosts or public components."""
         if self._pings and stanza.name == "iq" and stanza.getAttribute("type") in ("result", "error") \
                 and self._pong(stanza, sender, to):
             return
