@@ -41,6 +41,7 @@ from xmppd import channelbinding, sasl
 from xmppd import jid as jidlib
 from xmppd.backlog import OutboundBacklog
 from xmppd.certs import ClientCertificate, client_certificate
+from xmppd.connlimit import PerAddressLimit
 from xmppd.stanzas import (
     NS_CLIENT,
     NS_STREAMS,
@@ -599,7 +600,7 @@ def parser_limits(c2s) -> tuple[Limits, Limits]:
     return after, before
 
 
-class C2SFactory(protocol.ServerFactory):
+class C2SFactory(PerAddressLimit, protocol.ServerFactory):
     """Creates client streams; enforces the per-address connection limit."""
 
     protocol = C2SStream
@@ -609,18 +610,5 @@ class C2SFactory(protocol.ServerFactory):
         self.direct_tls = direct_tls
         if getattr(server, "metrics", None) is not None:
             self.protocol = MeteredC2SStream
-        self.per_ip: dict[str, int] = {}
+        super().__init__()  # PerAddressLimit
         self.limits, self.preauth_limits = parser_limits(server.config.c2s)
-
-    def admit(self, ip: str) -> bool:
-        count = self.per_ip.get(ip, 0) + 1
-        self.per_ip[ip] = count
-        limit = self.server.config.c2s.max_connections_per_ip
-        return not limit or count <= limit
-
-    def release(self, ip: str) -> None:
-        count = self.per_ip.get(ip, 0) - 1
-        if count > 0:
-            self.per_ip[ip] = count
-        else:
-            self.per_ip.pop(ip, None)

@@ -25,9 +25,11 @@ What the XEP leaves open, decided here:
 * while no stream is up, stanzas to the domain bounce with
   ``service-unavailable`` (presence is dropped): nothing is queued.
 
-The stream is kept small and self-contained (header, stream errors, timeouts,
-the hardened :class:`~xmppd.xmlparser.StreamParser`) so that it can move onto a
-stream base shared with c2s and s2s.
+The stream's life cycle (parser and its limits, header and stream errors,
+the handshake and close timeouts, outbound flow control) is the one every
+stream of the server has, :class:`xmppd.stream.XMPPStream`; this module adds
+only what XEP-0114 says: the handshake, the domain's route and the checks on
+what a component may claim.
 """
 from __future__ import annotations
 
@@ -37,15 +39,16 @@ import secrets
 from typing import TYPE_CHECKING
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.words.xish import domish
-from zope.interface import implementer
 
 from xmppd import jid as jidlib
+from xmppd.backlog import OutboundBacklog
 from xmppd.components.namespaces import NS_ACCEPT, to_client_namespace
-from xmppd.stanzas import NS_STREAM_ERRORS, NS_STREAMS, StanzaError, error_reply, serialize
-from xmppd.xmlparser import StreamParser, XMLStreamError
+from xmppd.connlimit import PerAddressLimit
+from xmppd.stanzas import NS_STREAMS, StanzaError, error_reply
+from xmppd.stream import AUTHENTICATED, CLOSED, HEADER, NEGOTIATING, XMPPStream
+from xmppd.xmlparser import Limits
 from xmppd.logfilter import log_observer
 
 if TYPE_CHECKING:
@@ -54,7 +57,11 @@ if TYPE_CHECKING:
 log = Logger(observer=log_observer)
 
 _STANZAS = frozenset(("message", "presence", "iq"))
-HEADER, HANDSHAKE, READY, CLOSED = range(4)
+# The phases a component stream goes through (the base's numbers): header
+# not yet received, waiting for <handshake/>, carrying stanzas, closed.
+HANDSHAKE, READY = NEGOTIATING, AUTHENTICATED
+__all__ = ["ComponentFactory", "ComponentStream", "ExternalRoute", "handshake_digest",
+           "HEADER", "HANDSHAKE", "READY", "CLOSED"]
 
 
 def handshake_digest(stream_id: str, secret: str) -> str:
@@ -83,145 +90,73 @@ class ExternalRoute:
             stream.send(stanza)
 
 
-@implementer(IPushProducer)
-class ComponentStream(protocol.Protocol):
-    """One XEP-0114 connection."""
+class ComponentStream(XMPPStream):
+    """One XEP-0114 connection; from the handshake on, the route of its domain."""
 
     factory: "ComponentFactory"
+    ESTABLISHED = READY
 
     def __init__(self) -> None:
-        self.phase = HEADER
-        self.peer = "?"
+        super().__init__()
         self.route: ExternalRoute | None = None
         self.domain: str | None = None
         self.jid: jidlib.JID | None = None
-        self.stream_id = ""
-        self.header_sent = False
-        self.parser: StreamParser | None = None
-        self._timeout = None
-        self._closer = None
-        self._paused = False
-        self._held = 0  # bytes written while the transport asked us to pause
-        self._counted = False
 
     @property
-    def server(self) -> "Server":
-        return self.factory.server
+    def kind(self) -> str:
+        """The base's log prefix (before the peer): "component <domain> from"."""
+        return f"component {self.domain or 'stream'} from"
+
+    # -- what the base asks of a stream kind ---------------------------------
+
+    def stream_settings(self):
+        # The time and output bounds of client streams apply (see the module docstring).
+        return self.server.config.c2s
+
+    def parser_limits(self) -> Limits:
+        return self.factory.limits if self.phase >= READY else self.factory.preauth_limits
+
+    def new_stream_id(self) -> str:
+        return secrets.token_hex(16)
+
+    def header_bytes(self) -> bytes:
+        host = self.domain or self.server.config.default_host
+        return ("<?xml version='1.0'?>"
+                f"<stream:stream xmlns='{NS_ACCEPT}' xmlns:stream='{NS_STREAMS}'"
+                f" from='{domish.escapeToXml(host, True)}' id='{self.stream_id}'>").encode()
 
     # -- life cycle ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.peer = getattr(peer, "host", str(peer))
-        self._counted = True
-        over = not self.factory.admit(self.peer)
-        self.parser = StreamParser(self._stream_start, self._element, self._stream_end,
-                                   self.factory.preauth_limits)
-        c2s = self.server.config.c2s
-        self._timeout = self.server.clock.callLater(c2s.auth_timeout, self._handshake_timeout)
-        if over:
+        super().connectionMade()
+        if not self.factory.admit(self.peer):
             log.warn("component stream from {peer}: too many connections from this address",
                      peer=self.peer)
             self.stream_error("policy-violation", "too many connections from your address")
 
-    def connectionLost(self, reason=None) -> None:
-        was_ready, self.phase = self.phase == READY, CLOSED
-        for call in (self._timeout, self._closer):
-            if call is not None and call.active():
-                call.cancel()
-        self._timeout = self._closer = None
-        if self._counted:
-            self._counted = False
-            self.factory.release(self.peer)
-        if was_ready:
-            self._detach()
+    def connection_closed(self, previous: int, reason) -> None:
+        self.factory.release(self.peer)
 
-    def _detach(self) -> None:
+    def established_ended(self) -> None:
+        """Closed, aborted or lost after the handshake: the domain is offline again."""
+        self.take_backlog()  # output it did not read is lost with it, as before
         if self.route is not None and self.route.stream is self:
             self.route.stream = None
             log.info("component {domain} from {peer}: disconnected", domain=self.domain,
                      peer=self.peer)
 
-    def _handshake_timeout(self) -> None:
-        self._timeout = None
-        if self.phase in (HEADER, HANDSHAKE):
-            log.info("component stream from {peer}: no handshake in time", peer=self.peer)
-            self.stream_error("connection-timeout", "handshake sooner")
+    def auth_timed_out(self) -> None:
+        log.info("component stream from {peer}: no handshake in time", peer=self.peer)
+        self.stream_error("connection-timeout", "handshake sooner")
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.phase == CLOSED:
-            return
-        try:
-            self.parser.feed(data)
-        except XMLStreamError as e:
-            log.info("component {domain} from {peer}: {error}", peer=self.peer, error=e,
-                     domain=self.domain or "stream")
-            self.stream_error(e.condition, e.text)
-        except Exception:
-            log.failure("component stream from {peer}: internal error", peer=self.peer)
-            self.stream_error("internal-server-error")
-
-    # -- output ------------------------------------------------------------------
-
-    def send(self, element: domish.Element) -> None:
-        """Deliver a stanza to the component (router side)."""
-        if self.phase != READY:
-            return
-        data = serialize(element)
-        if self._paused:
-            self._held += len(data)
-            limit = self.server.config.c2s.max_outbound_bytes
-            if self._held > limit:
-                log.warn("component {domain} from {peer}: not reading; more than {limit} bytes"
-                         " held, closing", domain=self.domain, peer=self.peer, limit=limit)
-                self.stream_error("policy-violation", "too much output waiting: read your stream")
-                return
-        self.transport.write(data)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._held = 0
-
-    def stopProducing(self) -> None:
-        """connectionLost does the cleanup."""
-
-    def _send_header(self) -> None:
-        host = self.domain or self.server.config.default_host
-        self.stream_id = self.stream_id or secrets.token_hex(16)
-        self.transport.write(
-            ("<?xml version='1.0'?>"
-             f"<stream:stream xmlns='{NS_ACCEPT}' xmlns:stream='{NS_STREAMS}'"
-             f" from='{domish.escapeToXml(host, True)}' id='{self.stream_id}'>").encode())
-        self.header_sent = True
-
-    def stream_error(self, condition: str, text: str = "") -> None:
-        """``<stream:error/>``, then close (bounded by ``[c2s] close_timeout``)."""
-        if self.phase == CLOSED:
-            return
-        if not self.header_sent:
-            self._send_header()
-        body = f"<stream:error><{condition} xmlns='{NS_STREAM_ERRORS}'/>"
-        if text:
-            body += f"<text xmlns='{NS_STREAM_ERRORS}'>{domish.escapeToXml(text)}</text>"
-        self.transport.write((body + "</stream:error></stream:stream>").encode())
-        self._close()
-
-    def _close(self) -> None:
-        self.parser.halt()
-        was_ready, self.phase = self.phase == READY, CLOSED
-        if was_ready:
-            self.transport.unregisterProducer()
-            self._detach()
-        self.transport.loseConnection()
-        self._closer = self.server.clock.callLater(
-            self.server.config.c2s.close_timeout, self.transport.abortConnection)
+    def output_overflowed(self, backlog: OutboundBacklog) -> None:
+        log.warn("component {domain} from {peer}: not reading; more than {limit} bytes"
+                 " held, closing", domain=self.domain, peer=self.peer, limit=backlog.limit)
+        self.stream_error("policy-violation", "too much output waiting: read your stream")
 
     # -- stream header and handshake ----------------------------------------
 
-    def _stream_start(self, uri: str, local: str, attrs: dict, decls: dict) -> None:
+    def stream_started(self, uri: str, local: str, attrs: dict, decls: dict) -> None:
         if local != "stream" or uri != NS_STREAMS:
             return self.stream_error("invalid-namespace", "expected a stream:stream element")
         if decls.get("") != NS_ACCEPT:
@@ -244,7 +179,7 @@ class ComponentStream(protocol.Protocol):
         self.phase = HANDSHAKE
         self._send_header()
 
-    def _element(self, el: domish.Element) -> None:
+    def element(self, el: domish.Element) -> None:
         if self.phase == READY:
             if el.uri != NS_ACCEPT or el.name not in _STANZAS:
                 return self.stream_error("unsupported-stanza-type")
@@ -261,19 +196,13 @@ class ComponentStream(protocol.Protocol):
             log.warn("component {domain} from {peer}: already connected from {other}, refused",
                      domain=self.domain, peer=self.peer, other=self.route.stream.peer)
             return self.stream_error("conflict", f"{self.domain} is already connected")
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._timeout = None
+        self.cancel_auth_timeout()
         self.phase = READY
         self.route.stream = self
         self.parser.set_limits(self.factory.limits)
-        self.transport.registerProducer(self, True)
+        self.start_producing()
         self.transport.write(b"<handshake/>")
         log.info("component {domain} from {peer}: connected", domain=self.domain, peer=self.peer)
-
-    def _stream_end(self) -> None:
-        self.transport.write(b"</stream:stream>")
-        self._close()
 
     # -- stanzas -----------------------------------------------------------------
 
@@ -305,7 +234,7 @@ class ComponentStream(protocol.Protocol):
         self.server.router.deliver(el, sender, to, self.route)
 
 
-class ComponentFactory(protocol.ServerFactory):
+class ComponentFactory(PerAddressLimit, protocol.ServerFactory):
     """Accepts XEP-0114 streams for the external components of ``routes``."""
 
     protocol = ComponentStream
@@ -313,20 +242,7 @@ class ComponentFactory(protocol.ServerFactory):
     def __init__(self, server: "Server", routes: dict[str, ExternalRoute]) -> None:
         from xmppd.c2s import parser_limits
 
+        super().__init__()  # PerAddressLimit
         self.server = server
         self.routes = routes
-        self.per_ip: dict[str, int] = {}
         self.limits, self.preauth_limits = parser_limits(server.config.c2s)
-
-    def admit(self, ip: str) -> bool:
-        count = self.per_ip.get(ip, 0) + 1
-        self.per_ip[ip] = count
-        limit = self.server.config.c2s.max_connections_per_ip
-        return not limit or count <= limit
-
-    def release(self, ip: str) -> None:
-        count = self.per_ip.get(ip, 0) - 1
-        if count > 0:
-            self.per_ip[ip] = count
-        else:
-            self.per_ip.pop(ip, None)
