@@ -27,7 +27,7 @@ certificate naming it, else the default host's), never a generated one.
 Everything here runs in the reactor thread and only touches small local files;
 nothing touches the network.
 
-The package, lower modules first (none imports the store):
+The package, lower modules first (none imports the store at run time):
 
 ``model``        value types of the store's state, and the clock
 ``pem``          reading files; PEM, certificate and key parsing; access problems
@@ -37,7 +37,8 @@ The package, lower modules first (none imports the store):
 ``clientcerts``  client certificates: trust, CRLs, verification (SASL EXTERNAL)
 ``table``        CertInfo and the ``xmppctl certs`` table
 ``checks``       key/chain/date checks, one pass over the disk, ``xmppctl check``
-``store``        CertificateStore: resolution, reload, polling, SNI, creators
+``watch``        polling the files: reload on change, expiry warnings
+``store``        CertificateStore: resolution, reload, SNI, connection creators
 
 Import from ``xmppd.certs``: the names below are the package's interface.
 """

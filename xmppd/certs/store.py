@@ -1,8 +1,8 @@
 """
 The certificate store: resolves each host's sources in priority order (see
-the package docstring), swaps the whole host -> context table on reload,
-watches the files, and hands out contexts for STARTTLS (by stream-header
-host) and direct TLS (by SNI).
+the package docstring), swaps the whole host -> context table on reload
+(the file watching is in xmppd.certs.watch), and hands out contexts for
+STARTTLS (by stream-header host) and direct TLS (by SNI).
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ from xmppd.certs.model import (
     _Source,
     _State,
 )
-from xmppd.certs.pem import CertificateError, _listdir, _stat_key
+from xmppd.certs.pem import CertificateError, _stat_key
 from xmppd.certs.selfsigned import SELF_SIGNED_RENEW, _generate_self_signed
 from xmppd.certs.table import CertInfo
+from xmppd.certs.watch import _FileWatch
 from xmppd.logfilter import log_observer
 
 # The namespace of the single module this package was split from, so log
@@ -93,9 +94,9 @@ class _DirectTLSCreator:
         return SSL.Connection(self._store._current().front, None)
 
 
-class CertificateStore:
+class CertificateStore(_FileWatch):
     """
-    Certificates of all virtual hosts; see the module docstring for the
+    Certificates of all virtual hosts; see the package docstring for the
     sources and docs/certificates.rst for the operator's view.
     """
 
@@ -608,82 +609,6 @@ class CertificateStore:
             sources=entry.loaded.files,
             notes=tuple(state.problems.get(key, ())) + entry.notes,
         )
-
-    # -- polling
-
-    def _watch_paths(self) -> set[str]:
-        """
-        Every file that could change what is served.  It depends only on the
-        configuration and directory listings, never on what is loaded, so two
-        signatures are always comparable.
-        """
-        paths: set[str] = set()
-        for cert, key in list(self.explicit.values()) + (
-                [self.default_cert] if self.default_cert else []):
-            paths.update([cert, key or os.path.splitext(cert)[0] + ".key"])
-        if self.certs_dir:
-            paths.add(self.certs_dir)
-            paths.update(os.path.join(self.certs_dir, n) for n in _listdir(self.certs_dir))
-        live = self.letsencrypt_live
-        if live:
-            paths.add(live)
-            for name in _listdir(live):
-                for f in ("fullchain.pem", "privkey.pem"):
-                    paths.add(os.path.join(live, name, f))
-        for host in self.hosts:
-            try:
-                paths.add(self.generated_path(host))
-            except CertificateError:
-                pass
-        for policy in self.client_certs.values():  # a new CRL must take effect
-            for path in policy.ca + policy.crl:
-                paths.add(path)
-                if os.path.isdir(path):
-                    paths.update(os.path.join(path, n) for n in _listdir(path))
-        return paths
-
-    def _watch_signature(self) -> dict[str, tuple]:
-        """stat() results (inode, size, mtime, ctime) of the watched files."""
-        return {path: _stat_key(path) for path in self._watch_paths()}
-
-    def start_polling(self, interval: float = 30.0, clock: IReactorTime | None = None) -> None:
-        """
-        Check the source files every ``interval`` seconds and reload when one
-        changed (inode, size, mtime or ctime); certbot renewals and copied
-        files are picked up without SIGHUP.  Also re-warns about expiry.
-        """
-        self.stop_polling()
-        poller = LoopingCall(self._poll)
-        if clock is not None:
-            poller.clock = clock
-        self._poller = poller
-        poller.start(interval, now=False).addErrback(
-            lambda f: log.failure("certificate polling stopped", f))
-
-    def stop_polling(self) -> None:
-        if self._poller is not None and self._poller.running:
-            self._poller.stop()
-        self._poller = None
-
-    def _poll(self) -> None:
-        try:
-            if self._state is not None and self._watch_signature() != self._signature:
-                log.info("certificate files changed; reloading")
-                self.reload()
-            self._warn_expiry()
-        except Exception:
-            log.failure("certificate poll failed")
-
-    def _warn_expiry(self) -> None:
-        """Log once per certificate when it enters 'expiring' or 'expired'."""
-        for info in self.describe():
-            if info.status in ("expiring", "expired"):
-                mark = (info.serial, info.status)
-                if self._warned_expiry.get(info.host) != mark:
-                    self._warned_expiry[info.host] = mark
-                    log.warn("{host}: certificate {status}: serial {serial:#x} not after "
-                             "{not_after}", host=info.host, status=info.status,
-                             serial=info.serial, not_after=info.not_after.isoformat())
 
 
 def _raise_if_fatal(host: str, refused: list[tuple[_Source, CertificateError]]) -> None:
