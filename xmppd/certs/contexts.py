@@ -86,10 +86,9 @@ def _new_context(policy: TLSPolicy, session_name: str) -> SSL.Context:
     return ctx
 
 
-def _build_context(policy: TLSPolicy, chain: Sequence[x509.Certificate], key: object,
-                   path: str) -> SSL.Context:
-    """The per-certificate context: leaf, then the rest of the chain, key checked."""
-    ctx = _new_context(policy, chain[0].fingerprint(hashes.SHA256()).hex())
+def _use_credentials(ctx: SSL.Context, chain: Sequence[x509.Certificate], key: object,
+                     path: str) -> None:
+    """Put the leaf, then the rest of the chain, and the checked key into ``ctx``."""
     try:
         ctx.use_certificate(chain[0])
         for extra in chain[1:]:
@@ -98,6 +97,13 @@ def _build_context(policy: TLSPolicy, chain: Sequence[x509.Certificate], key: ob
         ctx.check_privatekey()
     except (SSL.Error, TypeError, ValueError) as e:
         raise CertificateError(path, f"OpenSSL refused the certificate or key ({e})") from None
+
+
+def _build_context(policy: TLSPolicy, chain: Sequence[x509.Certificate], key: object,
+                   path: str) -> SSL.Context:
+    """The per-certificate context: leaf, then the rest of the chain, key checked."""
+    ctx = _new_context(policy, chain[0].fingerprint(hashes.SHA256()).hex())
+    _use_credentials(ctx, chain, key, path)
     return ctx
 
 
@@ -124,12 +130,5 @@ def policy_context(policy: TLSPolicy, chain: Sequence[x509.Certificate], key: ob
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.set_cipher_list((policy.ciphers or DEFAULT_CIPHERS).encode("ascii"))
     tlsgroups.apply(ctx, policy.groups)
-    try:
-        ctx.use_certificate(chain[0])
-        for extra in chain[1:]:
-            ctx.add_extra_chain_cert(extra)
-        ctx.use_privatekey(key)  # type: ignore[arg-type]
-        ctx.check_privatekey()
-    except (SSL.Error, TypeError, ValueError) as e:
-        raise CertificateError(path, f"OpenSSL refused the certificate or key ({e})") from None
+    _use_credentials(ctx, chain, key, path)
     return ctx
