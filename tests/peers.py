@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.targets import Ejabberd as _Ejabberd, Prosody as _Prosody, _chown_tree
+from bench.targets import PROSODY_ROUTES_PLUGIN, Ejabberd as _Ejabberd, Prosody as _Prosody, _chown_tree
 from tests.daemon import free_port, wait_for_port
 from tests.rawclient import RawClient
 
@@ -291,35 +291,7 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
 # Federating peers (issue 12): one domain each, a certificate from the test
 # CA that xmppd trusts, that CA trusted in return, routes to xmppd on loopback.
 
-# Prosody 0.12 has no option to send s2s to a fixed address: mod_s2s always
-# resolves the remote domain with net.resolvers.service (DNS SRV, then A/AAAA
-# against the name servers of /etc/resolv.conf).  This test-only plugin,
-# written for these tests, swaps that constructor for a fixed loopback
-# target for the domains in ``test_s2s_routes``; every other step of the
-# outgoing connection (TLS, certificate checks, EXTERNAL/dialback) is
-# Prosody's own.
-PROSODY_ROUTES_PLUGIN = """\
--- mod_test_s2s_routes: tests/peers.py, not for production.
-module:set_global();
-local service = require "net.resolvers.service";
-local manual = require "net.resolvers.manual";
-local routes = module:get_option("test_s2s_routes", {});
-local by_dns = service.new;
-service.new = function (hostname, service_name, proto, extra)
-    local port = routes[hostname];
-    if port == nil then
-        return by_dns(hostname, service_name, proto, extra);
-    end
-    if service_name ~= "xmpp-server" then
-        return manual.new({}, proto, extra);  -- no direct TLS route: STARTTLS only
-    end
-    module:log("info", "test route for %s: 127.0.0.1:%d", hostname, port);
-    return manual.new({ { proto .. "4", "127.0.0.1", port, extra } }, proto, extra);
-end
-function module.unload()
-    service.new = by_dns;
-end
-"""
+# Prosody has no s2s route option: bench/targets.py's test-only plugin gives it one.
 
 
 class _Federating:
