@@ -918,6 +918,8 @@ def main(argv=None):
     ap.add_argument("--xmppd-metrics", action="store_true",
                     help="run xmppd with its [metrics] page on (port + 1), scraped after "
                          "each message phase: compare with a run without it")
+    ap.add_argument("--xmppd-profile", metavar="DIR",
+                    help="run xmppd under cProfile (twistd --profile); stats in DIR at shutdown")
     ap.add_argument("--s2s", action="store_true",
                     help="the s2s phase only (bench/s2s.py): two servers of each target "
                          "federating, against a c2s baseline on one of them")
@@ -938,6 +940,8 @@ def main(argv=None):
 
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     targets_mod.Xmppd.metrics = args.xmppd_metrics
+    if args.xmppd_profile:
+        targets_mod.Xmppd.profile_dir = Path(args.xmppd_profile).resolve()
     p["xmppd_metrics"] = args.xmppd_metrics
     for n in names:
         if n not in targets_mod.TARGETS:

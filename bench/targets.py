@@ -291,8 +291,17 @@ ca_system = false
         pp = os.environ.get("PYTHONPATH")
         return {"PYTHONPATH": str(REPO) + (os.pathsep + pp if pp else "")}
 
+    # --xmppd-profile DIR: run under cProfile (twistd --profile), stats saved
+    # at shutdown as DIR/<domain>-<pid>.prof
+    profile_dir: Path | None = None
+
     def command(self):
-        argv = self._twistd() + ["-n", "--pidfile", str(self.dir / "twistd.pid"),
+        profile = []
+        if self.profile_dir:
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            profile = ["--profiler", "cprofile", "--savestats",
+                       "--profile", str(self.profile_dir / f"{self.domain}-{os.getpid()}-{self.port}.prof")]
+        argv = self._twistd() + ["-n", "--pidfile", str(self.dir / "twistd.pid"), *profile,
                                  "xmppd", "--config", str(self.dir / "xmppd.toml")]
         return argv, self._env(), str(REPO)
 
