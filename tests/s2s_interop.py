@@ -199,11 +199,19 @@ class InteropTests:
                 second.send("<presence/>")
                 got = read(second, presence(f"{bob_jid}/laptop"))
                 assert "bob busy" in got, got
-                # ... and the peer, asked by xmppd's probe, also sees the new session.
+                # ... and its initial presence is broadcast to the remote contact.
                 read(bob, presence(f"alice@{XMPPD}/tablet"))
             finally:
                 second.close()
             read(bob, presence(f"alice@{XMPPD}/tablet", "unavailable"))
+            # A new session of bob is told alice's presence (probe answered by xmppd).
+            other = fed.bob("tablet")
+            try:
+                other.send("<presence/>")
+                got = read(other, presence(f"alice@{XMPPD}/home"))
+                assert "alice away" in got, got
+            finally:
+                other.close()
             # Logout on the peer: unavailable reaches xmppd.
             bob.close()
             read(alice, presence(f"{bob_jid}/laptop", "unavailable"))
