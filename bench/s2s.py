@@ -29,11 +29,10 @@ two s2s ports are counted after each window (one per direction expected).
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import targets as targets_mod
-from run import HOST, PASSWORD, Bench, free_port_pair, log  # noqa: F401 (HOST for symmetry)
+from run import PASSWORD, Bench, free_port_pair, log
 
 DOMAINS = ("a.s2s.bench", "b.s2s.bench")
 

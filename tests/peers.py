@@ -4,7 +4,8 @@ The benchmark's targets (bench/targets.py) already run both peers from a
 private config on a free loopback port, as their own system users, in their
 own process group; these subclasses keep that machinery and replace the
 configuration with what the migration tests need (offline storage, vCards,
-blocking, in-band registration, several hosts).  ``make test-deps``
+blocking, in-band registration, several hosts), or, for the federation tests,
+with s2s on their own domain (``FederatingProsody``, ``FederatingEjabberd``).  ``make test-deps``
 (scripts/install-test-deps.sh) installs the packages with their services
 left stopped and disabled; a missing peer fails the test with that advice.
 """
@@ -288,10 +289,10 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
 
 
 # --------------------------------------------------------------------------
-# Federating peers (issue 12): one domain each, a certificate from the test
-# CA that xmppd trusts, that CA trusted in return, routes to xmppd on loopback.
-
-# Prosody has no s2s route option: bench/targets.py's test-only plugin gives it one.
+# Federating peers (issue 12, tests/s2s_interop.py): one domain each, a
+# certificate from the test CA that xmppd trusts, that CA trusted in return,
+# routes to xmppd on loopback.  Prosody has no s2s route option: the test-only
+# plugin of bench/targets.py gives it one; ejabberd gets a loopback SRV server.
 
 
 class _Federating:
