@@ -160,6 +160,7 @@ class Bench:
         self.p = p
         self.args = args
         self.port = target.port
+        self.domain = target.domain
         self.sslctx = xmppload.client_ssl_context()
         self.iterations_seen: set[int] = set()
         self.last_done: list[float] = []
@@ -220,7 +221,7 @@ class Bench:
             if not self.t.alive():
                 raise RuntimeError(f"{self.t.name} exited during startup:\n" + self.t.log_tail())
             try:
-                conn, feats = await xmppload.connect_tls(HOST, self.port, DOMAIN, self.sslctx, 5)
+                conn, feats = await xmppload.connect_tls(HOST, self.port, self.domain, self.sslctx, 5)
                 conn.close()
                 return time.monotonic() - t0
             except XMPPError as e:
@@ -245,7 +246,7 @@ class Bench:
             for i in it:
                 t0 = time.perf_counter()
                 try:
-                    c = await xmppload.login(HOST, self.port, DOMAIN, users[i], PASSWORD,
+                    c = await xmppload.login(HOST, self.port, self.domain, users[i], PASSWORD,
                                              resource, self.sslctx, presence=presence,
                                              roster_get=roster_get, timeout=60)
                 except Exception as e:
@@ -294,7 +295,7 @@ class Bench:
         async def worker():
             nonlocal created, existed
             for ch in it:
-                c, e = await xmppload.register(HOST, self.port, DOMAIN, ch, PASSWORD, self.sslctx)
+                c, e = await xmppload.register(HOST, self.port, self.domain, ch, PASSWORD, self.sslctx)
                 created += c
                 existed += e
 
@@ -917,6 +918,11 @@ def main(argv=None):
     ap.add_argument("--xmppd-metrics", action="store_true",
                     help="run xmppd with its [metrics] page on (port + 1), scraped after "
                          "each message phase: compare with a run without it")
+    ap.add_argument("--xmppd-profile", metavar="DIR",
+                    help="run xmppd under cProfile (twistd --profile); stats in DIR at shutdown")
+    ap.add_argument("--s2s", action="store_true",
+                    help="the s2s phase only (bench/s2s.py): two servers of each target "
+                         "federating, against a c2s baseline on one of them")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
 
@@ -934,6 +940,8 @@ def main(argv=None):
 
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     targets_mod.Xmppd.metrics = args.xmppd_metrics
+    if args.xmppd_profile:
+        targets_mod.Xmppd.profile_dir = Path(args.xmppd_profile).resolve()
     p["xmppd_metrics"] = args.xmppd_metrics
     for n in names:
         if n not in targets_mod.TARGETS:
@@ -968,6 +976,9 @@ def main(argv=None):
     }
     log(f"profile {p['profile']}, reps {p['reps']}, pinning: {p['pinning']}, "
         f"workdir {workroot}")
+    kind = "s2s" if args.s2s else "run"
+    if args.s2s:
+        import s2s
     try:
         for n in names:
             ok, why = targets_mod.TARGETS[n].available()
@@ -975,9 +986,12 @@ def main(argv=None):
                 log(f"[{n}] SKIPPED: {why}")
                 result["skipped"][n] = why
                 continue
-            result["targets"][n] = asyncio.run(run_target(n, args, p, certs, workroot, cpu_server))
+            if args.s2s:
+                result["targets"][n] = asyncio.run(s2s.run_s2s_target(n, args, p, workroot, cpu_server))
+            else:
+                result["targets"][n] = asyncio.run(run_target(n, args, p, certs, workroot, cpu_server))
             # write after every target so a crash keeps what was measured
-            jpath = out_dir / f"run-{stamp}.json"
+            jpath = out_dir / f"{kind}-{stamp}.json"
             jpath.write_text(json.dumps(result, indent=1, default=str))
     finally:
         if not args.keep:
@@ -985,11 +999,14 @@ def main(argv=None):
         else:
             log(f"kept {workroot}")
     result["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    jpath = out_dir / f"run-{stamp}.json"
+    jpath = out_dir / f"{kind}-{stamp}.json"
     jpath.write_text(json.dumps(result, indent=1, default=str))
-    compare = json.loads(Path(args.compare).read_text()) if args.compare else None
-    md = report.markdown(result, compare)
-    mpath = out_dir / f"run-{stamp}.md"
+    if args.s2s:
+        md = s2s.markdown(result)
+    else:
+        compare = json.loads(Path(args.compare).read_text()) if args.compare else None
+        md = report.markdown(result, compare)
+    mpath = out_dir / f"{kind}-{stamp}.md"
     mpath.write_text(md)
     print()
     print(md)

@@ -4,7 +4,8 @@ directory, starts on loopback on its own port, and is stopped by the runner.
 Every target gets the same things: one virtual host (``bench.local``), one
 self-signed RSA-2048 certificate, STARTTLS required, SCRAM-SHA-1 with 4096
 iterations for stored credentials, roster + presence + disco + ping +
-blocking (XEP-0191), no rate limiting / traffic shaping, no s2s, no HTTP, no
+blocking (XEP-0191), no rate limiting / traffic shaping, no s2s (but in the
+s2s phase, bench/s2s.py: :class:`S2S`), no HTTP, no
 offline storage where it can be switched off, a listen backlog of 1024
 (the defaults, 5 for ejabberd and 50 for Twisted, drop connections when 100
 logins are in flight), logging at the packages' default level ("info") into
@@ -19,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,12 +45,56 @@ def _chown_tree(path: Path, user: str):
             os.chown(os.path.join(root, n), pw.pw_uid, pw.pw_gid)
 
 
+@dataclass
+class S2S:
+    """Federation settings of a target in the s2s phase: its s2s listener,
+    its certificate (from the bench CA, which is the only one it trusts) and
+    where the other server's s2s listener is, by domain."""
+
+    port: int
+    ca_file: Path
+    cert: Path
+    key: Path
+    routes: dict[str, int]   # remote domain -> its s2s port on 127.0.0.1
+
+
+# Prosody 0.12 cannot be told to send s2s for a domain to a fixed address:
+# mod_s2s always resolves it with net.resolvers.service (DNS SRV, then A/AAAA,
+# against /etc/resolv.conf's servers).  This plugin, written for xmppd's
+# benchmarks and tests, replaces that constructor by a fixed loopback target
+# for the domains in ``test_s2s_routes``; the connection itself (TLS,
+# certificate checks, EXTERNAL or dialback) is Prosody's own.
+PROSODY_ROUTES_PLUGIN = """\
+-- mod_test_s2s_routes: from xmppd's bench/targets.py, not for production.
+module:set_global();
+local service = require "net.resolvers.service";
+local manual = require "net.resolvers.manual";
+local routes = module:get_option("test_s2s_routes", {});
+local by_dns = service.new;
+service.new = function (hostname, service_name, proto, extra)
+    local port = routes[hostname];
+    if port == nil then
+        return by_dns(hostname, service_name, proto, extra);
+    end
+    if service_name ~= "xmpp-server" then
+        return manual.new({}, proto, extra);  -- no direct TLS route: STARTTLS only
+    end
+    module:log("info", "test route for %s: 127.0.0.1:%d", hostname, port);
+    return manual.new({ { proto .. "4", "127.0.0.1", port, extra } }, proto, extra);
+end
+function module.unload()
+    service.new = by_dns;
+end
+"""
+
+
 class Target:
     name = "?"
     # "offline": accounts are created by an admin tool before the server starts;
     # "ibr": by XEP-0077 in-band registration once it runs.
     provisioning = "ibr"
     run_as: str | None = None
+    s2s: S2S | None = None   # set by the s2s phase (bench/s2s.py) before prepare()
 
     def __init__(self, workdir: Path, port: int, domain: str, cert: dict,
                  password: str, cpu: set[int] | None):
@@ -142,6 +188,9 @@ class Target:
             self.logf.close()
             self.logf = None
 
+    def cleanup(self):
+        """Release what the target keeps between starts (ejabberd: its DNS server)."""
+
     def log_tail(self, n: int = 30) -> str:
         p = self.dir / "server.out"
         try:
@@ -196,7 +245,10 @@ class Xmppd(Target):
         (self.dir / "var").mkdir(parents=True, exist_ok=True)
         certs = self.dir / "certs"
         certs.mkdir(exist_ok=True)
-        shutil.copy(self.cert["combined"], certs / f"{self.domain}.pem")
+        if self.s2s:
+            (certs / f"{self.domain}.pem").write_bytes(self.s2s.cert.read_bytes() + self.s2s.key.read_bytes())
+        else:
+            shutil.copy(self.cert["combined"], certs / f"{self.domain}.pem")
         (self.dir / "xmppd.toml").write_text(f"""\
 [server]
 hosts = ["{self.domain}"]
@@ -219,14 +271,37 @@ plugins = ["roster", "presence", "disco", "ping", "urn:xmpp:blocking"]
 """ + (f"""
 [metrics]
 listen = "tcp:{self.metrics_port}:interface=127.0.0.1"
-""" if self.metrics else ""))
+""" if self.metrics else "") + self._s2s_config())
+
+    def _s2s_config(self) -> str:
+        if not self.s2s:
+            return ""
+        routes = "".join(f'"{d}" = "tcp:127.0.0.1:{p}"\n' for d, p in self.s2s.routes.items())
+        return f"""
+[s2s]
+listen = ["tcp:{self.s2s.port}:interface=127.0.0.1:backlog=1024"]
+listen_tls = []
+ca_file = "{self.s2s.ca_file}"
+ca_system = false
+
+[s2s.routes]
+{routes}"""
 
     def _env(self):
         pp = os.environ.get("PYTHONPATH")
         return {"PYTHONPATH": str(REPO) + (os.pathsep + pp if pp else "")}
 
+    # --xmppd-profile DIR: run under cProfile (twistd --profile), stats saved
+    # at shutdown as DIR/<domain>-<pid>.prof
+    profile_dir: Path | None = None
+
     def command(self):
-        argv = self._twistd() + ["-n", "--pidfile", str(self.dir / "twistd.pid"),
+        profile = []
+        if self.profile_dir:
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            profile = ["--profiler", "cprofile", "--savestats",
+                       "--profile", str(self.profile_dir / f"{self.domain}-{os.getpid()}-{self.port}.prof")]
+        argv = self._twistd() + ["-n", "--pidfile", str(self.dir / "twistd.pid"), *profile,
                                  "xmppd", "--config", str(self.dir / "xmppd.toml")]
         return argv, self._env(), str(REPO)
 
@@ -263,9 +338,27 @@ class Prosody(Target):
     def write_config(self):
         data = self.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
-        shutil.copy(self.cert["cert"], self.dir / "cert.pem")
-        shutil.copy(self.cert["key"], self.dir / "key.pem")
+        s2s = self.s2s
+        shutil.copy(s2s.cert if s2s else self.cert["cert"], self.dir / "cert.pem")
+        shutil.copy(s2s.key if s2s else self.cert["key"], self.dir / "key.pem")
         os.chmod(self.dir / "key.pem", 0o600)
+        if s2s:
+            shutil.copy(s2s.ca_file, self.dir / "ca.pem")
+            (self.dir / "plugins").mkdir(exist_ok=True)
+            (self.dir / "plugins" / "mod_test_s2s_routes.lua").write_text(PROSODY_ROUTES_PLUGIN)
+            routes = "; ".join(f'["{d}"] = {p}' for d, p in s2s.routes.items())
+            federation = f"""
+s2s_ports = {{ {s2s.port} }}
+s2s_interfaces = {{ "127.0.0.1" }}
+s2s_direct_tls_ports = {{ }}
+s2s_secure_auth = true
+plugin_paths = {{ "{self.dir}/plugins" }}
+test_s2s_routes = {{ {routes} }}
+"""
+            s2s_modules, disabled = ' "dialback"; "test_s2s_routes";', '"offline";'
+        else:
+            federation, s2s_modules, disabled = "s2s_ports = { }\n", "", '"s2s"; "offline";'
+        cafile = f' cafile = "{self.dir}/ca.pem";' if s2s else ""
         (self.dir / "prosody.cfg.lua").write_text(f"""\
 -- generated by bench/run.py
 pidfile = "{self.dir}/prosody.pid"
@@ -279,11 +372,10 @@ c2s_ports = {{ {self.port} }}
 c2s_interfaces = {{ "127.0.0.1" }}
 c2s_direct_tls_ports = {{ }}
 legacy_ssl_ports = {{ }}
-s2s_ports = {{ }}
 http_ports = {{ }}
 https_ports = {{ }}
 component_ports = {{ }}
-
+{federation}
 c2s_require_encryption = true
 s2s_require_encryption = true
 allow_unencrypted_plain_auth = false
@@ -296,11 +388,11 @@ allow_registration = true
 min_seconds_between_registrations = nil
 
 modules_enabled = {{
-    "roster"; "saslauth"; "tls"; "disco"; "ping"; "blocklist"; "register";
+    "roster"; "saslauth"; "tls"; "disco"; "ping"; "blocklist"; "register";{s2s_modules}
 }}
-modules_disabled = {{ "s2s"; "offline"; }}
+modules_disabled = {{ {disabled} }}
 
-ssl = {{ certificate = "{self.dir}/cert.pem"; key = "{self.dir}/key.pem"; }}
+ssl = {{ certificate = "{self.dir}/cert.pem"; key = "{self.dir}/key.pem";{cafile} }}
 
 VirtualHost "{self.domain}"
 """)
@@ -314,6 +406,12 @@ VirtualHost "{self.domain}"
 class Ejabberd(Target):
     name = "ejabberd"
     run_as = "ejabberd"
+    dns = None   # the SRV server of the s2s phase
+
+    def cleanup(self):
+        if self.dns is not None:
+            self.dns.stop()
+            self.dns = None
 
     @classmethod
     def available(cls):
@@ -329,9 +427,43 @@ class Ejabberd(Target):
     def write_config(self):
         for d in ("spool", "log"):
             (self.dir / d).mkdir(parents=True, exist_ok=True)
-        shutil.copy(self.cert["combined"], self.dir / "ejabberd.pem")
+        s2s = self.s2s
+        if s2s:
+            (self.dir / "ejabberd.pem").write_bytes(s2s.cert.read_bytes() + s2s.key.read_bytes())
+        else:
+            shutil.copy(self.cert["combined"], self.dir / "ejabberd.pem")
         os.chmod(self.dir / "ejabberd.pem", 0o600)
-        if Path("/etc/ejabberd/inetrc").exists():
+        federation = s2s_listener = s2s_modules = ""
+        if s2s:
+            # ejabberd 23.01 has no per-domain route: it asks DNS for the remote
+            # domain's _xmpp-server._tcp SRV record (Erlang's resolver, whose
+            # servers come from the inetrc of the config dir), then resolves the
+            # target with getaddrinfo.  A loopback DNS server answers with
+            # "localhost" and the other server's s2s port (bench/srvdns.py).
+            try:
+                from bench.srvdns import SRVServer   # imported by the tests
+            except ImportError:
+                from srvdns import SRVServer         # run from bench/
+
+            if self.dns is None:
+                self.dns = SRVServer({f"_xmpp-server._tcp.{d}": ("localhost", p)
+                                      for d, p in s2s.routes.items()})
+            (self.dir / "inetrc").write_text(self.dns.inetrc())
+            shutil.copy(s2s.ca_file, self.dir / "ca.pem")
+            federation = f"""s2s_use_starttls: required
+s2s_cafile: "{self.dir}/ca.pem"
+s2s_dns_timeout: 2
+"""
+            s2s_listener = f"""  -
+    port: {s2s.port}
+    ip: "127.0.0.1"
+    backlog: 1024
+    module: ejabberd_s2s_in
+    max_stanza_size: 262144
+    shaper: s2s_shaper
+"""
+            s2s_modules = "  mod_s2s_dialback: {}\n"
+        elif Path("/etc/ejabberd/inetrc").exists():
             shutil.copy("/etc/ejabberd/inetrc", self.dir / "inetrc")
         else:
             (self.dir / "inetrc").write_text("{lookup,[file,native]}.\n{host,{127,0,0,1}, [\"localhost\",\"hostalias\"]}.\n{file, resolv, \"/etc/resolv.conf\"}.\n")
@@ -343,7 +475,7 @@ hosts:
   - "{self.domain}"
 certfiles:
   - "{self.dir}/ejabberd.pem"
-c2s_protocol_options:
+{federation}c2s_protocol_options:
   - "no_sslv3"
   - "no_tlsv1"
   - "no_tlsv1_1"
@@ -359,7 +491,7 @@ listen:
     shaper: c2s_shaper
     access: c2s
     starttls_required: true
-auth_method: internal
+{s2s_listener}auth_method: internal
 auth_password_format: scram
 auth_scram_hash: sha
 disable_sasl_mechanisms:
@@ -389,7 +521,7 @@ modules:
     versioning: false
   mod_privacy: {{}}
   mod_blocking: {{}}
-  mod_register:
+{s2s_modules}  mod_register:
     ip_access: all
     access: register
     password_strength: 0

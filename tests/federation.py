@@ -25,6 +25,16 @@ from tests.rawclient import RawClient
 PASSWORD = "fed-secret"
 
 
+def configure(daemon: Daemon, domain: str, cert: str, key: str, ca_file: Path,
+              routes: dict[str, str], lines: str = "", extra: str = "", plugins=None) -> None:
+    """(Re)write ``daemon``'s config to federate as ``domain``: ``cert``/``key``
+    for it, ``ca_file`` as the only trust anchor, ``routes`` (remote domain ->
+    endpoint string) in ``[s2s.routes]``, ``lines`` added to ``[s2s]``."""
+    table = "".join(f'"{d}" = "{r}"\n' for d, r in routes.items())
+    daemon.s2s = f'ca_file = "{ca_file}"\nca_system = false\n{lines}\n[s2s.routes]\n{table}'
+    daemon.write_config(f'\n[hosts."{domain}".tls]\ncert = "{cert}"\nkey = "{key}"\n' + extra, plugins)
+
+
 class Federation:
     def __init__(self, tmp: Path, a_s2s: str = "", b_s2s: str = "", a_trusted: bool = True,
                  b_trusted: bool = True, a_extra: str = "", b_extra: str = "", plugins=None,
@@ -47,12 +57,11 @@ class Federation:
                 route = f"tls:127.0.0.1:{other.s2s_tls_port}"
             else:
                 route = f"tcp:127.0.0.1:{other.s2s_port}"
-            more = "".join(f'"{d}" = "{r}"\n' for d, r in (a_routes or {}).items()) if daemon is self.a \
-                else "".join(f'"{d}" = "{route}"\n' for d in a_domains)
-            daemon.s2s = (f'ca_file = "{ca_file}"\nca_system = false\n{lines}\n'
-                          f'[s2s.routes]\n"{other_domain}" = "{route}"\n{more}')
-            daemon.write_config(f'\n[hosts."{domain}".tls]\ncert = "{cert}"\nkey = "{key}"\n' + extra,
-                                plugins)
+            if daemon is self.a:
+                routes = {other_domain: route, **(a_routes or {})}
+            else:  # b.test reaches a.test's extra domains (components) on a.test too
+                routes = {other_domain: route, **{d: route for d in a_domains}}
+            configure(daemon, domain, cert, key, ca_file, routes, lines, extra, plugins)
         if start:
             self.start()
 
