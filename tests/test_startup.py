@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -110,19 +111,30 @@ def test_ctl_errors_are_clear(tmp_path):
 
 
 def test_no_config_serves_localhost_with_generated_certificate(tmp_path):
-    """`twistd -n xmppd` alone: vhost localhost, ./var, self-signed certificate."""
+    """`twistd -n xmppd` alone: vhost localhost, ./var, self-signed certificate.
+
+    The default ports are fixed (5222/5223): the test waits for this
+    process's own "serving" line, not for whatever answers on 5222.
+    """
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([str(TWISTD), "--nodaemon", "--pidfile=", "xmppd"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "out.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(TWISTD), "--nodaemon", "--pidfile=", "xmppd"], cwd=tmp_path,
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
+        deadline = time.monotonic() + 30
+        while "xmppd serving localhost" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.05)
         wait_for_port(5222, proc=proc)
         assert (tmp_path / "var" / "xmppd.sqlite3").exists()
         certs = list((tmp_path / "var" / "certs").glob("localhost*"))
         assert certs
     finally:
         proc.terminate()
-        out = proc.communicate(timeout=10)[0].decode()
-    assert "SELF-SIGNED" in out
+        proc.wait(timeout=10)
+    assert "SELF-SIGNED" in log.read_text(errors="replace")
 
 
 def test_plugin_is_found_after_plain_install(tmp_path):
