@@ -239,6 +239,10 @@ class C2SStream(XMPPStream):
         if self.phase == AUTHENTICATED:
             features.addElement((NS_BIND, "bind"))
             features.addElement((NS_SESSION, "session")).addElement("optional")
+            for feature in self.server.c2s_features:
+                child = feature(self)
+                if child is not None:
+                    features.addChild(child)
         else:
             if not self.secure:
                 starttls = features.addElement((NS_TLS, "starttls"))
@@ -326,7 +330,7 @@ class C2SStream(XMPPStream):
         phase = self.phase
         if phase == BOUND:
             if el.uri != NS_CLIENT or el.name not in _STANZAS:
-                return self.stream_error("unsupported-stanza-type")
+                return self.extension_element(el)
             return self._stanza(el)
         if el.uri == NS_TLS and el.name == "starttls":
             return self._starttls()
@@ -341,7 +345,42 @@ class C2SStream(XMPPStream):
                 return register.pre_auth(self, el)
         if phase == AUTHENTICATED and el.uri == NS_CLIENT and el.name == "iq":
             return self._pre_bind_iq(el)
+        if phase == AUTHENTICATED and el.uri != NS_CLIENT:
+            return self.extension_element(el)
         return self.stream_error("not-authorized", "authenticate and bind first")
+
+    def extension_element(self, el: domish.Element) -> None:
+        """A top-level element outside jabber:client: a plugin's (SM, CSI) or an error."""
+        handler = self.server.c2s_elements.get((el.uri, el.name))
+        if handler is None:
+            if self.phase == BOUND:
+                return self.stream_error("unsupported-stanza-type")
+            return self.stream_error("not-authorized", "authenticate and bind first")
+        handler(self, el)
+
+    # -- output layers (XEP-0198 counting, XEP-0352 holding) ---------------------
+
+    def set_output_layer(self, name: str, layer) -> None:
+        """Add (or with None remove) an output layer and rewire send/send_bytes.
+
+        A layer has ``order`` (lower is nearer the transport) and
+        ``wrap(send_bytes) -> send_bytes``.  A session without layers keeps
+        the class's methods: it pays nothing for features it does not use.
+        """
+        layers = self.state.setdefault("output_layers", {})
+        if layer is None:
+            layers.pop(name, None)
+        else:
+            layers[name] = layer
+        self.__dict__.pop("send", None)
+        self.__dict__.pop("send_bytes", None)
+        if not layers:
+            return
+        send_bytes = self.send_bytes  # the class's (metered or not)
+        for _, layer in sorted(((lay.order, n), lay) for n, lay in layers.items()):
+            send_bytes = layer.wrap(send_bytes)
+        self.send_bytes = send_bytes
+        self.send = lambda element: send_bytes(serialize(element))
 
     def _starttls(self) -> None:
         if self.secure or self.phase != NEGOTIATING:
@@ -564,7 +603,7 @@ class MeteredC2SStream(C2SStream):
         if self.phase == BOUND:  # as C2SStream.element, counted
             name = el.name
             if el.uri != NS_CLIENT or name not in _STANZAS:
-                return self.stream_error("unsupported-stanza-type")
+                return self.extension_element(el)
             STANZAS_RECEIVED[name] += 1
             return self._stanza(el)
         return _plain_element(self, el)

@@ -19,4 +19,6 @@ BUILTIN_PLUGINS = {
     "urn:xmpp:blocking": "xmppd.handlers.blocking:BlockingPlugin",
     "domain-filter": "xmppd.handlers.domainfilter:DomainFilterPlugin",
     "adhoc": "xmppd.handlers.adhoc:AdHocPlugin",
+    "urn:xmpp:sid:0": "xmppd.handlers.stanzaid:StanzaIdPlugin",
+    "urn:xmpp:carbons:2": "xmppd.handlers.carbons:CarbonsPlugin",
 }
