@@ -62,7 +62,6 @@ class CarbonsPlugin(Plugin):
     features = (NS_CARBONS,)
 
     def setup(self) -> None:
-        self.server.config.section("carbons").reject_unknown()
         # bare JID -> number of its sessions with carbons enabled
         self.users: dict[str, int] = {}
         self.handle_iq("set", NS_CARBONS, "enable", self.on_enable)

@@ -32,7 +32,6 @@ class StanzaIdPlugin(Plugin):
     account_features = (NS_SID,)
 
     def setup(self) -> None:
-        self.server.config.section("stanza-id").reject_unknown()
         self._prefix = base64.urlsafe_b64encode(os.urandom(9)).decode() + "-"
         self._counter = count(1)
         hosts = self.router.hosts
