@@ -151,6 +151,11 @@ class C2SStream(XMPPStream):
         ).encode()
 
     def _end_session(self) -> None:
+        sm = self.state.get("sm")
+        if sm is not None:
+            # XEP-0198: the session may outlive its connection (resumption),
+            # and its unacknowledged stanzas are the plugin's to re-route.
+            return sm.plugin.session_ended(self)
         log.info("c2s {jid} from {peer}: session ended", jid=self.jid.full, peer=self.peer)
         self.server.router.unbind(self)
         self._release_backlog()
@@ -164,10 +169,8 @@ class C2SStream(XMPPStream):
         sender; filters already ran when they were routed here); other
         stanzas are dropped.
 
-        XEP-0198 hook: with stream management, a resumable session would
-        keep this backlog (and the unacknowledged stanzas) for resumption
-        instead, and release it like this only when the resumption window
-        ends.
+        Sessions with XEP-0198 stream management do not come here: their
+        unacknowledged queue holds all of this too (xmppd.handlers.sm).
         """
         backlog = self.take_backlog()
         if backlog is None or not backlog.chunks:
