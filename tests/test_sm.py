@@ -261,10 +261,11 @@ def roomy(tmp_path):
     """A daemon whose unacked queue never fills in the burst below: the kill decides."""
     d = Daemon(tmp_path / "roomy", plugins=PLUGINS,
                extra=CONFIG.replace("max_unacked = 50", "max_unacked = 1000")).start()
-    for u in ("bob", "frank"):
+    for u in ("bob", "frank", "gina"):
         d.adduser(f"{u}@localhost", PW)
     yield d
-    d.stop()
+    if d.proc is not None:
+        d.stop()
 
 
 def test_kill9_of_the_client_mid_burst_loses_no_message(roomy, tmp_path):
@@ -337,3 +338,26 @@ def test_slixmpp_xep_0198_enable_and_acks(d):
             c.disconnect()
 
     run(go())
+
+
+def test_server_stop_stores_what_detached_and_attached_sessions_hold(roomy):
+    d = roomy
+    f, _ = sm_login(d, "frank")
+    g, _ = sm_login(d, "gina")
+    b = plain_login(d, "bob")
+    burst(b, "frank@localhost/r", ["f1", "f2"])
+    burst(b, "gina@localhost/r", ["g1", "g2"])
+    f.read_until("id='f2'.*?</message>")
+    g.read_until("id='g2'.*?</message>")
+    drop(f)  # frank detached, gina still connected; neither acked
+    time.sleep(0.3)
+    d.stop()
+    d.start()
+    for user, ids in (("frank", ["f1", "f2"]), ("gina", ["g1", "g2"])):
+        c = plain_login(d, user, "after", presence=False)
+        c.send("<presence/>")
+        got = c.read_until(f"id='{ids[-1]}'.*?</message>")
+        assert [i for i in message_ids(got) if i in ids] == ids
+        c.close()
+    g.close()
+    b.close()

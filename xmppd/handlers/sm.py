@@ -159,6 +159,8 @@ class StreamManagementPlugin(Plugin):
         self.sessions: dict[str, object] = {}
         # previd -> (account, h) of recently expired sessions
         self.expired: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self.stopping = False
+        self._trigger = None
         self.server.c2s_features.append(self._feature)
         elements = self.server.c2s_elements
         elements[(NS_SM, "enable")] = self.on_enable
@@ -183,6 +185,11 @@ class StreamManagementPlugin(Plugin):
         if resume:
             self.sessions[state.id] = stream
             attrs = f" id='{state.id}' resume='true' max='{int(self.resume_timeout)}'"
+        if self._trigger is None:
+            # Registered by the first session that needs it, so the throw-away
+            # servers of `xmppctl check` and reloads never register one.
+            trigger = getattr(self.server.clock, "addSystemEventTrigger", None)
+            self._trigger = trigger("before", "shutdown", self.shutdown) if trigger else False
         _raw(stream, f"<enabled xmlns='{NS_SM}'{attrs}/>".encode())
         self._attach(stream, SMLayer(self, stream, state))
         log.debug("c2s {jid}: stream management enabled (resumable: {r})",
@@ -250,7 +257,7 @@ class StreamManagementPlugin(Plugin):
             return  # resumed on another connection: the session lives on there
         if layer.detached:
             return
-        if layer.state.resumable and not layer.overflowed:
+        if layer.state.resumable and not layer.overflowed and not self.stopping:
             layer.detached = True
             if layer.timer is not None and layer.timer.active():
                 layer.timer.cancel()
@@ -291,6 +298,19 @@ class StreamManagementPlugin(Plugin):
         if messages:
             log.info("c2s {jid}: {n} unacknowledged messages take the offline path",
                      jid=stream.jid.full, n=len(messages))
+
+    def shutdown(self) -> None:
+        """The server stops: no session will be resumed, so none may keep messages.
+
+        Detached sessions end now; attached ones end (not detach) when the
+        reactor drops their connections; either way their unacknowledged
+        messages are in offline storage before the store closes.
+        """
+        self.stopping = True
+        for stream in list(self.sessions.values()):
+            layer = stream.state.get("sm")
+            if layer is not None and layer.detached:
+                self.expire(stream)
 
     # -- resumption ------------------------------------------------------------------
 
