@@ -160,6 +160,48 @@ def test_resume_resends_exactly_the_unacked_in_order(d):
     b.close()
 
 
+def test_resume_takes_over_a_connection_not_yet_noticed_dead(d):
+    a, previd = sm_login(d, "erin", "tab")
+    b = plain_login(d, "bob")
+    burst(b, "erin@localhost/tab", ["w1", "w2"])
+    a.read_until("id='w2'.*?</message>")
+    n, _ = authed(d, "erin")  # the old connection is still open
+    n.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+    n.read_until("<resumed[^>]*/>")
+    again = n.read_until("id='w2'.*?</message>")
+    assert message_ids(again) == ["w1", "w2"]
+    a.read_all(timeout=2)  # the old connection was dropped (aborted)
+    # one session: no unavailable presence, the new stream receives
+    burst(b, "erin@localhost/tab", ["w3"])
+    assert message_ids(n.read_until("id='w3'.*?</message>")) == ["w3"]
+    assert b"unavailable" not in b.read_all(timeout=0.3)
+    n.send(f"<a xmlns='{SM}' h='4'/></stream:stream>")
+    assert b"stream:error" not in n.read_all(timeout=2)
+    b.close()
+
+
+def test_inactive_session_held_stanzas_survive_detach_and_resume(d):
+    a, previd = sm_login(d, "alice", "csi")
+    b = plain_login(d, "bob")
+    a.send("<inactive xmlns='urn:xmpp:csi:0'/>")
+    assert "type='result'" in a.iq("<iq type='get' id='pp'><ping xmlns='urn:xmpp:ping'/></iq>", "pp")
+    b.send("<presence to='alice@localhost/csi'><status>held-status</status></presence>")
+    time.sleep(0.3)
+    assert b"held-status" not in a.read_all(timeout=0.3)
+    drop(a)
+    time.sleep(0.2)
+    n, _ = authed(d, "alice")
+    n.send(f"<resume xmlns='{SM}' previd='{previd}' h='2'/>")  # echo + ping result
+    n.read_until("<resumed[^>]*/>")
+    assert b"held-status" in n.read_until("held-status.*?</presence>")
+    # the new connection starts active: presence passes at once
+    b.send("<presence to='alice@localhost/csi'><status>live-status</status></presence>")
+    assert b"live-status" in n.read_until("live-status.*?</presence>")
+    n.send("</stream:stream>")
+    n.read_all(timeout=2)
+    b.close()
+
+
 def test_resume_refused_for_other_account_and_after_timeout(d):
     a, previd = sm_login(d, "dave")
     b = plain_login(d, "bob")

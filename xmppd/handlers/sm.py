@@ -20,18 +20,19 @@ Enabled as ``urn:xmpp:sm:3`` in ``[sm] plugins``; settings in
 
 Sessions without ``<enable/>`` keep their class's methods: they pay nothing.
 
-*Resumption* (``resume='true'``, ``[stream-management] resume_timeout`` > 0):
-when the connection of such a session ends without ``</stream:stream>``...
-in fact, whenever it ends other than by a policy-violation, the session is
-*detached*: it stays bound in the router, counts as online, keeps receiving
-(into its queue), and its presence stays available.  A new connection that
-has done TLS and SASL **as the same account** may ``<resume previd h/>``
-it: the new stream takes the session over (same full JID, roster state,
-carbons...), acknowledges up to ``h``, answers ``<resumed/>`` and re-sends
-the rest of the queue in order.  ``previd`` of another account, unknown or
-expired gets ``<failed><item-not-found/></failed>`` (with ``h`` for the
-account's own recently expired sessions).  The old connection, if the
-server has not noticed its end yet, is aborted without ending the session.
+*Resumption* (``resume='true'``, ``[stream-management] resume_timeout`` > 0,
+or the client's shorter ``max``): when the connection of such a session
+ends other than by ``</stream:stream>``, a queue limit or a server stop,
+the session is *detached*: it stays bound in the router, counts as online,
+keeps receiving (into its queue), and its presence stays available.  A new
+connection that has done TLS and SASL **as the same account** may
+``<resume previd h/>`` it: the new stream takes the session over (same full
+JID, roster state, carbons...), acknowledges up to ``h``, answers
+``<resumed/>`` and re-sends the rest of the queue in order.  ``previd`` of
+another account, unknown or expired gets ``<failed><item-not-found/>
+</failed>`` (with ``h`` for the account's own recently expired sessions).
+The old connection, if the server has not noticed its end yet, is aborted
+without ending the session.
 
 *Expiry*: a detached session not resumed within ``resume_timeout`` (or a
 non-resumable SM session when it ends) is unbound as any other session
@@ -93,6 +94,7 @@ class SMLayer:
         self.taken_over = False
         self.expiry = None
         self.overflowed = False
+        self.resume_timeout = plugin.resume_timeout
 
     def wrap(self, inner):
         state = self.state
@@ -182,16 +184,22 @@ class StreamManagementPlugin(Plugin):
         state = SMState(base64.urlsafe_b64encode(os.urandom(18)).decode(), resume,
                         self.max_unacked, self.max_unacked_bytes)
         attrs = ""
+        timeout = self.resume_timeout
         if resume:
+            wanted = _parse_h(el, "max")  # the client's preferred maximum, if shorter
+            if wanted:
+                timeout = min(timeout, wanted)
             self.sessions[state.id] = stream
-            attrs = f" id='{state.id}' resume='true' max='{int(self.resume_timeout)}'"
+            attrs = f" id='{state.id}' resume='true' max='{max(1, int(timeout))}'"
         if self._trigger is None:
             # Registered by the first session that needs it, so the throw-away
             # servers of `xmppctl check` and reloads never register one.
             trigger = getattr(self.server.clock, "addSystemEventTrigger", None)
             self._trigger = trigger("before", "shutdown", self.shutdown) if trigger else False
         _raw(stream, f"<enabled xmlns='{NS_SM}'{attrs}/>".encode())
-        self._attach(stream, SMLayer(self, stream, state))
+        layer = SMLayer(self, stream, state)
+        layer.resume_timeout = timeout
+        self._attach(stream, layer)
         log.debug("c2s {jid}: stream management enabled (resumable: {r})",
                   jid=stream.jid.full, r=resume)
 
@@ -262,10 +270,10 @@ class StreamManagementPlugin(Plugin):
             if layer.timer is not None and layer.timer.active():
                 layer.timer.cancel()
             layer.timer = None
-            layer.expiry = self.server.clock.callLater(self.resume_timeout, self.expire, stream)
+            layer.expiry = self.server.clock.callLater(layer.resume_timeout, self.expire, stream)
             log.info("c2s {jid} from {peer}: connection lost; session kept {t:g}s for resumption"
                      " ({n} unacknowledged)", jid=stream.jid.full, peer=stream.peer,
-                     t=self.resume_timeout, n=len(layer.state.queue))
+                     t=layer.resume_timeout, n=len(layer.state.queue))
             return
         self.expire(stream)
 
@@ -362,16 +370,19 @@ class StreamManagementPlugin(Plugin):
         _raw(new, f"<resumed xmlns='{NS_SM}' previd='{previd}' h='{state.h}'/>".encode())
         for data in state.queue:
             _raw(new, data)
-        self._attach(new, SMLayer(self, new, state))
+        fresh = SMLayer(self, new, state)
+        fresh.resume_timeout = layer.resume_timeout
+        self._attach(new, fresh)
         if state.queue:
             new.state["sm"].request()
         log.info("c2s {jid} from {peer}: session resumed, {n} stanzas sent again",
                  jid=new.jid.full, peer=new.peer, n=len(state.queue))
 
 
-def _parse_h(el: domish.Element) -> int | None:
-    text = el.getAttribute("h")
-    if text is None or not text.isdigit() or len(text) > 10:
+def _parse_h(el: domish.Element, name: str = "h") -> int | None:
+    """A 32-bit unsigned attribute (``h``, ``max``), or None when absent or not one."""
+    text = el.getAttribute(name)
+    if text is None or not (text.isascii() and text.isdigit()) or len(text) > 10:
         return None
     h = int(text)
     return h if h <= MASK else None
