@@ -124,10 +124,16 @@ def test_private_nocopy_and_ineligible(cd):
     # chat state only (type chat): eligible
     d.send("<message to='carol@localhost/one' type='chat' id='p5'>"
            "<composing xmlns='http://jabber.org/protocol/chatstates'/></message>")
+    got_d = expect(d, "secret.*?</message>")
+    assert "<private" not in got_d  # removed before delivery to the recipient
     got = expect(c2, "id='p5'.*?</message>")
     assert "secret" not in got and "nocopy" not in got and "muc-pm" not in got
     assert "headline" not in got
     expect_nothing(c2, "secret|nocopy|muc-pm|headline", wait=0.4)
+    # a normal message with a body: eligible, the wrapper keeps its (absent) type
+    d.send("<message to='carol@localhost/one' id='p6'><body>plain-normal</body></message>")
+    normal = expect(c2, "plain-normal.*?</message></forwarded></received></message>")
+    assert re.search(r"<message from='carol@localhost' to='carol@localhost/two'><received", normal)
     for c in (c1, c2, d):
         c.close()
 

@@ -10,6 +10,9 @@ with ``<disable/>``).  Then, for an *eligible* message (below):
 * **sent**: sent by one of the user's resources to someone else, a copy
   wrapped in ``<sent>`` goes to every other enabled resource.
 
+A ``<private/>`` is removed from a message before it reaches a local
+recipient (XEP-0280 §8).  The wrapper keeps the original's ``type``.
+
 Eligible (XEP-0280 §6): ``chat`` messages; ``normal`` ones with a body, a
 delivery receipt (XEP-0184) or a chat marker (XEP-0333).  Never: errors,
 groupchat, headlines, MUC private messages (``<x
@@ -38,23 +41,32 @@ NS_RECEIPTS = "urn:xmpp:receipts"
 NS_MARKERS = "urn:xmpp:chat-markers:0"
 
 
-def eligible(stanza: domish.Element) -> bool:
-    """XEP-0280 §6 eligibility (see the module docstring)."""
+def eligible(stanza: domish.Element, strip_private: bool = False) -> bool:
+    """XEP-0280 §6 eligibility (see the module docstring).
+
+    ``strip_private``: the message is about to reach its (local) recipient;
+    a ``<private/>`` it carries is removed (XEP-0280 §8: the recipient has no
+    use for it).
+    """
     kind = stanza.getAttribute("type", "normal")
     if kind != "chat" and kind != "normal":
         return False
     content = kind == "chat"
+    refused = False
     for child in stanza.children:
         if not isinstance(child, domish.Element):
             continue
         uri = child.uri
-        if uri == NS_CARBONS or uri == NS_MUC_USER:
-            return False  # private, a carbon already, or a MUC private message
-        if uri == NS_HINTS and child.name == "no-copy":
-            return False
-        if (child.name == "body" and uri == NS_CLIENT) or uri == NS_RECEIPTS or uri == NS_MARKERS:
+        if uri == NS_CARBONS:
+            if child.name == "private" and strip_private:
+                stanza.children.remove(child)
+                return False
+            refused = True  # private, or a carbon already
+        elif uri == NS_MUC_USER or (uri == NS_HINTS and child.name == "no-copy"):
+            refused = True  # a MUC private message, or the sender asked for no copies
+        elif (child.name == "body" and uri == NS_CLIENT) or uri == NS_RECEIPTS or uri == NS_MARKERS:
             content = True
-    return content
+    return content and not refused
 
 
 class CarbonsPlugin(Plugin):
@@ -71,10 +83,17 @@ class CarbonsPlugin(Plugin):
         users = self.users
         copies = self.copies
 
+        hosts = self.router.hosts
+
         def deliver_unfiltered(stanza, sender, to, session=None):
-            inner(stanza, sender, to, session)
             if users and stanza.name == "message" and (sender.bare in users or to.bare in users):
-                copies(stanza, sender, to, session)
+                # Decided before delivery: delivery to a local user removes <private/>.
+                copy = eligible(stanza, to.host in hosts)
+                inner(stanza, sender, to, session)
+                if copy:
+                    copies(stanza, sender, to, session)
+                return
+            inner(stanza, sender, to, session)
 
         self.router.deliver_unfiltered = deliver_unfiltered
 
@@ -112,13 +131,12 @@ class CarbonsPlugin(Plugin):
     # -- copies ------------------------------------------------------------------
 
     def copies(self, stanza: domish.Element, sender, to, session) -> None:
-        if not eligible(stanza):
-            return
+        """Sent and received copies of an eligible message just delivered."""
         router = self.router
         inner = None
         if session is not None and sender.bare != to.bare and sender.bare in self.users:
             inner = _forwardable(stanza)
-            self._send_copies("sent", inner, sender.bare, {session},
+            self._send_copies("sent", inner, stanza.getAttribute("type"), sender.bare, {session},
                               router.resources_of(sender.bare))
         if to.user is not None and to.host in router.hosts and to.bare in self.users:
             resources = router.resources_of(to.bare)
@@ -127,12 +145,16 @@ class CarbonsPlugin(Plugin):
             direct = _direct_recipients(stanza, to, resources)
             if session is not None:
                 direct.add(session)  # a message to oneself: the sender has it
-            self._send_copies("received", inner or _forwardable(stanza), to.bare, direct, resources)
+            self._send_copies("received", inner or _forwardable(stanza), stanza.getAttribute("type"),
+                              to.bare, direct, resources)
 
     @staticmethod
-    def _send_copies(kind: str, inner: bytes, bare: str, skip, resources) -> None:
+    def _send_copies(kind: str, inner: bytes, mtype: str | None, bare: str, skip,
+                     resources) -> None:
         head = f"<message from='{escape_attr(bare)}' to='".encode()
-        tail = (f"' type='chat'><{kind} xmlns='{NS_CARBONS}'><forwarded xmlns='{NS_FORWARD}'>"
+        # The wrapper keeps the original's type (XEP-0280 §7, §8).
+        type_attr = f" type='{escape_attr(mtype)}'" if mtype is not None else ""
+        tail = (f"'{type_attr}><{kind} xmlns='{NS_CARBONS}'><forwarded xmlns='{NS_FORWARD}'>"
                 ).encode() + inner + f"</forwarded></{kind}></message>".encode()
         for target in resources.values():
             if target not in skip and target.state.get("carbons"):
