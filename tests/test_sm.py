@@ -25,11 +25,12 @@ CONFIG = f"""
 resume_timeout = {RESUME_TIMEOUT}
 max_unacked = 50
 request_every = 3
+max_detached_per_account = 2
 
 [offline]
 max_messages = 1000
 """
-USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank"]
+USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan"]
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +227,22 @@ def test_resume_refused_for_other_account_and_after_timeout(d):
     assert "<item-not-found" in failed and " h='2'" in failed  # dave's last h: his two presences
     late.close()
     b.close()
+
+
+def test_detached_sessions_per_account_are_bounded(d):
+    sessions = [sm_login(d, "ivan", f"r{i}") for i in range(3)]
+    for c, _ in sessions:
+        drop(c)
+        time.sleep(0.1)  # detached in this order
+    time.sleep(0.3)
+    first, _ = authed(d, "ivan")  # max_detached_per_account = 2: the oldest ended
+    first.send(f"<resume xmlns='{SM}' previd='{sessions[0][1]}' h='1'/>")
+    assert "<item-not-found" in first.read_until("</failed>").decode()
+    last, _ = authed(d, "ivan")
+    last.send(f"<resume xmlns='{SM}' previd='{sessions[2][1]}' h='1'/>")
+    assert f"previd='{sessions[2][1]}'" in last.read_until("<resumed[^>]*/>").decode()
+    for c in (first, last):
+        c.close()
 
 
 def test_unacked_at_expiry_stored_offline_delivered_once(d):

@@ -55,7 +55,11 @@ class SMState:
         return (self.acked + len(self.queue)) & MASK
 
     def sent(self, data: bytes) -> bool:
-        """Keep ``data`` until acknowledged; True when over a limit."""
+        """Keep ``data`` until acknowledged; True when over a limit.
+
+        :class:`xmppd.handlers.sm.SMLayer` inlines these lines on its hot
+        path; keep both in step.
+        """
         self.queue.append(data)
         self.size += len(data)
         return len(self.queue) > self.max_unacked or self.size > self.max_bytes

@@ -88,34 +88,44 @@ class SMLayer:
         self.plugin = plugin
         self.stream = stream
         self.state = state
-        self.since_request = 0
         self.timer = None
         self.detached = False
+        self.detached_at = 0.0
         self.taken_over = False
         self.expiry = None
         self.overflowed = False
         self.resume_timeout = plugin.resume_timeout
 
     def wrap(self, inner):
+        """Per stanza: keep its bytes, count, and every ``request_every`` stanzas
+        append ``<r/>`` to the same write (one TLS record, not two)."""
         state = self.state
+        queue = state.queue
+        append = queue.append
+        max_unacked, max_bytes = state.max_unacked, state.max_bytes
         every = self.plugin.request_every
+        since = 0
 
         def send_bytes(data: bytes) -> None:
-            if state.sent(data) and not self.overflowed:
-                self.overflowed = True
-                self.plugin.server.clock.callLater(0, self._overflow)
-            inner(data)
-            self.since_request += 1
-            if self.since_request >= every:
-                self.request()
+            nonlocal since
+            append(data)
+            size = state.size = state.size + len(data)
+            since += 1
+            if since >= every:
+                since = 0
+                if not self.detached:
+                    data += _REQUEST
             elif self.timer is None and not self.detached:
                 self.timer = self.plugin.server.clock.callLater(
                     self.plugin.request_interval, self._interval)
+            inner(data)
+            if (len(queue) > max_unacked or size > max_bytes) and not self.overflowed:
+                self.overflowed = True
+                self.plugin.server.clock.callLater(0, self._overflow)
 
         return send_bytes
 
     def request(self) -> None:
-        self.since_request = 0
         if not self.detached and self.stream.phase == BOUND:
             _raw(self.stream, _REQUEST)
 
@@ -156,6 +166,7 @@ class StreamManagementPlugin(Plugin):
         self.max_unacked_bytes = sec.int("max_unacked_bytes", 1048576, minimum=1024)
         self.request_every = sec.int("request_every", 10, minimum=1)
         self.request_interval = sec.number("request_interval", 30.0, minimum=1)
+        self.max_detached = sec.int("max_detached_per_account", 10, minimum=1)
         sec.reject_unknown()
         # previd -> the stream now holding the session (attached or detached)
         self.sessions: dict[str, object] = {}
@@ -270,12 +281,28 @@ class StreamManagementPlugin(Plugin):
             if layer.timer is not None and layer.timer.active():
                 layer.timer.cancel()
             layer.timer = None
+            layer.detached_at = self.server.clock.seconds()
             layer.expiry = self.server.clock.callLater(layer.resume_timeout, self.expire, stream)
+            # Not now: this may run inside a loop over the sessions (a conflict).
+            self.server.clock.callLater(0, self._limit_detached, stream.jid.bare)
             log.info("c2s {jid} from {peer}: connection lost; session kept {t:g}s for resumption"
                      " ({n} unacknowledged)", jid=stream.jid.full, peer=stream.peer,
                      t=layer.resume_timeout, n=len(layer.state.queue))
             return
         self.expire(stream)
+
+    def _limit_detached(self, bare: str) -> None:
+        """At most ``max_detached_per_account`` detached sessions per account: the
+        oldest end first (a client reconnecting in a loop cannot pile them up)."""
+        detached = [s for s in self.server.router.resources_of(bare).values()
+                    if getattr(s.state.get("sm"), "detached", False)]
+        excess = len(detached) - self.max_detached
+        if excess > 0:
+            detached.sort(key=lambda s: s.state["sm"].detached_at)
+            for stream in detached[:excess]:
+                log.info("c2s {jid}: more than {n} detached sessions for the account, the"
+                         " oldest ends now", jid=stream.jid.full, n=self.max_detached)
+                self.expire(stream)
 
     def expire(self, stream) -> None:
         """The session is over for good: unbind it; unacked messages go offline."""
