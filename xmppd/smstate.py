@@ -8,12 +8,10 @@ reaches.
 The inbound count is a plain int incremented per stanza (one add) and
 reduced modulo 2**32 only when reported.  Outbound, the server keeps the
 serialised bytes of every stanza it sent since the client's last ``<a/>``,
-in order, in a deque bounded by count and bytes: the client acknowledges
+in order, in a list bounded by count and bytes: the client acknowledges
 with ``h``, and ``(h - last h) mod 2**32`` stanzas leave the front.
 """
 from __future__ import annotations
-
-from collections import deque
 
 MASK = 0xFFFFFFFF
 
@@ -39,7 +37,9 @@ class SMState:
         self.resumable = resumable
         self.inbound = inbound  # stanzas handled from the client (unreduced)
         self.acked = acked & MASK  # the client's last h
-        self.queue: deque[bytes] = deque()
+        # A list, not a deque: an idle session's empty deque costs ~600 bytes,
+        # a list 56; acks drop a prefix of at most max_unacked items.
+        self.queue: list[bytes] = []
         self.size = 0  # bytes in queue
         self.max_unacked = max_unacked
         self.max_bytes = max_bytes
@@ -70,10 +70,9 @@ class SMState:
         queue = self.queue
         if n > len(queue):
             raise HandledCountTooHigh(h, self.sent_count)
-        size = 0
-        for _ in range(n):
-            size += len(queue.popleft())
-        self.size -= size
+        if n:
+            self.size -= sum(map(len, queue[:n]))
+            del queue[:n]
         self.acked = h & MASK
         return n
 

@@ -83,6 +83,8 @@ class SMLayer:
     """The output layer of an SM session: queue, count, ask for acks."""
 
     order = 10  # nearest the transport: what CSI holds is not sent yet
+    __slots__ = ("plugin", "stream", "state", "timer", "detached", "detached_at", "taken_over",
+                 "expiry", "overflowed", "resume_timeout")
 
     def __init__(self, plugin: "StreamManagementPlugin", stream, state: SMState) -> None:
         self.plugin = plugin
