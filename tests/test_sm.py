@@ -30,7 +30,7 @@ max_detached_per_account = 2
 [offline]
 max_messages = 1000
 """
-USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan"]
+USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan", "judy"]
 
 
 @pytest.fixture(scope="module")
@@ -317,9 +317,11 @@ while True:
 
 @pytest.fixture
 def roomy(tmp_path):
-    """A daemon whose unacked queue never fills in the burst below: the kill decides."""
+    """A daemon whose unacked queue never fills in the burst below (the kill
+    decides), and that asks for acks after 1 s."""
     d = Daemon(tmp_path / "roomy", plugins=PLUGINS,
-               extra=CONFIG.replace("max_unacked = 50", "max_unacked = 1000")).start()
+               extra=CONFIG.replace("max_unacked = 50", "max_unacked = 1000\nrequest_interval = 1")
+               ).start()
     for u in ("bob", "frank", "gina"):
         d.adduser(f"{u}@localhost", PW)
     yield d
@@ -419,4 +421,45 @@ def test_server_stop_stores_what_detached_and_attached_sessions_hold(roomy):
         assert [i for i in message_ids(got) if i in ids] == ids
         c.close()
     g.close()
+    b.close()
+
+
+def test_slixmpp_xep_0198_resumes_on_a_new_connection(d):
+    async def go():
+        a = await connect("judy@localhost/slixres", PW, d.port, plugins=["xep_0198"])
+        b = await connect("bob@localhost/slixres", PW, d.port)
+        sm = a.plugin["xep_0198"]
+        for _ in range(50):
+            if sm.sm_id:
+                break
+            await asyncio.sleep(0.05)
+        previd = sm.sm_id
+        assert previd
+        resumed = asyncio.get_running_loop().create_future()
+        a.add_event_handler("session_resumed",
+                            lambda s: resumed.done() or resumed.set_result(s["previd"]))
+        a.abort()  # the TCP connection is gone; the session is not
+        await asyncio.sleep(0.3)
+        b.send_message(mto="judy@localhost/slixres", mbody="while-away", mtype="chat")
+        await asyncio.sleep(0.2)
+        a.connect("127.0.0.1", d.port)
+        assert await asyncio.wait_for(resumed, 10) == previd
+        msg = await a.next_message()
+        assert msg["body"] == "while-away" and msg["from"] == "bob@localhost/slixres"
+        for c in (a, b):
+            c.disconnect()
+
+    run(go())
+
+
+def test_unacked_stanzas_get_a_request_after_the_interval(roomy):
+    a, _ = sm_login(roomy, "gina", presence=False)
+    b = plain_login(roomy, "bob")
+    burst(b, "gina@localhost/r", ["t1"])  # one stanza: far below request_every
+    a.read_until("id='t1'.*?</message>")
+    t0 = time.monotonic()
+    a.read_until(f"<r xmlns='{SM}'/>", timeout=5)
+    assert time.monotonic() - t0 <= 3.5  # between one and two intervals of 1 s
+    a.send(f"<a xmlns='{SM}' h='1'/>")
+    assert f"<r xmlns='{SM}'/>".encode() not in a.read_all(timeout=2.5)  # nothing left to ask
     b.close()

@@ -90,6 +90,9 @@ class C2SStream(XMPPStream):
     factory: "C2SFactory"
     kind = "c2s"
     ESTABLISHED = BOUND
+    #: The client ended the stream with ``</stream:stream>`` (set only then):
+    #: XEP-0198 does not keep such a session for resumption.
+    closed_by_peer = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -128,6 +131,10 @@ class C2SStream(XMPPStream):
 
     def established_ended(self) -> None:
         self._end_session()
+
+    def stream_ended(self) -> None:
+        self.closed_by_peer = True
+        super().stream_ended()
 
     def parser_limits(self) -> Limits:
         # Until SASL succeeds, the much smaller pre-authentication limits.

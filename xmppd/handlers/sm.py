@@ -13,8 +13,9 @@ Enabled as ``urn:xmpp:sm:3`` in ``[sm] plugins``; settings in
 * an output layer (:meth:`C2SStream.set_output_layer`) that keeps the bytes
   of every stanza sent in an :class:`~xmppd.smstate.SMState` queue until the
   client acknowledges them, and asks for acks (``<r/>``) every
-  ``request_every`` stanzas and after ``request_interval`` seconds with
-  anything unacknowledged.  More than ``max_unacked`` stanzas or
+  ``request_every`` stanzas (in the same write as the stanza) and, for
+  stanzas still unacknowledged, between one and two ``request_interval``
+  after they were sent (one timer for all sessions).  More than ``max_unacked`` stanzas or
   ``max_unacked_bytes`` bytes unacknowledged ends the stream with
   ``policy-violation`` (the session is then not resumable).
 
@@ -48,6 +49,7 @@ import base64
 import os
 from collections import OrderedDict
 
+from twisted.internet import task
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
@@ -83,14 +85,14 @@ class SMLayer:
     """The output layer of an SM session: queue, count, ask for acks."""
 
     order = 10  # nearest the transport: what CSI holds is not sent yet
-    __slots__ = ("plugin", "stream", "state", "timer", "detached", "detached_at", "taken_over",
+    __slots__ = ("plugin", "stream", "state", "due", "detached", "detached_at", "taken_over",
                  "expiry", "overflowed", "resume_timeout")
 
     def __init__(self, plugin: "StreamManagementPlugin", stream, state: SMState) -> None:
         self.plugin = plugin
         self.stream = stream
         self.state = state
-        self.timer = None
+        self.due = False  # listed for the plugin's next interval tick
         self.detached = False
         self.detached_at = 0.0
         self.taken_over = False
@@ -117,9 +119,9 @@ class SMLayer:
                 since = 0
                 if not self.detached:
                     data += _REQUEST
-            elif self.timer is None and not self.detached:
-                self.timer = self.plugin.server.clock.callLater(
-                    self.plugin.request_interval, self._interval)
+            elif not self.due:
+                self.due = True
+                self.plugin.due.add(self)
             inner(data)
             if (len(queue) > max_unacked or size > max_bytes) and not self.overflowed:
                 self.overflowed = True
@@ -131,16 +133,10 @@ class SMLayer:
         if not self.detached and self.stream.phase == BOUND:
             _raw(self.stream, _REQUEST)
 
-    def _interval(self) -> None:
-        self.timer = None
-        if self.state.queue:
-            self.request()
-
     def cancel_timers(self) -> None:
-        for t in (self.timer, self.expiry):
-            if t is not None and t.active():
-                t.cancel()
-        self.timer = self.expiry = None
+        if self.expiry is not None and self.expiry.active():
+            self.expiry.cancel()
+        self.expiry = None
 
     def _overflow(self) -> None:
         state = self.state
@@ -176,6 +172,13 @@ class StreamManagementPlugin(Plugin):
         self.expired: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self.stopping = False
         self._trigger = None
+        # Layers that sent since the last tick / during the tick before: one
+        # timer for all sessions asks those still unacknowledged for an ack
+        # (between one and two request_interval after they sent), instead of
+        # a timer per session.
+        self.due: set[SMLayer] = set()
+        self._previous: set[SMLayer] = set()
+        self._ticker = None
         self.server.c2s_features.append(self._feature)
         elements = self.server.c2s_elements
         elements[(NS_SM, "enable")] = self.on_enable
@@ -205,10 +208,13 @@ class StreamManagementPlugin(Plugin):
             self.sessions[state.id] = stream
             attrs = f" id='{state.id}' resume='true' max='{max(1, int(timeout))}'"
         if self._trigger is None:
-            # Registered by the first session that needs it, so the throw-away
-            # servers of `xmppctl check` and reloads never register one.
+            # Registered by the first session that needs them, so the throw-away
+            # servers of `xmppctl check` and reloads never register any.
             trigger = getattr(self.server.clock, "addSystemEventTrigger", None)
             self._trigger = trigger("before", "shutdown", self.shutdown) if trigger else False
+            self._ticker = task.LoopingCall(self._tick)
+            self._ticker.clock = self.server.clock
+            self._ticker.start(self.request_interval, now=False)
         _raw(stream, f"<enabled xmlns='{NS_SM}'{attrs}/>".encode())
         layer = SMLayer(self, stream, state)
         layer.resume_timeout = timeout
@@ -228,13 +234,6 @@ class StreamManagementPlugin(Plugin):
             plain(el)
 
         stream.parser._on_element = element
-        plain_end = stream.parser._on_stream_end
-
-        def stream_end() -> None:
-            state.resumable = False  # a clean close ends the session (XEP-0198 §5)
-            plain_end()
-
-        stream.parser._on_stream_end = stream_end
 
     def on_request(self, stream, el: domish.Element) -> None:
         layer = stream.state.get("sm") if stream.phase == BOUND else None
@@ -278,11 +277,9 @@ class StreamManagementPlugin(Plugin):
             return  # resumed on another connection: the session lives on there
         if layer.detached:
             return
-        if layer.state.resumable and not layer.overflowed and not self.stopping:
+        if (layer.state.resumable and not layer.overflowed and not self.stopping
+                and not stream.closed_by_peer):  # a clean close ends the session (§5)
             layer.detached = True
-            if layer.timer is not None and layer.timer.active():
-                layer.timer.cancel()
-            layer.timer = None
             layer.detached_at = self.server.clock.seconds()
             layer.expiry = self.server.clock.callLater(layer.resume_timeout, self.expire, stream)
             # Not now: this may run inside a loop over the sessions (a conflict).
@@ -335,6 +332,14 @@ class StreamManagementPlugin(Plugin):
         if messages:
             log.info("c2s {jid}: {n} unacknowledged messages take the offline path",
                      jid=stream.jid.full, n=len(messages))
+
+    def _tick(self) -> None:
+        """Ask for an ack where stanzas have waited a whole interval unacknowledged."""
+        previous, self._previous, self.due = self._previous, self.due, set()
+        for layer in previous:
+            layer.due = False
+            if layer.state.queue and not layer.taken_over:
+                layer.request()  # (not when detached or closed)
 
     def shutdown(self) -> None:
         """The server stops: no session will be resumed, so none may keep messages.
