@@ -162,7 +162,7 @@ class StreamManagementPlugin(Plugin):
         self.resume_timeout = sec.number("resume_timeout", 300.0, minimum=0)
         self.max_unacked = sec.int("max_unacked", 500, minimum=1)
         self.max_unacked_bytes = sec.int("max_unacked_bytes", 1048576, minimum=1024)
-        self.request_every = sec.int("request_every", 10, minimum=1)
+        self.request_every = sec.int("request_every", 25, minimum=1)
         self.request_interval = sec.number("request_interval", 30.0, minimum=1)
         self.max_detached = sec.int("max_detached_per_account", 10, minimum=1)
         sec.reject_unknown()
