@@ -37,6 +37,11 @@ METRICS = [
     ("blocking.cpu_vs_phase2", "5. CPU per msg relative to phase 2", "x", "lower"),
     ("blocking.fixed_rate.lat_p99_ms", "5. latency p99 @ fixed rate, blocklists", "ms", "lower"),
     ("blocking.set_cpu_ms_per_account", "5. server CPU to store one 1,000-item blocklist", "CPU-ms", "lower"),
+    ("sm_messages.saturation.msgs_per_s", "6. delivered msgs/s, stream management on", "msg/s", "higher"),
+    ("sm_messages.saturation.cpu_s_per_10k_msgs", "6. server CPU per 10,000 msgs, SM on", "CPU-s", "lower"),
+    ("sm_messages.cpu_vs_phase2", "6. CPU per msg with SM relative to phase 2", "x", "lower"),
+    ("sm_idle.levels.1000.rss_kb_per_conn", "6. RSS per idle SM connection, 1,000 conns", "kB", "lower"),
+    ("sm_idle.levels.10000.rss_kb_per_conn", "6. RSS per idle SM connection, 10,000 conns", "kB", "lower"),
 ]
 
 NOTE_UNSUSTAINED = ("† the server did not keep up with the fixed rate in at least one "
@@ -56,6 +61,7 @@ LOSSES = [
     ("presence.failed", "4. failed logins"),
     ("blocking.saturation.lost", "5. msgs lost (saturation)"),
     ("blocking.fixed_rate.lost", "5. msgs lost (fixed rate)"),
+    ("sm_messages.saturation.lost", "6. msgs lost with SM (saturation)"),
 ]
 
 

@@ -230,7 +230,7 @@ class Bench:
         raise RuntimeError(f"{self.t.name} not ready after {timeout}s: {err}\n" + self.t.log_tail())
 
     async def login_many(self, users: list[str], concurrency: int, *, resource: str = "bench",
-                         presence: bool = True, roster_get: bool = False):
+                         presence: bool = True, roster_get: bool = False, sm: bool = False):
         """Log ``users`` in with at most ``concurrency`` logins in flight.
         Returns (conns in order (None for failures), failures by stage, per-login seconds);
         ``self.last_done`` keeps the completion times (monotonic) of the logins."""
@@ -248,7 +248,7 @@ class Bench:
                 try:
                     c = await xmppload.login(HOST, self.port, self.domain, users[i], PASSWORD,
                                              resource, self.sslctx, presence=presence,
-                                             roster_get=roster_get, timeout=60)
+                                             roster_get=roster_get, sm=sm, timeout=60)
                 except Exception as e:
                     stage = e.stage if isinstance(e, XMPPError) else type(e).__name__
                     failures[stage] = failures.get(stage, 0) + 1
@@ -608,11 +608,11 @@ class Bench:
             "window": d,
         }
 
-    # -- phase 2: messages --------------------------------------------------------
-    async def phase_messages(self):
+    # -- phase 2 (and 6: the same with XEP-0198 on every connection) ---------------
+    async def phase_messages(self, sm: bool = False):
         p = self.p
         users = [f"u{i}" for i in range(1, 2 * p["pairs"] + 1)]
-        conns, failures, _ = await self.login_many(users, p["concurrency"])
+        conns, failures, _ = await self.login_many(users, p["concurrency"], sm=sm)
         pairs = self.setup_pairs(conns)
         try:
             routing = await self.verify_routing(pairs)
@@ -723,11 +723,11 @@ class Bench:
         }
 
     # -- phase 3: idle memory ---------------------------------------------------------
-    async def phase_idle(self):
+    async def phase_idle(self, sm: bool = False):
         p = self.p
         levels = sorted(p["idle"])
         # warm-up: one-time allocations of the first logins are not per-connection cost
-        warm, _, _ = await self.login_many([f"u{i}" for i in range(1, 21)], 10)
+        warm, _, _ = await self.login_many([f"u{i}" for i in range(1, 21)], 10, sm=sm)
         await self.close_all(warm)
         await asyncio.sleep(1.0)
         await self.quiesce()
@@ -740,7 +740,7 @@ class Bench:
             for lvl in levels:
                 users = [f"u{i}" for i in range(have + 1, lvl + 1)]
                 t0 = time.monotonic()
-                new, failures, _ = await self.login_many(users, p["concurrency"])
+                new, failures, _ = await self.login_many(users, p["concurrency"], sm=sm)
                 conns += new
                 have = lvl
                 for c in new:
@@ -855,6 +855,20 @@ async def run_target(name: str, args, p: dict, certs: dict, workroot: Path, cpu_
                             f"({bl.get('cpu_vs_phase2')}x), p99 {bl['fixed_rate']['lat_p99_ms']} ms")
                 finally:
                     await b.close_all(conns)
+                if not args.skip_sm and getattr(t, "stream_management", False):
+                    log(f"[{name}] rep {rep}: phase 6 messages with stream management")
+                    r["sm_messages"], conns, _ = await b.phase_messages(sm=True)
+                    await b.close_all(conns)
+                    sm_sat = r["sm_messages"]["saturation"]
+                    plain = sat["cpu_s_per_10k_msgs"]
+                    if plain and sm_sat["cpu_s_per_10k_msgs"]:
+                        r["sm_messages"]["cpu_vs_phase2"] = round(
+                            sm_sat["cpu_s_per_10k_msgs"] / plain, 3)
+                        r["sm_messages"]["throughput_vs_phase2"] = round(
+                            sm_sat["msgs_per_s"] / sat["msgs_per_s"], 3)
+                    log(f"    {sm_sat['msgs_per_s']} msg/s, {sm_sat['cpu_s_per_10k_msgs']} "
+                        f"CPU-s/10k ({r['sm_messages'].get('cpu_vs_phase2')}x plain), "
+                        f"lost {sm_sat['lost']}")
                 if not args.skip_presence:
                     log(f"[{name}] rep {rep}: phase 4 presence")
                     r["presence"] = await b.phase_presence()
@@ -867,6 +881,14 @@ async def run_target(name: str, args, p: dict, certs: dict, workroot: Path, cpu_
                     await b.wait_ready()
                     await b.quiesce()
                     r["idle"] = await b.phase_idle()
+                    if not args.skip_sm and getattr(t, "stream_management", False):
+                        log(f"[{name}] rep {rep}: phase 6 idle memory with stream management"
+                            " (fresh server)")
+                        t.stop()
+                        t.start()
+                        await b.wait_ready()
+                        await b.quiesce()
+                        r["sm_idle"] = await b.phase_idle(sm=True)
             except Exception as e:
                 r["error"] = f"{type(e).__name__}: {e}"
                 log(f"[{name}] rep {rep} FAILED: {r['error']}")
@@ -908,6 +930,8 @@ def main(argv=None):
     ap.add_argument("--roster-users", type=int)
     ap.add_argument("--skip-presence", action="store_true")
     ap.add_argument("--skip-blocking", action="store_true")
+    ap.add_argument("--skip-sm", action="store_true",
+                    help="no phase 6 (messages and idle memory with XEP-0198 stream management)")
     ap.add_argument("--skip-idle", action="store_true")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the server to CPU 0 and the load generator to CPU 1")

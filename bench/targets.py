@@ -207,6 +207,9 @@ class Xmppd(Target):
     # --xmppd-metrics: serve the [metrics] page on port + 1 (free_port_pair
     # keeps it free), to measure what metrics cost per message.
     metrics = False
+    # XEP-0198 plugin listed: run.py's phase 6 enables SM on every connection
+    # (sessions that do not enable it pay nothing, so phases 1-5 are unchanged)
+    stream_management = True
 
     @property
     def metrics_port(self) -> int | None:
@@ -267,7 +270,7 @@ certs_dir = "{certs}"
 scram_iterations = 4096
 
 [sm]
-plugins = ["roster", "presence", "disco", "ping", "urn:xmpp:blocking"]
+plugins = ["roster", "presence", "disco", "ping", "urn:xmpp:blocking", "urn:xmpp:sm:3"]
 """ + (f"""
 [metrics]
 listen = "tcp:{self.metrics_port}:interface=127.0.0.1"

@@ -3,8 +3,9 @@
 Only what the benchmark needs: TCP, STARTTLS (self-signed certificates accepted),
 SASL SCRAM-SHA-1 (scramp's ScramClient), in-band registration (XEP-0077, used to
 provision accounts on servers without a bulk admin tool), resource binding,
-initial presence, chat messages, roster sets, subscription handshakes and
-XEP-0191 block/unblock IQs.
+initial presence, chat messages, roster sets, subscription handshakes,
+XEP-0191 block/unblock IQs and XEP-0198 stream management (enable, and an
+``<a/>`` for every ``<r/>`` the server sends while counting).
 
 Incoming bytes are never parsed into a DOM.  During stream negotiation a
 regular expression runs over a small buffer; once a connection is logged in it
@@ -65,6 +66,8 @@ RE_MECH = re.compile(rb"<mechanism>([^<]+)</mechanism>")
 RE_JID = re.compile(rb"<jid>([^<]+)</jid>")
 RE_SESSION = re.compile(rb"<session\b[^>]*?(?:/>|>(.*?)</session>)", re.S)
 RE_LATENCY = re.compile(rb"<body>L(\d+)</body>")
+RE_SM_ENABLED = re.compile(rb"<enabled\b[^>]*?(?:/>|>.*?</enabled>)|<failed\b[^>]*?(?:/>|>.*?</failed>)",
+                           re.S)
 RE_PRESENCE_TAG = re.compile(rb"<presence\b([^>]*)>")
 RE_ATTR_FROM = re.compile(rb"""\bfrom=(?:'([^']*)'|"([^"]*)")""")
 RE_ATTR_TYPE = re.compile(rb"""\btype=(?:'([^']*)'|"([^"]*)")""")
@@ -145,6 +148,11 @@ class Conn(asyncio.Protocol):
         self.on_presence = None          # callback(conn, type, from)
         self.on_data = None              # callback(conn, data) in PRESENCE mode
         self.ptail = b""
+        # XEP-0198: stanzas handled since <enable/> as counted in the counting
+        # modes (never decreasing; it misses the few consumed while negotiating,
+        # so our h stays at or below the server's count, as it must)
+        self.sm = False
+        self.sm_handled = 0
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport):
@@ -194,6 +202,11 @@ class Conn(asyncio.Protocol):
             if self.reply_on:
                 self.transport.write(self.reply * n)
                 self.sent += n
+        if self.sm:
+            self.sm_handled += n + p + data.count(b"<iq ")
+            if b"<r xmlns='urn:xmpp:sm:3'/>" in data or b'<r xmlns="urn:xmpp:sm:3"/>' in data:
+                self.transport.write(b"<a xmlns='urn:xmpp:sm:3' h='%d'/>"
+                                     % (self.sm_handled & 0xFFFFFFFF))
         if mode == PRESENCE:
             if self.on_data is not None:
                 self.on_data(self, data)
@@ -326,13 +339,14 @@ async def connect_tls(host: str, port: int, domain: str, sslctx: ssl.SSLContext,
 
 async def login(host: str, port: int, domain: str, user: str, password: str,
                 resource: str, sslctx: ssl.SSLContext, *, presence: bool = True,
-                wait: bool = True, roster_get: bool = False,
+                wait: bool = True, roster_get: bool = False, sm: bool = False,
                 timeout: float = 30.0) -> Conn:
     """Full login: TCP + STARTTLS + SCRAM-SHA-1 + bind (+ session if required)
     (+ roster get, as clients do before going online; it also makes the session
     "interested" in roster pushes) + initial presence.  With ``wait`` the login
     is complete when the server has answered a ping sent right after the initial
-    presence, i.e. when it has processed the presence."""
+    presence, i.e. when it has processed the presence.  ``sm``: XEP-0198
+    ``<enable/>`` right after binding (resumable, as mobile clients ask)."""
     conn, feats = await connect_tls(host, port, domain, sslctx, timeout)
     try:
         mechs = RE_MECH.findall(feats)
@@ -381,6 +395,14 @@ async def login(host: str, port: int, domain: str, user: str, password: str,
             conn.send(b"<iq type='set' id='sess1'>"
                       b"<session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>")
             await conn.expect(iq_re("sess1"), "session", timeout)
+        if sm:
+            if b"urn:xmpp:sm:3" not in feats:
+                raise XMPPError("sm", "stream management not offered")
+            conn.send(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+            m = await conn.expect(RE_SM_ENABLED, "sm-enable", timeout)
+            if not m.group(0).startswith(b"<enabled"):
+                raise XMPPError("sm", "refused: %r" % m.group(0)[:200])
+            conn.sm = True
         if roster_get:
             conn.send(b"<iq type='get' id='roster1'><query xmlns='jabber:iq:roster'/></iq>")
             m = await conn.expect(iq_re("roster1"), "roster-get", timeout)

@@ -92,6 +92,9 @@ class C2SStream(XMPPStream):
     factory: "C2SFactory"
     kind = "c2s"
     ESTABLISHED = BOUND
+    #: The client ended the stream with ``</stream:stream>`` (set only then):
+    #: XEP-0198 does not keep such a session for resumption.
+    closed_by_peer = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -131,6 +134,10 @@ class C2SStream(XMPPStream):
     def established_ended(self) -> None:
         self._end_session()
 
+    def stream_ended(self) -> None:
+        self.closed_by_peer = True
+        super().stream_ended()
+
     def parser_limits(self) -> Limits:
         # Until SASL succeeds, the much smaller pre-authentication limits.
         return self.factory.limits if self.phase >= AUTHENTICATED else self.factory.preauth_limits
@@ -153,6 +160,11 @@ class C2SStream(XMPPStream):
         ).encode()
 
     def _end_session(self) -> None:
+        sm = self.state.get("sm")
+        if sm is not None:
+            # XEP-0198: the session may outlive its connection (resumption),
+            # and its unacknowledged stanzas are the plugin's to re-route.
+            return sm.plugin.session_ended(self)
         log.info("c2s {jid} from {peer}: session ended", jid=self.jid.full, peer=self.peer)
         self.server.router.unbind(self)
         self._release_backlog()
@@ -166,10 +178,8 @@ class C2SStream(XMPPStream):
         sender; filters already ran when they were routed here); other
         stanzas are dropped.
 
-        XEP-0198 hook: with stream management, a resumable session would
-        keep this backlog (and the unacknowledged stanzas) for resumption
-        instead, and release it like this only when the resumption window
-        ends.
+        Sessions with XEP-0198 stream management do not come here: their
+        unacknowledged queue holds all of this too (xmppd.handlers.sm).
         """
         backlog = self.take_backlog()
         if backlog is None or not backlog.chunks:
@@ -241,6 +251,10 @@ class C2SStream(XMPPStream):
         if self.phase == AUTHENTICATED:
             features.addElement((NS_BIND, "bind"))
             features.addElement((NS_SESSION, "session")).addElement("optional")
+            for feature in self.server.c2s_features:
+                child = feature(self)
+                if child is not None:
+                    features.addChild(child)
         else:
             if not self.secure:
                 starttls = features.addElement((NS_TLS, "starttls"))
@@ -328,7 +342,7 @@ class C2SStream(XMPPStream):
         phase = self.phase
         if phase == BOUND:
             if el.uri != NS_CLIENT or el.name not in _STANZAS:
-                return self.stream_error("unsupported-stanza-type")
+                return self.extension_element(el)
             return self._stanza(el)
         if el.uri == NS_TLS and el.name == "starttls":
             return self._starttls()
@@ -343,7 +357,42 @@ class C2SStream(XMPPStream):
                 return register.pre_auth(self, el)
         if phase == AUTHENTICATED and el.uri == NS_CLIENT and el.name == "iq":
             return self._pre_bind_iq(el)
+        if phase == AUTHENTICATED and el.uri != NS_CLIENT:
+            return self.extension_element(el)
         return self.stream_error("not-authorized", "authenticate and bind first")
+
+    def extension_element(self, el: domish.Element) -> None:
+        """A top-level element outside jabber:client: a plugin's (SM, CSI) or an error."""
+        handler = self.server.c2s_elements.get((el.uri, el.name))
+        if handler is None:
+            if self.phase == BOUND:
+                return self.stream_error("unsupported-stanza-type")
+            return self.stream_error("not-authorized", "authenticate and bind first")
+        handler(self, el)
+
+    # -- output layers (XEP-0198 counting, XEP-0352 holding) ---------------------
+
+    def set_output_layer(self, name: str, layer) -> None:
+        """Add (or with None remove) an output layer and rewire send/send_bytes.
+
+        A layer has ``order`` (lower is nearer the transport) and
+        ``wrap(send_bytes) -> send_bytes``.  A session without layers keeps
+        the class's methods: it pays nothing for features it does not use.
+        """
+        layers = self.state.setdefault("output_layers", {})
+        if layer is None:
+            layers.pop(name, None)
+        else:
+            layers[name] = layer
+        self.__dict__.pop("send", None)
+        self.__dict__.pop("send_bytes", None)
+        if not layers:
+            return
+        send_bytes = self.send_bytes  # the class's (metered or not)
+        for _, layer in sorted(((lay.order, n), lay) for n, lay in layers.items()):
+            send_bytes = layer.wrap(send_bytes)
+        self.send_bytes = send_bytes
+        self.send = lambda element: send_bytes(serialize(element))
 
     def _starttls(self) -> None:
         if self.secure or self.phase != NEGOTIATING:
@@ -566,7 +615,7 @@ class MeteredC2SStream(C2SStream):
         if self.phase == BOUND:  # as C2SStream.element, counted
             name = el.name
             if el.uri != NS_CLIENT or name not in _STANZAS:
-                return self.stream_error("unsupported-stanza-type")
+                return self.extension_element(el)
             STANZAS_RECEIVED[name] += 1
             return self._stanza(el)
         return _plain_element(self, el)

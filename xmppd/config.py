@@ -414,7 +414,7 @@ KNOWN_TABLES = ("server", "c2s", "s2s", "tls", "auth", "sasl", "sm", "hosts")
 # there); any other top-level name is a typo.
 SECTION_TABLES = (
     "limits", "acl", "adhoc", "blocking", "domain-filter", "metrics", "offline", "ping",
-    "register", "roster", "vcard", "version", "components",
+    "register", "roster", "vcard", "version", "components", "csi", "stream-management",
 )
 # Keys of [hosts."<domain>"] tables.
 HOST_KEYS = ("auth", "tls", "sasl", "domain-filter", "admins")

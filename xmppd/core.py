@@ -49,6 +49,13 @@ class Server:
             from xmppd.s2s.service import S2SService
 
             self.s2s = S2SService(self, config.s2s)
+        # Client-stream extensions declared by plugins (XEP-0198, XEP-0352):
+        # top-level elements of a non-client namespace, by (uri, name) ->
+        # handler(stream, element), reached only off the stanza path; and
+        # stream features offered after authentication, as callables
+        # (stream) -> element or None.
+        self.c2s_elements: dict[tuple[str, str], Any] = {}
+        self.c2s_features: list[Any] = []
         self.plugins = []
         for name in config.plugins:
             plugin = load_plugin(name, config.path)

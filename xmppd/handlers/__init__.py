@@ -19,4 +19,8 @@ BUILTIN_PLUGINS = {
     "urn:xmpp:blocking": "xmppd.handlers.blocking:BlockingPlugin",
     "domain-filter": "xmppd.handlers.domainfilter:DomainFilterPlugin",
     "adhoc": "xmppd.handlers.adhoc:AdHocPlugin",
+    "urn:xmpp:csi:0": "xmppd.handlers.csi:CSIPlugin",
+    "urn:xmpp:sm:3": "xmppd.handlers.sm:StreamManagementPlugin",
+    "urn:xmpp:sid:0": "xmppd.handlers.stanzaid:StanzaIdPlugin",
+    "urn:xmpp:carbons:2": "xmppd.handlers.carbons:CarbonsPlugin",
 }
