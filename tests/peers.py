@@ -184,6 +184,33 @@ output {{
         return out
 
 
+# Shared by both ejabberd configs (inserted into their f-strings).
+_EJABBERD_ACCESS = """\
+registration_timeout: infinity
+acl:
+  local:
+    user_regexp: ""
+access_rules:
+  local:
+    allow: local
+  c2s:
+    allow: all
+  register:
+    allow: all
+shaper_rules:
+  max_user_sessions: 10
+"""
+_EJABBERD_REGISTER = """\
+  mod_register:
+    ip_access: all
+    access: register
+    password_strength: 0
+    welcome_message:
+      subject: ""
+      body: ""
+"""
+
+
 class Ejabberd(_Peer, _Ejabberd):
     """ejabberd 23.01 with Mnesia; ``ejabberdctl export_piefxis`` exports XEP-0227.
 
@@ -219,20 +246,7 @@ auth_method: internal
 auth_password_format: scram
 host_config:
 {plain or '  {}'}
-registration_timeout: infinity
-acl:
-  local:
-    user_regexp: ""
-access_rules:
-  local:
-    allow: local
-  c2s:
-    allow: all
-  register:
-    allow: all
-shaper_rules:
-  max_user_sessions: 10
-modules:
+{_EJABBERD_ACCESS}modules:
   mod_disco: {{}}
   mod_ping: {{}}
   mod_roster: {{}}
@@ -241,14 +255,11 @@ modules:
   mod_privacy: {{}}
   mod_blocking: {{}}
   mod_private: {{}}
-  mod_register:
-    ip_access: all
-    access: register
-    password_strength: 0
-    welcome_message:
-      subject: ""
-      body: ""
-""")
+{_EJABBERD_REGISTER}""")
+        self._write_ctl_config()
+
+    def _write_ctl_config(self) -> None:
+        """ejabberdctl.cfg: a node of its own, Erlang distribution on loopback."""
         (self.dir / "ejabberdctl.cfg").write_text(f"""\
 ERLANG_NODE=test{self.port}@localhost
 ERL_DIST_PORT={free_port()}
@@ -426,39 +437,13 @@ listen:
     max_stanza_size: 262144
 auth_method: internal
 auth_password_format: scram
-registration_timeout: infinity
-acl:
-  local:
-    user_regexp: ""
-access_rules:
-  local:
-    allow: local
-  c2s:
-    allow: all
-  register:
-    allow: all
-shaper_rules:
-  max_user_sessions: 10
-modules:
+{_EJABBERD_ACCESS}modules:
   mod_disco: {{}}
   mod_ping: {{}}
   mod_roster: {{}}
   mod_s2s_dialback: {{}}
-  mod_register:
-    ip_access: all
-    access: register
-    password_strength: 0
-    welcome_message:
-      subject: ""
-      body: ""
-""")
-        (self.dir / "ejabberdctl.cfg").write_text(f"""\
-ERLANG_NODE=test{self.port}@localhost
-ERL_DIST_PORT={free_port()}
-INET_DIST_INTERFACE=127.0.0.1
-ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0 +sbwt none +sbwtdcpu none +sbwtdio none"
-EJABBERD_BYPASS_WARNINGS=true
-""")
+{_EJABBERD_REGISTER}""")
+        self._write_ctl_config()
 
     def auth_log(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted((self.dir / "log").glob("*.log")))
