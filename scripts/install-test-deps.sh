@@ -10,7 +10,7 @@
 # called when nothing is missing.  Run as root on Debian 12 (make test does).
 set -eu
 
-PACKAGES="postgresql slapd ldap-utils prosody ejabberd"
+PACKAGES="postgresql slapd ldap-utils prosody ejabberd openssl util-linux systemd"
 # Daemons whose packaged services must not run (tests start their own).
 SERVICES="prosody ejabberd"
 

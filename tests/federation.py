@@ -13,14 +13,10 @@ import re
 import time
 from pathlib import Path
 
-import socket
-import struct
-
-from OpenSSL import SSL
-
 from tests.daemon import Daemon
 from tests.pki import CA
 from tests.rawclient import RawClient
+from tests.tlsclient import TLSClient
 
 PASSWORD = "fed-secret"
 
@@ -99,37 +95,17 @@ def wait_for_log(daemon: Daemon, pattern: str, timeout: float = 10.0) -> str:
         time.sleep(0.05)
 
 
-class S2SPeer:
+class S2SPeer(TLSClient):
     """A hand-driven remote server: STARTTLS, then SASL EXTERNAL with ``cert``/``key``.
 
     For what a real peer would never send (forged addresses); it speaks
-    only the initiating side, from ``domain`` to ``to``.
+    only the initiating side, from ``domain`` to ``to``.  Raw I/O, STARTTLS
+    and close are :class:`tests.tlsclient.TLSClient`'s.
     """
 
     def __init__(self, port: int, domain: str, to: str, cert: str, key: str) -> None:
+        super().__init__(port, host=to, cert=cert, key=key)
         self.domain, self.to = domain, to
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.conn: SSL.Connection | None = None
-        self.buffer = b""
-        self.cert, self.key = cert, key
-
-    def send(self, data: str) -> None:
-        (self.conn or self.sock).sendall(data.encode())
-
-    def read_until(self, pattern: str) -> str:
-        regex = re.compile(pattern.encode(), re.S)
-        while True:
-            m = regex.search(self.buffer)
-            if m:
-                out, self.buffer = self.buffer[: m.end()], self.buffer[m.end():]
-                return out.decode()
-            try:
-                chunk = (self.conn or self.sock).recv(65536)
-            except (SSL.ZeroReturnError, SSL.SysCallError):
-                chunk = b""
-            if not chunk:
-                raise ConnectionError(self.buffer.decode(errors="replace"))
-            self.buffer += chunk
 
     def open(self) -> str:
         self.send("<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
@@ -139,26 +115,9 @@ class S2SPeer:
 
     def authenticate(self) -> None:
         assert "starttls" in self.open()
-        self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
-        self.read_until("<proceed[^>]*/>")
-        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        ctx.use_certificate_chain_file(self.cert)
-        ctx.use_privatekey_file(self.key)
-        self.sock.settimeout(None)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
-        conn = SSL.Connection(ctx, self.sock)
-        conn.set_tlsext_host_name(self.to.encode())
-        conn.set_connect_state()
-        conn.do_handshake()
-        self.conn, self.buffer = conn, b""
+        self.starttls()
         features = self.open()
         assert "EXTERNAL" in features, features
         self.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>")
         assert "<success" in self.read_until("<success[^>]*/>|</success>|</failure>")
         self.open()
-
-    def close(self) -> None:
-        try:
-            (self.conn or self.sock).close()
-        except Exception:
-            pass

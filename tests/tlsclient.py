@@ -46,8 +46,8 @@ class TLSClient:
                 return out.decode()
             try:
                 chunk = (self.conn or self.sock).recv(65536)
-            except SSL.ZeroReturnError:
-                chunk = b""
+            except (SSL.ZeroReturnError, SSL.SysCallError):
+                chunk = b""  # closed (cleanly or not): what was read is in the error
             if not chunk:
                 raise ConnectionError(self.buffer.decode(errors="replace"))
             self.buffer += chunk
