@@ -39,7 +39,9 @@ class NullTransport(StringTransport):
         pass
 
 
-def session(factory, user: str):
+def session(factory, user: str, after_bind: bytes = b""):
+    """A bound session of ``user`` on a discarding transport; ``after_bind`` is
+    fed before the initial presence (e.g. an SM ``<enable/>``)."""
     s = factory.buildProtocol(None)
     s.makeConnection(NullTransport())
     s.username, s.host, s.secure = user, "localhost", True
@@ -49,6 +51,8 @@ def session(factory, user: str):
     s.dataReceived(b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
                    b"<resource>r</resource></bind></iq>")
     assert s.phase == c2s.BOUND
+    if after_bind:
+        s.dataReceived(after_bind)
     s.dataReceived(b"<presence/>")
     return s
 

@@ -25,7 +25,8 @@ import time
 
 from twisted.internet.task import Clock
 
-from bench.metrics_cost import HEADER, SATURATED_NS, NullTransport
+from bench.metrics_cost import SATURATED_NS
+from bench.metrics_cost import session as bound_session
 from xmppd import c2s, config
 from xmppd.core import Server
 from xmppd.storage import MemoryStore
@@ -34,19 +35,8 @@ PLUGINS = ["roster", "presence", "disco", "ping", "urn:xmpp:sm:3"]
 
 
 def session(factory, user: str, sm: bool):
-    s = factory.buildProtocol(None)
-    s.makeConnection(NullTransport())
-    s.username, s.host, s.secure = user, "localhost", True
-    s.phase = c2s.AUTHENTICATED
-    s._new_parser()
-    s.dataReceived(HEADER)
-    s.dataReceived(b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
-                   b"<resource>r</resource></bind></iq>")
-    assert s.phase == c2s.BOUND
-    if sm:
-        s.dataReceived(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
-        assert s.state.get("sm") is not None
-    s.dataReceived(b"<presence/>")
+    s = bound_session(factory, user, b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>" if sm else b"")
+    assert (s.state.get("sm") is not None) == sm
     return s
 
 
