@@ -50,7 +50,7 @@ from xmppd.stanzas import (
     iq_result,
     serialize,
 )
-from xmppd.stream import AUTHENTICATED, BOUND, CLOSED, HEADER, NEGOTIATING, XMPPStream
+from xmppd.stream import AUTHENTICATED, BOUND, CLOSED, HEADER, NEGOTIATING, NS_TLS, XMPPStream
 from xmppd.xmlparser import Limits
 from xmppd.logfilter import log_observer
 
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 
 log = Logger(observer=log_observer)
 
-NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 NS_BIND = "urn:ietf:params:xml:ns:xmpp-bind"
 NS_SESSION = "urn:ietf:params:xml:ns:xmpp-session"
@@ -395,20 +394,7 @@ class C2SStream(XMPPStream):
         self.send = lambda element: send_bytes(serialize(element))
 
     def _starttls(self) -> None:
-        if self.secure or self.phase != NEGOTIATING:
-            return self.stream_error("policy-violation", "TLS already negotiated")
-        try:
-            options = self.server.certs.starttls_options(self.host)
-        except Exception:
-            log.failure("c2s {peer}: no TLS context for {host}", peer=self.peer, host=self.host)
-            self.transport.write(f"<failure xmlns='{NS_TLS}'/></stream:stream>".encode())
-            return self._close()
-        self.transport.write(f"<proceed xmlns='{NS_TLS}'/>".encode())
-        # Anything pipelined after <starttls/> arrived in plaintext: drop it
-        # with the old parser, so nothing from before the handshake survives.
-        self.transport.startTLS(options)
-        self.secure = self.tls_pending = True
-        self._new_parser()
+        self.answer_starttls(self.host, lambda: self.server.certs.starttls_options(self.host))
 
     # -- SASL --------------------------------------------------------------------
 

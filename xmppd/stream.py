@@ -48,6 +48,8 @@ log = Logger(observer=log_observer)
 # Connection phases shared by every stream kind (a kind uses the ones it needs).
 HEADER, NEGOTIATING, AUTHENTICATED, BOUND, CLOSED = range(5)
 
+NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
+
 
 @implementer(IHandshakeListener, IPushProducer)
 class XMPPStream(protocol.Protocol):
@@ -305,6 +307,29 @@ class XMPPStream(protocol.Protocol):
         self.stream_id = stream_id or self.new_stream_id()
         self.transport.write(self.header_bytes())
         self.header_sent = True
+
+    def answer_starttls(self, host: str | None, options: Callable[[], Any]) -> None:
+        """``<starttls/>`` from the peer (server side): ``<proceed/>`` and TLS, or
+        ``<failure/>`` and close when ``options()`` (the vhost's TLS options)
+        cannot be built.
+
+        Anything pipelined after ``<starttls/>`` arrived in plaintext: the old
+        parser is dropped with it, so nothing from before the handshake
+        survives.
+        """
+        if self.secure or self.phase != NEGOTIATING:
+            return self.stream_error("policy-violation", "TLS already negotiated")
+        try:
+            tls_options = options()
+        except Exception:
+            log.failure("{kind} {peer}: no TLS context for {host}", kind=self.kind,
+                        peer=self.peer, host=host)
+            self.transport.write(f"<failure xmlns='{NS_TLS}'/></stream:stream>".encode())
+            return self._close()
+        self.transport.write(f"<proceed xmlns='{NS_TLS}'/>".encode())
+        self.transport.startTLS(tls_options)
+        self.secure = self.tls_pending = True
+        self._new_parser()
 
     def stream_error(self, condition: str, text: str = "") -> None:
         """Send ``<stream:error/>``, close the stream and the connection."""

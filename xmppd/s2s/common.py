@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from OpenSSL import SSL
 
 from xmppd.stanzas import NS_CLIENT, NS_STREAMS
-from xmppd.stream import AUTHENTICATED, XMPPStream
+from xmppd.stream import AUTHENTICATED, NS_TLS, XMPPStream  # noqa: F401 (NS_TLS: for inbound/outbound)
 from xmppd.xmlparser import Limits
 
 if TYPE_CHECKING:
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 NS_SERVER = "jabber:server"
 NS_DIALBACK = "jabber:server:dialback"
 NS_DIALBACK_FEATURE = "urn:xmpp:features:dialback"
-NS_TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 STANZAS = frozenset(("message", "presence", "iq"))
 

@@ -200,19 +200,12 @@ class InboundStream(ServerStream):
         return self.stream_error("unsupported-stanza-type", f"unexpected <{el.name}/>")
 
     def _starttls(self) -> None:
-        if self.secure or self.phase != NEGOTIATING:
-            return self.stream_error("policy-violation", "TLS already negotiated")
-        try:
-            options = self.service.tls.starttls_server(self.local)
-            options.tls.context(self.local, client=False)  # fails now, not inside the handshake
-        except Exception:
-            log.failure("s2s in {peer}: no TLS context for {host}", peer=self.peer, host=self.local)
-            self.transport.write(f"<failure xmlns='{NS_TLS}'/></stream:stream>".encode())
-            return self._close()
-        self.transport.write(f"<proceed xmlns='{NS_TLS}'/>".encode())
-        self.transport.startTLS(options)
-        self.secure = self.tls_pending = True
-        self._new_parser()
+        def options():
+            tls_options = self.service.tls.starttls_server(self.local)
+            tls_options.tls.context(self.local, client=False)  # fails now, not inside the handshake
+            return tls_options
+
+        self.answer_starttls(self.local, options)
 
     def _sasl_external(self, el: domish.Element) -> None:
         if self.phase != NEGOTIATING or el.getAttribute("mechanism") != "EXTERNAL":
