@@ -21,7 +21,7 @@ NODE = "urn:xmpp:test:mood"
 @pytest.fixture(scope="module")
 def pd(tmp_path_factory):
     d = Daemon(tmp_path_factory.mktemp("pep"), plugins=PLUGINS,
-               extra="[pep]\nmax_nodes_per_user = 6\nmax_item_bytes = 2048\n").start()
+               extra="[pep]\nmax_nodes_per_user = 12\nmax_item_bytes = 2048\n").start()
     for u in USERS:
         d.adduser(f"{u}@localhost", PW)
     for contact in ("bob", "carol", "dave"):
@@ -199,9 +199,178 @@ def test_items_retract_purge_delete_and_quotas(pd):
     big = publish(g, "urn:xmpp:test:big", "1", f"<x xmlns='urn:xmpp:test:big'>{'a' * 3000}</x>")
     assert "<not-acceptable" in big and "payload-too-big" in big
     outs = [publish(g, f"urn:xmpp:test:n{i}", "1", f"<x xmlns='urn:xmpp:test:n'/>", ident=f"n{i}")
-            for i in range(8)]
+            for i in range(13)]
     assert "policy-violation" in outs[-1] and "max-nodes-exceeded" in outs[-1]
-    assert sum("type='result'" in o for o in outs) <= 6
+    ok = ["type='result'" in o for o in outs]
+    assert ok == sorted(ok, reverse=True) and sum(ok) == 11  # 12 with the precondition test's
     assert "item-required" in g.iq(f"<iq type='set' id='e1'><pubsub xmlns='{PUBSUB}'><publish "
                                    f"node='{node}'/></pubsub></iq>", "e1")
     g.close()
+
+
+def test_private_xml_and_bookmarks_compat_raw(pd):
+    h = online(pd, "hal", "bm", notify=["urn:xmpp:bookmarks:1"])
+    # XEP-0049: store, read back, empty when absent, own account only
+    r = h.iq("<iq type='set' id='ps'><query xmlns='jabber:iq:private'><prefs xmlns='urn:test:p'>"
+             "<a>1</a></prefs></query></iq>", "ps")
+    assert "type='result'" in r
+    got = h.iq("<iq type='get' id='pg'><query xmlns='jabber:iq:private'><prefs xmlns='urn:test:p'/>"
+               "</query></iq>", "pg")
+    assert "<prefs xmlns='urn:test:p'><a>1</a></prefs>" in got
+    empty = h.iq("<iq type='get' id='pe'><query xmlns='jabber:iq:private'><none xmlns='urn:test:n'/>"
+                 "</query></iq>", "pe")
+    assert "<none xmlns='urn:test:n'/>" in empty
+    other = h.iq("<iq type='get' id='po' to='alice@localhost'><query xmlns='jabber:iq:private'>"
+                 "<prefs xmlns='urn:test:p'/></query></iq>", "po")
+    assert "type='error'" in other
+    # XEP-0048 write -> XEP-0402 items (with notification)
+    r = h.iq("<iq type='set' id='b1'><query xmlns='jabber:iq:private'><storage xmlns='storage:bookmarks'>"
+             "<conference jid='room@muc.example' name='Room' autojoin='true'><nick>hal</nick></conference>"
+             "</storage></query></iq>", "b1")
+    event = own_event(h, r, "urn:xmpp:bookmarks:1")
+    assert "<item id='room@muc.example'>" in event and "autojoin='true'" in event
+    items = get_items(h, "hal@localhost", "urn:xmpp:bookmarks:1")
+    assert re.search(r"<conference xmlns='urn:xmpp:bookmarks:1' name='Room' autojoin='true'>"
+                     r"<nick>hal</nick></conference>", items)
+    form = h.iq(f"<iq type='get' id='c'><pubsub xmlns='{PUBSUB}#owner'><configure "
+                "node='urn:xmpp:bookmarks:1'/></pubsub></iq>", "c")
+    assert re.search(r"var='pubsub#access_model'.*?<value>whitelist</value>", form)
+    # XEP-0402 publish -> XEP-0048 read
+    publish(h, "urn:xmpp:bookmarks:1", "other@muc.example",
+            "<conference xmlns='urn:xmpp:bookmarks:1' name='Other'><nick>h</nick></conference>",
+            {"pubsub#access_model": "whitelist", "pubsub#max_items": "max",
+             "pubsub#persist_items": "true"}, ident="b2")
+    legacy = h.iq("<iq type='get' id='b3'><query xmlns='jabber:iq:private'><storage "
+                  "xmlns='storage:bookmarks'/></query></iq>", "b3")
+    assert "jid='room@muc.example'" in legacy and "jid='other@muc.example'" in legacy
+    assert "name='Other'" in legacy and "<nick>h</nick>" in legacy
+    # XEP-0048 write without a room retracts it
+    r = h.iq("<iq type='set' id='b4'><query xmlns='jabber:iq:private'><storage xmlns='storage:bookmarks'>"
+             "<conference jid='other@muc.example' name='Other' autojoin='false'><nick>h</nick></conference>"
+             "</storage></query></iq>", "b4")
+    assert "type='result'" in r
+    items = get_items(h, "hal@localhost", "urn:xmpp:bookmarks:1")
+    assert "room@muc.example" not in items and "other@muc.example" in items
+    h.close()
+
+
+OMEMO = "eu.siacs.conversations.axolotl"
+
+
+def test_omemo_devicelist_and_bundle_exchange(pd):
+    """XEP-0384 (legacy namespace as deployed): device lists and bundles with access open."""
+    dl = f"{OMEMO}.devicelist"
+    a = online(pd, "alice", "omemo", notify=[dl])
+    b = online(pd, "bob", "omemo", notify=[dl])
+    open_ = {"pubsub#access_model": "open"}
+    r = publish(a, dl, "current", f"<list xmlns='{OMEMO}'><device id='1001'/></list>", open_)
+    assert "type='result'" in r
+    assert "<device id='1001'/>" in expect_event(b, dl)
+    bundle = (f"<bundle xmlns='{OMEMO}'><signedPreKeyPublic signedPreKeyId='1'>BQ==</signedPreKeyPublic>"
+              "<signedPreKeySignature>c2ln</signedPreKeySignature><identityKey>aWs=</identityKey>"
+              "<prekeys><preKeyPublic preKeyId='1'>cGsx</preKeyPublic></prekeys></bundle>")
+    assert "type='result'" in publish(a, f"{OMEMO}.bundles:1001", "current", bundle, open_, "pb")
+    r = publish(b, dl, "current", f"<list xmlns='{OMEMO}'><device id='2002'/></list>", open_, "pd")
+    assert "<device id='2002'/>" in expect_event(a, dl)
+    publish(b, f"{OMEMO}.bundles:2002", "current", bundle.replace("aWs=", "Yg=="), open_, "pb2")
+    # each fetches the other's bundle; a stranger may too (open)
+    got = get_items(b, "alice@localhost", f"{OMEMO}.bundles:1001")
+    assert "<identityKey>aWs=</identityKey>" in got and "preKeyId='1'" in got
+    got = get_items(a, "bob@localhost", f"{OMEMO}.bundles:2002")
+    assert "<identityKey>Yg==</identityKey>" in got
+    e = online(pd, "erin", "omemo", caps=False)
+    assert "<device id='1001'/>" in get_items(e, "alice@localhost", dl)
+    # a new device of bob's gets alice's device list at login
+    b2 = online(pd, "bob", "omemo2", notify=[dl])
+    seen = expect_event(b2, dl) + expect_event(b2, dl)
+    assert "1001" in seen and "2002" in seen
+    for c in (a, b, b2, e):
+        c.close()
+
+
+def test_caps_hash_checked(pd):
+    """A client whose disco#info does not match its ver gets no notifications (not cached)."""
+    node = "urn:xmpp:test:liar"
+    a = online(pd, "alice", "liar", notify=[node])
+    b = online(pd, "bob", "liar", notify=[node], lie=True)
+    own_event(a, publish(a, node, "1", f"<x xmlns='{node}'/>"), node)
+    expect_no_event(b, node)
+    assert "does not match its disco#info" in pd.logtext()
+    a.close()
+    b.close()
+
+
+def test_account_deletion_removes_pep_data(tmp_path):
+    d = Daemon(tmp_path, plugins=PLUGINS).start()
+    try:
+        d.adduser("zed@localhost", PW)
+        z = online(d, "zed", caps=False)
+        publish(z, "urn:xmpp:test:gone", "1", "<x xmlns='urn:xmpp:test:gone'/>")
+        z.iq("<iq type='set' id='p'><query xmlns='jabber:iq:private'><p xmlns='urn:t'/></query></iq>", "p")
+        z.close()
+        d.ctl("deluser", "zed@localhost")
+        d.adduser("zed@localhost", PW)
+        z = online(d, "zed", caps=False)
+        assert "item-not-found" in get_items(z, "zed@localhost", "urn:xmpp:test:gone")
+        z.close()
+    finally:
+        d.stop()
+    import sqlite3
+    db = sqlite3.connect(d.data_dir / "xmppd.sqlite3")
+    rows = db.execute("SELECT store FROM kv WHERE user='zed@localhost' AND store LIKE 'pep%'").fetchall()
+    assert rows == []
+
+
+def test_slixmpp_avatar_and_bookmarks(pd):
+    """slixmpp's own PEP stack (xep_0060/0163/0115/0084/0402, XEP-0048 over xep_0049)."""
+    import asyncio
+
+    from slixmpp.plugins.xep_0060.stanza import Item
+
+    from tests.xmpp import connect, run
+
+    plugins = ["xep_0030", "xep_0060", "xep_0163", "xep_0115", "xep_0084", "xep_0402",
+               "xep_0048", "xep_0049"]
+
+    async def go():
+        bob = await connect("bob@localhost/sx", PW, pd.port, plugins=plugins, presence=False)
+        avatars: asyncio.Queue = asyncio.Queue()
+        bob.add_event_handler("avatar_metadata_publish", avatars.put_nowait)
+        bob["xep_0163"].add_interest("urn:xmpp:bookmarks:1")
+        bob.send_presence()
+        alice = await connect("alice@localhost/sx", PW, pd.port, plugins=plugins)
+        await asyncio.sleep(0.5)  # caps resolution round trips
+        data = b"\x89PNG fake avatar"
+        await alice["xep_0084"].publish_avatar(data)
+        await alice["xep_0084"].publish_avatar_metadata(
+            [{"id": alice["xep_0084"].generate_id(data), "type": "image/png", "bytes": len(data)}])
+        msg = await asyncio.wait_for(avatars.get(), 5)
+        assert msg["from"].bare == "alice@localhost"
+        assert msg["pubsub_event"]["items"]["item"]["avatar_metadata"]["info"]["bytes"] == len(data)
+        got = await bob["xep_0084"].retrieve_avatar("alice@localhost", alice["xep_0084"].generate_id(data))
+        assert got["pubsub"]["items"]["item"]["avatar_data"]["value"] == data
+        # XEP-0402 publish by bob -> XEP-0048 view of the same account, and back
+        bm_events: asyncio.Queue = asyncio.Queue()
+        bob.add_event_handler("pubsub_publish", bm_events.put_nowait)
+        item = Item()
+        item["conference"]["name"] = "Lounge"
+        item["conference"]["autojoin"] = True
+        item["conference"]["nick"] = "bob"
+        await bob["xep_0060"].publish(bob.boundjid.bare, "urn:xmpp:bookmarks:1", id="lounge@muc.example",
+                                      payload=item["conference"])
+        ev = await asyncio.wait_for(bm_events.get(), 5)
+        assert ev["pubsub_event"]["items"]["node"] == "urn:xmpp:bookmarks:1"
+        legacy = await bob["xep_0048"].get_bookmarks(method="xep_0049")
+        rooms = {str(c["jid"]): c for c in legacy["private"]["bookmarks"]["conferences"]}
+        assert rooms["lounge@muc.example"]["name"] == "Lounge" and rooms["lounge@muc.example"]["autojoin"]
+        bookmarks = bob["xep_0048"].stanza.Bookmarks()
+        bookmarks.add_conference("den@muc.example", "bobby", name="Den", autojoin=False)
+        await bob["xep_0048"].set_bookmarks(bookmarks, method="xep_0049")
+        items = await bob["xep_0060"].get_items(bob.boundjid.bare, "urn:xmpp:bookmarks:1")
+        ids = [i["id"] for i in items["pubsub"]["items"]]
+        assert ids == ["den@muc.example"]
+        assert items["pubsub"]["items"]["item"]["conference"]["nick"] == "bobby"
+        alice.disconnect()
+        bob.disconnect()
+
+    run(go(), timeout=40)
