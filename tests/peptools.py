@@ -23,12 +23,12 @@ def caps_ver(name: str, features) -> str:
 
 
 def online(d, user: str, resource: str = "r", notify=(), caps: bool = True,
-           lie: bool = False) -> RawClient:
+           lie: bool = False, host: str = "localhost", password: str = PW) -> RawClient:
     """A logged-in raw client that sent initial presence (with caps announcing
     ``NODE+notify`` for each of ``notify`` and answering the server's disco#info;
     ``lie``: the answer does not match the announced hash)."""
-    c = RawClient(d.port)
-    c.jid = c.login(user, PW, resource)
+    c = RawClient(d.port, host=host)
+    c.jid = c.login(user, password, resource)
     if not caps:
         c.send("<presence/>")
         c.read_until("<presence[^>]*(/>|>.*?</presence>)")
@@ -38,15 +38,22 @@ def online(d, user: str, resource: str = "r", notify=(), caps: bool = True,
     ver = caps_ver(name, features)
     c.send(f"<presence><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' "
            f"node='{CAPS_NODE}' ver='{ver}'/></presence>")
-    query = c.read_until(r"<iq [^>]*type='get'[^>]*>.*?</iq>").decode()
+    c.caps_info = (name, features + (["urn:xmpp:lie"] if lie else []), ver)
+    answer_caps(c, c.read_until(r"<iq [^>]*type='get'[^>]*>.*?</iq>").decode())
+    return c
+
+
+def answer_caps(c: RawClient, text: str) -> None:
+    """Answer the server's disco#info query for the client's caps (the last IQ in ``text``)."""
+    name, features, ver = c.caps_info
+    query = text[text.rindex("<iq "):]
     assert DISCO_INFO in query and f"node='{CAPS_NODE}#{ver}'" in query, query
-    ident = re.search(r"<iq [^>]*id='([^']+)'", query[query.rindex("<iq "):]).group(1)
-    sent = features + (["urn:xmpp:lie"] if lie else [])
-    feats = "".join(f"<feature var='{f}'/>" for f in sent)
-    c.send(f"<iq type='result' to='localhost' id='{ident}'><query xmlns='{DISCO_INFO}' "
+    ident = re.search(r"<iq [^>]*id='([^']+)'", query).group(1)
+    asker = re.search(r"<iq [^>]*from='([^']+)'", query).group(1)
+    feats = "".join(f"<feature var='{f}'/>" for f in features)
+    c.send(f"<iq type='result' to='{asker}' id='{ident}'><query xmlns='{DISCO_INFO}' "
            f"node='{CAPS_NODE}#{ver}'><identity category='client' type='pc' name='{name}'/>"
            f"{feats}</query></iq>")
-    return c
 
 
 def sync(c: RawClient) -> str:
@@ -56,11 +63,13 @@ def sync(c: RawClient) -> str:
     return c.iq(f"<iq type='get' id='{ident}'><ping xmlns='urn:xmpp:ping'/></iq>", ident)
 
 
-def subscribe_both(d, a: str, b: str, groups=()) -> None:
-    """Mutual presence subscription between local users ``a`` and ``b`` (bare names);
-    ``groups``: roster groups ``a`` puts ``b`` in."""
-    ca, cb = online(d, a, "sub", caps=False), online(d, b, "sub", caps=False)
-    ja, jb = f"{a}@localhost", f"{b}@localhost"
+def subscribe_both(d, a: str, b: str, groups=(), db=None, hosts=("localhost", "localhost"),
+                   password: str = PW) -> None:
+    """Mutual presence subscription between users ``a`` (on ``d``) and ``b`` (on ``db``,
+    default ``d``), local parts; ``groups``: roster groups ``a`` puts ``b`` in."""
+    ca = online(d, a, "sub", caps=False, host=hosts[0], password=password)
+    cb = online(db or d, b, "sub", caps=False, host=hosts[1], password=password)
+    ja, jb = f"{a}@{hosts[0]}", f"{b}@{hosts[1]}"
     if groups:
         g = "".join(f"<group>{x}</group>" for x in groups)
         ca.iq(f"<iq type='set' id='rs'><query xmlns='jabber:iq:roster'><item jid='{jb}'>{g}"

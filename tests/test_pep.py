@@ -8,7 +8,7 @@ import pytest
 
 from tests.daemon import Daemon
 from tests.peptools import (
-    PUBSUB, PW, expect_event, expect_no_event, get_items, online, own_event, publish, subscribe_both,
+    PUBSUB, PW, answer_caps, expect_event, expect_no_event, get_items, online, own_event, publish, subscribe_both,
     sync,
 )
 
@@ -336,18 +336,18 @@ def test_slixmpp_avatar_and_bookmarks(pd):
         bob = await connect("bob@localhost/sx", PW, pd.port, plugins=plugins, presence=False)
         avatars: asyncio.Queue = asyncio.Queue()
         bob.add_event_handler("avatar_metadata_publish", avatars.put_nowait)
-        bob["xep_0163"].add_interest("urn:xmpp:bookmarks:1")
+        bob.plugin["xep_0163"].add_interest("urn:xmpp:bookmarks:1")
         bob.send_presence()
         alice = await connect("alice@localhost/sx", PW, pd.port, plugins=plugins)
         await asyncio.sleep(0.5)  # caps resolution round trips
         data = b"\x89PNG fake avatar"
-        await alice["xep_0084"].publish_avatar(data)
-        await alice["xep_0084"].publish_avatar_metadata(
-            [{"id": alice["xep_0084"].generate_id(data), "type": "image/png", "bytes": len(data)}])
+        await alice.plugin["xep_0084"].publish_avatar(data)
+        await alice.plugin["xep_0084"].publish_avatar_metadata(
+            [{"id": alice.plugin["xep_0084"].generate_id(data), "type": "image/png", "bytes": len(data)}])
         msg = await asyncio.wait_for(avatars.get(), 5)
         assert msg["from"].bare == "alice@localhost"
         assert msg["pubsub_event"]["items"]["item"]["avatar_metadata"]["info"]["bytes"] == len(data)
-        got = await bob["xep_0084"].retrieve_avatar("alice@localhost", alice["xep_0084"].generate_id(data))
+        got = await bob.plugin["xep_0084"].retrieve_avatar("alice@localhost", alice.plugin["xep_0084"].generate_id(data))
         assert got["pubsub"]["items"]["item"]["avatar_data"]["value"] == data
         # XEP-0402 publish by bob -> XEP-0048 view of the same account, and back
         bm_events: asyncio.Queue = asyncio.Queue()
@@ -356,17 +356,17 @@ def test_slixmpp_avatar_and_bookmarks(pd):
         item["conference"]["name"] = "Lounge"
         item["conference"]["autojoin"] = True
         item["conference"]["nick"] = "bob"
-        await bob["xep_0060"].publish(bob.boundjid.bare, "urn:xmpp:bookmarks:1", id="lounge@muc.example",
+        await bob.plugin["xep_0060"].publish(bob.boundjid.bare, "urn:xmpp:bookmarks:1", id="lounge@muc.example",
                                       payload=item["conference"])
         ev = await asyncio.wait_for(bm_events.get(), 5)
         assert ev["pubsub_event"]["items"]["node"] == "urn:xmpp:bookmarks:1"
-        legacy = await bob["xep_0048"].get_bookmarks(method="xep_0049")
+        legacy = await bob.plugin["xep_0048"].get_bookmarks(method="xep_0049")
         rooms = {str(c["jid"]): c for c in legacy["private"]["bookmarks"]["conferences"]}
         assert rooms["lounge@muc.example"]["name"] == "Lounge" and rooms["lounge@muc.example"]["autojoin"]
-        bookmarks = bob["xep_0048"].stanza.Bookmarks()
+        bookmarks = bob.plugin["xep_0048"].stanza.Bookmarks()
         bookmarks.add_conference("den@muc.example", "bobby", name="Den", autojoin=False)
-        await bob["xep_0048"].set_bookmarks(bookmarks, method="xep_0049")
-        items = await bob["xep_0060"].get_items(bob.boundjid.bare, "urn:xmpp:bookmarks:1")
+        await bob.plugin["xep_0048"].set_bookmarks(bookmarks, method="xep_0049")
+        items = await bob.plugin["xep_0060"].get_items(bob.boundjid.bare, "urn:xmpp:bookmarks:1")
         ids = [i["id"] for i in items["pubsub"]["items"]]
         assert ids == ["den@muc.example"]
         assert items["pubsub"]["items"]["item"]["conference"]["nick"] == "bobby"
@@ -374,3 +374,30 @@ def test_slixmpp_avatar_and_bookmarks(pd):
         bob.disconnect()
 
     run(go(), timeout=40)
+
+
+def test_notifications_to_a_remote_contact_over_s2s(tmp_path):
+    """bob@b.test (another xmppd, over s2s) gets alice@a.test's items and last item;
+    a.test resolves bob's caps across the federation."""
+    from tests.federation import PASSWORD, Federation
+
+    f = Federation(tmp_path, plugins=PLUGINS)
+    try:
+        node = "urn:xmpp:test:remote"
+        subscribe_both(f.a, "alice", "bob", db=f.b, hosts=("a.test", "b.test"), password=PASSWORD)
+        a = online(f.a, "alice", "one", notify=[node], host="a.test", password=PASSWORD)
+        own_event(a, publish(a, node, "1", f"<x xmlns='{node}'>first</x>"), node)
+        b = online(f.b, "bob", "one", notify=[node], host="b.test", password=PASSWORD)
+        # b.test asked for bob's caps at login; a.test asks too, when bob's presence arrives
+        got = b.read_until(r"<iq [^>]*type='get'[^>]*>.*?</iq>|<message[^>]*>.*?</message>").decode()
+        assert "<iq " in got and "from='a.test'" in got, got
+        answer_caps(b, got)  # the same answer as to b.test (same features, same ver)
+        seen = expect_event(b, node, timeout=8)
+        assert ">first<" in seen
+        publish(a, node, "2", f"<x xmlns='{node}'>second</x>", ident="p2")
+        assert ">second<" in expect_event(b, node, timeout=8)
+        a.close()
+        b.close()
+    finally:
+        f.stop()
+
