@@ -139,6 +139,15 @@ def test_access_models_and_changes_at_once(pd):
     publish(a, node, "3", f"<x xmlns='{node}'>r</x>")
     assert ">r<" in expect_event(f, node)
     expect_no_event(b, node)
+    # a roster change counts at once: bob put in "friends" reads and is notified
+    a.iq("<iq type='set' id='rs'><query xmlns='jabber:iq:roster'><item jid='bob@localhost'>"
+         "<group>friends</group></item></query></iq>", "rs")
+    assert "<item id='3'>" in get_items(b, "alice@localhost", node)
+    publish(a, node, "3b", f"<x xmlns='{node}'>g</x>", ident="p3b")
+    assert ">g<" in expect_event(b, node)
+    a.iq("<iq type='set' id='rs2'><query xmlns='jabber:iq:roster'><item jid='bob@localhost'/>"
+         "</query></iq>", "rs2")
+    assert "not-in-roster-group" in get_items(b, "alice@localhost", node)
     # back to presence: bob again, erin not
     assert "type='result'" in cfg("presence")
     publish(a, node, "4", f"<x xmlns='{node}'>q</x>")
@@ -195,6 +204,12 @@ def test_items_retract_purge_delete_and_quotas(pd):
     assert "<item " not in get_items(g, "gina@localhost", node)
     g.iq(f"<iq type='set' id='dl'><pubsub xmlns='{PUBSUB}#owner'><delete node='{node}'/></pubsub></iq>", "dl")
     assert "item-not-found" in get_items(g, "gina@localhost", node)
+    # persist_items false: nothing stored but the last item, in memory
+    t = "urn:xmpp:test:transient"
+    publish(g, t, "1", f"<x xmlns='{t}'>1</x>", {"pubsub#persist_items": "false"}, ident="t1")
+    publish(g, t, "2", f"<x xmlns='{t}'>2</x>", ident="t2")
+    assert re.findall(r"<item id='(\d)'", get_items(g, "gina@localhost", t)) == ["2"]
+    g.iq(f"<iq type='set' id='dt'><pubsub xmlns='{PUBSUB}#owner'><delete node='{t}'/></pubsub></iq>", "dt")
     # quotas: item bytes, nodes per user
     big = publish(g, "urn:xmpp:test:big", "1", f"<x xmlns='urn:xmpp:test:big'>{'a' * 3000}</x>")
     assert "<not-acceptable" in big and "payload-too-big" in big

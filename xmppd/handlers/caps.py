@@ -14,7 +14,8 @@ the key is looked up in a dict; no I/O.  Limits (``[caps]``):
 ``max_queries`` disco#info queries outstanding at once (others are not sent:
 the caps stay unknown until the entity's next presence), ``query_timeout``
 seconds per query.  An answer that does not match its hash is not cached
-(logged once per ``ver``).  Legacy caps without ``hash`` are ignored.
+(logged once per ``ver``), nor one of more than :data:`MAX_FEATURES`
+features or :data:`MAX_FEATURE_BYTES` bytes of them.  Legacy caps without ``hash`` are ignored.
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ HASHES = {"sha-1": "sha1", "sha-224": "sha224", "sha-256": "sha256",
           "sha-384": "sha384", "sha-512": "sha512"}
 
 Key = tuple  # (hash name, ver)
+
+# What one cache entry may hold: real clients announce some tens of
+# features; an answer beyond these is not cached (the cache's memory is
+# bounded by cache_size times these, not by the stanza size limit).
+MAX_FEATURES = 1000
+MAX_FEATURE_BYTES = 65536
 
 
 def caps_of(presence: domish.Element) -> tuple[Key, str] | None:
@@ -179,6 +186,10 @@ class CapsPlugin(Plugin):
                      ver=key[1], jid=entity.full)
             return
         features = frozenset(el.getAttribute("var", "") for el in query.elements(NS_DISCO_INFO, "feature"))
+        if len(features) > MAX_FEATURES or sum(map(len, features)) > MAX_FEATURE_BYTES:
+            log.info("caps ver {ver} of {jid}: more than {n} features or {b} bytes, not cached",
+                     ver=key[1], jid=entity.full, n=MAX_FEATURES, b=MAX_FEATURE_BYTES)
+            return
         self.cache[key] = features
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
