@@ -4,7 +4,6 @@ from __future__ import annotations
 import textwrap
 import tomllib
 
-import pytest
 from twisted.internet import task
 from twisted.words.xish import domish
 
