@@ -42,6 +42,12 @@ class Server:
             connectors if connectors is not None
             else build_connectors(config, self.store, self.clock))
         self.router.user_exists = self._user_exists
+        # Requests the server itself sends (caps resolution); answers come
+        # back through the router (xmppd.iqtracker).
+        from xmppd.iqtracker import IQTracker
+
+        self.iq_tracker = IQTracker(self.router, clock)
+        self.router.iq_responses = self.iq_tracker.response
         self.throttle = self._build_throttle()
         self.certs = certs if certs is not None else self._build_certs()
         self.s2s = None
@@ -142,6 +148,7 @@ class Server:
         return outcome
 
     def close(self) -> None:
+        self.iq_tracker.cancel_all()
         self.components.stop()
         self.store.close()
 

@@ -50,6 +50,7 @@ class ISessionManagerPlugin(Interface):
     features = Attribute("disco#info features this plugin adds to the server.")
     account_features = Attribute("disco#info features it adds to account JIDs.")
     identities = Attribute("(category, type, name) tuples for the server.")
+    account_identities = Attribute("(category, type, name) tuples it adds to account JIDs.")
 
     def attach(server: "Server") -> None:
         """Read config, register handlers, hooks and filters."""
@@ -63,6 +64,7 @@ class Plugin:
     features: tuple = ()
     account_features: tuple = ()
     identities: tuple = ()
+    account_identities: tuple = ()
 
     def attach(self, server: "Server") -> None:
         self.server = server

@@ -96,6 +96,9 @@ class Router:
         self.user_exists: Callable[[JID], defer.Deferred] = lambda j: defer.succeed(False)
         self.on_bound: list[Callable[[Session], None]] = []
         self.on_closed: list[Callable[[Session], None]] = []
+        # IQ results/errors addressed to a served host (answers to requests
+        # the server sent, see xmppd.iqtracker): (stanza, sender) -> bool.
+        self.iq_responses: Callable[[domish.Element, JID], bool] | None = None
         # Destinations on other servers: (stanza, to), set by the s2s service
         # (xmppd.s2s.service); None: no federation, they bounce.
         self.remote: Callable[[domish.Element, JID], None] | None = None
@@ -221,6 +224,21 @@ class Router:
         else:
             self._to_full(stanza, sender, to, session)
 
+    def deliver_quietly(self, stanza: domish.Element, sender: JID, to: JID) -> bool:
+        """Filter chain, then delivery; a refusal is dropped, never bounced.
+
+        For stanzas the server emits on a user's behalf where nobody should
+        hear of a refusal (PEP notifications: the publisher must not learn
+        that a contact blocked them).  Returns False when a filter refused.
+        """
+        for f in self.filters:
+            if f.check(stanza, sender, to) is not None:
+                key = (getattr(f, "name", type(f).__name__), "dropped")
+                self.refusals[key] = self.refusals.get(key, 0) + 1
+                return False
+        self.deliver_unfiltered(stanza, sender, to)
+        return True
+
     def send_from_server(self, stanza: domish.Element, to: JID) -> None:
         """Deliver a server-generated stanza to a full or bare JID (components and
         remote ones too)."""
@@ -333,6 +351,8 @@ class Router:
         if stanza.name == "iq":
             if stanza.getAttribute("type") in ("get", "set"):
                 self.dispatch_iq(stanza, sender, to, session)
+            elif self.iq_responses is not None:
+                self.iq_responses(stanza, sender)
         elif stanza.name == "message" and stanza.getAttribute("type") != "error":
             # Nothing in the server consumes messages yet (RFC 6120 §10.5.3.1
             # allows either): bounce so the sender learns it went nowhere.

@@ -23,4 +23,9 @@ BUILTIN_PLUGINS = {
     "urn:xmpp:sm:3": "xmppd.handlers.sm:StreamManagementPlugin",
     "urn:xmpp:sid:0": "xmppd.handlers.stanzaid:StanzaIdPlugin",
     "urn:xmpp:carbons:2": "xmppd.handlers.carbons:CarbonsPlugin",
+    # Personal eventing (issue 15): caps before pep, pep before bookmarks.
+    "caps": "xmppd.handlers.caps:CapsPlugin",
+    "pep": "xmppd.handlers.pep:PepPlugin",
+    "jabber:iq:private": "xmppd.handlers.private:PrivatePlugin",
+    "urn:xmpp:bookmarks:1": "xmppd.handlers.bookmarks:BookmarksPlugin",
 }

@@ -28,6 +28,8 @@ class DiscoPlugin(Plugin):
         # node -> (info(request) -> DiscoInfo|None, items(request) -> list[DiscoItem])
         self.nodes: dict[str, tuple[Callable, Callable]] = {}
         self.server_items: list[Callable[[Request], list]] = []
+        # Items of an account (PEP nodes): (request, owner bare) -> [DiscoItem]
+        self.account_items: list[Callable[[Request, str], list]] = []
         self._server_info = None
         self._account_info = None
 
@@ -46,6 +48,9 @@ class DiscoPlugin(Plugin):
         self._server_info = info.toElement()
         account = disco.DiscoInfo()
         account.append(disco.DiscoIdentity("account", "registered"))
+        for p in self.server.plugins:
+            for category, type_, name in getattr(p, "account_identities", ()):
+                account.append(disco.DiscoIdentity(category, type_, name))
         feats = {f for p in self.server.plugins for f in p.account_features}
         for feature in sorted(feats):
             account.append(disco.DiscoFeature(feature))
@@ -79,6 +84,10 @@ class DiscoPlugin(Plugin):
         if self._target_is_account(request):
             if node:
                 raise StanzaError("item-not-found")
+            owner = request.sender.bare if request.to is None else request.to.bare
+            for source in self.account_items:
+                for item in source(request, owner):
+                    items.append(item)
             return items.toElement()
         if node:
             provider = self.nodes.get(node)

@@ -121,6 +121,12 @@ class PresencePlugin(Plugin):
         roster.on_remove.append(self._item_removed)
         # Hooks run after a session's initial presence (offline messages).
         self.on_initial_presence: list[Callable] = []
+        # Hooks run on each broadcast presence of a session, before it goes
+        # out: (session, stanza, kind None|"unavailable") (entity caps).
+        self.on_broadcast: list[Callable] = []
+        # Hooks run on inbound available/unavailable presence to a local
+        # account, after the filters: (stanza, sender, to) (PEP contacts).
+        self.on_inbound: list[Callable] = []
 
     # -- outbound: from the user's own client ----------------------------------
 
@@ -154,6 +160,8 @@ class PresencePlugin(Plugin):
         else:
             session.state["sent_presence"] = False
             session.state.pop("last_presence", None)
+        for hook in self.on_broadcast:
+            hook(session, stanza, kind)
         sender = session.jid
         for contact, item in roster.items():
             if item.from_:
@@ -318,6 +326,8 @@ class PresencePlugin(Plugin):
             self._inbound_probe(sender, to.bare_jid())
         else:
             self._deliver_presence(stanza, to)
+            for hook in self.on_inbound:
+                hook(stanza, sender, to)
 
     def _deliver_presence(self, stanza, to: JID) -> None:
         resources = self.router.resources_of(to.bare)

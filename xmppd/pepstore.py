@@ -1,0 +1,291 @@
+"""PEP nodes and items in the key-value store, with their quotas.
+
+Layout (all keyed by the owner's bare JID, so deleting an account's data
+with ``delete_user(None, bare)`` removes its PEP data too):
+
+* ``pep_nodes/<owner>/<node>``: ``{"config": {...}, "items": [[id, bytes], ...]}``,
+  item ids in publish order (oldest first);
+* ``pep_items/<owner>/<node>\\x1f<id>``: the payload as XML text (it declares
+  its own namespace, so it is embedded as is in any reply or notification).
+
+``\\x1f`` cannot occur in XML, so the item key never collides.  A publish
+(item, node entry and evicted items) is one transaction.
+
+Node entries of online owners are kept in memory (pinned at bind); others
+are read when needed and kept in a small LRU, since only this module writes
+them.  Quotas (``[pep]``) are checked on the in-memory entries before any
+write: bytes per item, items per node, nodes/items/bytes per user.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+NODES = "pep_nodes"
+ITEMS = "pep_items"
+SEP = "\x1f"
+
+ACCESS_MODELS = ("open", "presence", "roster", "whitelist")
+SEND_LAST = ("never", "on_sub", "on_sub_and_presence")
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """``[pep]`` limits; defaults documented in etc/xmppd.toml."""
+
+    item_bytes: int = 131072
+    node_items: int = 256
+    user_nodes: int = 100
+    user_items: int = 2048
+    user_bytes: int = 4194304
+    default_max_items: int = 1
+
+    @classmethod
+    def from_section(cls, sec) -> "Quotas":
+        d = cls()
+        q = cls(
+            item_bytes=sec.int("max_item_bytes", d.item_bytes, minimum=256),
+            node_items=sec.int("max_items_per_node", d.node_items, minimum=1),
+            user_nodes=sec.int("max_nodes_per_user", d.user_nodes, minimum=1),
+            user_items=sec.int("max_items_per_user", d.user_items, minimum=1),
+            user_bytes=sec.int("max_bytes_per_user", d.user_bytes, minimum=1024),
+            default_max_items=sec.int("default_max_items", d.default_max_items, minimum=1),
+        )
+        if q.default_max_items > q.node_items:
+            raise sec.error("default_max_items", q.default_max_items,
+                            "an integer not above max_items_per_node")
+        return q
+
+
+class QuotaExceeded(Exception):
+    """A write would exceed a quota: ``condition`` (RFC 6120), ``app`` (pubsub#errors), message."""
+
+    def __init__(self, condition: str, app: str | None, text: str) -> None:
+        super().__init__(text)
+        self.condition = condition
+        self.app = app
+
+
+def default_config(quotas: Quotas) -> dict:
+    return {"access_model": "presence", "max_items": quotas.default_max_items,
+            "persist_items": True, "send_last_published_item": "on_sub_and_presence",
+            "roster_groups_allowed": [], "notify_retract": False}
+
+
+class Node:
+    __slots__ = ("name", "config", "items", "transient")
+
+    def __init__(self, name: str, config: dict, items: list | None = None) -> None:
+        self.name = name
+        self.config = config
+        self.items: list[list] = items or []  # [[id, bytes], ...] oldest first
+        # Last item of a node with persist_items false: (id, xml), memory only.
+        self.transient: tuple[str, str] | None = None
+
+    def to_value(self) -> dict:
+        return {"config": self.config, "items": self.items}
+
+    def ids(self) -> list[str]:
+        return [i[0] for i in self.items]
+
+
+class PepStore:
+    LRU_OWNERS = 1024
+
+    def __init__(self, store, quotas: Quotas) -> None:
+        self.store = store
+        self.quotas = quotas
+        self._pinned: dict[str, dict[str, Node]] = {}
+        self._lru: OrderedDict[str, dict[str, Node]] = OrderedDict()
+        # Owners with at least one node: read once at start-up, kept current;
+        # lets a contact's login skip owners without nodes at no I/O.
+        self.owners: set[str] = set(store.users(NODES))
+
+    # -- cache -------------------------------------------------------------
+
+    def nodes(self, owner: str) -> dict[str, Node]:
+        found = self._pinned.get(owner)
+        if found is not None:
+            return found
+        if owner not in self.owners:
+            return {}
+        found = self._lru.get(owner)
+        if found is None:
+            found = self._load(owner)
+            self._lru[owner] = found
+            while len(self._lru) > self.LRU_OWNERS:
+                self._lru.popitem(last=False)
+        else:
+            self._lru.move_to_end(owner)
+        return found
+
+    def _load(self, owner: str) -> dict[str, Node]:
+        return {k: Node(k, v["config"], v["items"]) for k, v in self.store.items(NODES, owner)}
+
+    def pin(self, owner: str) -> None:
+        """The owner's first session: read from the store (also after the account was
+        removed and made again behind this process's back, e.g. ``xmppctl deluser``)."""
+        if owner not in self._pinned:
+            self._lru.pop(owner, None)
+            # Only this process creates nodes: an owner not in the set has none (no I/O).
+            nodes = self._load(owner) if owner in self.owners else {}
+            self._pinned[owner] = nodes
+            if nodes:
+                self.owners.add(owner)
+            else:
+                self.owners.discard(owner)
+
+    def unpin(self, owner: str) -> None:
+        """The owner's last session closed: drop the entries (also after account removal)."""
+        self._pinned.pop(owner, None)
+        self._lru.pop(owner, None)
+
+    def _mine(self, owner: str) -> dict[str, Node]:
+        """The owner's entries, to be modified (pinned while the owner changes them)."""
+        nodes = self._pinned.get(owner)
+        if nodes is None:
+            nodes = self.nodes(owner)
+            if owner not in self.owners:
+                self._lru[owner] = nodes
+        return nodes
+
+    # -- reads ------------------------------------------------------------
+
+    def item(self, owner: str, node: Node, item_id: str) -> str | None:
+        if not node.config["persist_items"]:
+            t = node.transient
+            return t[1] if t is not None and t[0] == item_id else None
+        return self.store.get(ITEMS, owner, node.name + SEP + item_id)
+
+    def last(self, owner: str, node: Node) -> tuple[str, str] | None:
+        if not node.config["persist_items"]:
+            return node.transient
+        if not node.items:
+            return None
+        item_id = node.items[-1][0]
+        xml = self.store.get(ITEMS, owner, node.name + SEP + item_id)
+        return None if xml is None else (item_id, xml)
+
+    def items(self, owner: str, node: Node, ids: list[str] | None, max_items: int | None):
+        """``[(id, xml)]`` oldest first: the given ids that exist, or the last ``max_items``."""
+        if not node.config["persist_items"]:
+            t = node.transient
+            if t is None or (ids is not None and t[0] not in ids):
+                return []
+            return [t]
+        if ids is None:
+            wanted = node.ids()
+            if max_items is not None:
+                wanted = wanted[-max_items:] if max_items > 0 else []
+        else:
+            present = set(node.ids())
+            wanted = [i for i in ids if i in present]
+        out = []
+        for item_id in wanted:
+            xml = self.store.get(ITEMS, owner, node.name + SEP + item_id)
+            if xml is not None:
+                out.append((item_id, xml))
+        return out
+
+    # -- quotas -----------------------------------------------------------
+
+    def effective_max(self, config: dict) -> int:
+        m = config["max_items"]
+        return self.quotas.node_items if m == "max" else min(int(m), self.quotas.node_items)
+
+    def _usage(self, nodes: dict[str, Node]) -> tuple[int, int]:
+        count = size = 0
+        for n in nodes.values():
+            count += len(n.items)
+            size += sum(i[1] for i in n.items)
+        return count, size
+
+    # -- writes -----------------------------------------------------------
+
+    def create(self, owner: str, name: str, config: dict) -> Node:
+        nodes = self._mine(owner)
+        if len(nodes) >= self.quotas.user_nodes:
+            raise QuotaExceeded("policy-violation", "max-nodes-exceeded",
+                                f"at most {self.quotas.user_nodes} PEP nodes per account")
+        node = Node(name, config)
+        self.store.put(NODES, owner, name, node.to_value())
+        nodes[name] = node
+        self.owners.add(owner)
+        return node
+
+    def publish(self, owner: str, node: Node, item_id: str, xml: str) -> list[str]:
+        """Store one item (replacing one of the same id); returns the evicted ids."""
+        q = self.quotas
+        size = len(xml.encode("utf-8"))
+        if size > q.item_bytes:
+            raise QuotaExceeded("not-acceptable", "payload-too-big",
+                                f"item payload larger than {q.item_bytes} bytes")
+        if not node.config["persist_items"]:
+            node.transient = (item_id, xml)
+            return []
+        nodes = self._mine(owner)
+        kept = [i for i in node.items if i[0] != item_id]
+        keep = self.effective_max(node.config) - 1
+        evicted = [i[0] for i in kept[:max(0, len(kept) - keep)]]
+        kept = kept[len(evicted):]
+        new_items = kept + [[item_id, size]]
+        old_count, old_used = self._usage(nodes)
+        count = old_count - len(node.items) + len(new_items)
+        used = old_used - sum(i[1] for i in node.items) + sum(i[1] for i in new_items)
+        # Only growth is refused: a replacement that does not grow passes
+        # even over a quota lowered since.
+        if count > q.user_items and count > old_count:
+            raise QuotaExceeded("policy-violation", "max-items-exceeded",
+                                f"at most {q.user_items} PEP items per account")
+        if used > q.user_bytes and used > old_used:
+            raise QuotaExceeded("policy-violation", "max-items-exceeded",
+                                f"at most {q.user_bytes} bytes of PEP items per account")
+        node_value = {"config": node.config, "items": new_items}
+        self.store.batch(
+            puts=[(ITEMS, owner, node.name + SEP + item_id, xml), (NODES, owner, node.name, node_value)],
+            deletes=[(ITEMS, owner, node.name + SEP + i) for i in evicted],
+        )
+        node.items = new_items
+        return evicted
+
+    def retract(self, owner: str, node: Node, item_id: str) -> bool:
+        if not node.config["persist_items"]:
+            if node.transient is not None and node.transient[0] == item_id:
+                node.transient = None
+                return True
+            return False
+        if item_id not in node.ids():
+            return False
+        new_items = [i for i in node.items if i[0] != item_id]
+        self.store.batch(puts=[(NODES, owner, node.name, {"config": node.config, "items": new_items})],
+                         deletes=[(ITEMS, owner, node.name + SEP + item_id)])
+        node.items = new_items
+        return True
+
+    def purge(self, owner: str, node: Node) -> None:
+        self.store.batch(puts=[(NODES, owner, node.name, {"config": node.config, "items": []})],
+                         deletes=[(ITEMS, owner, node.name + SEP + i) for i in node.ids()])
+        node.items = []
+        node.transient = None
+
+    def delete(self, owner: str, node: Node) -> None:
+        nodes = self._mine(owner)
+        self.store.batch(deletes=[(NODES, owner, node.name)]
+                         + [(ITEMS, owner, node.name + SEP + i) for i in node.ids()])
+        nodes.pop(node.name, None)
+        if not nodes:
+            self.owners.discard(owner)
+
+    def configure(self, owner: str, node: Node, config: dict) -> None:
+        """New config; items over a lowered max_items go (oldest first)."""
+        keep = self.effective_max(config)
+        evicted = node.ids()[:max(0, len(node.items) - keep)]
+        items = node.items[len(evicted):]
+        deletes = [(ITEMS, owner, node.name + SEP + i) for i in evicted]
+        if not config["persist_items"] and node.config["persist_items"]:
+            deletes = [(ITEMS, owner, node.name + SEP + i) for i in node.ids()]
+            items = []
+        self.store.batch(puts=[(NODES, owner, node.name, {"config": config, "items": items})],
+                         deletes=deletes)
+        node.config = config
+        node.items = items
