@@ -1,18 +1,22 @@
 """Issue 15, conversions between protocols that hold the same data: XEP-0048 bookmarks
-over PEP (``urn:xmpp:bookmarks:1#compat-pep``) against the real daemon over TLS (raw XML
-and slixmpp)."""
+over PEP (``urn:xmpp:bookmarks:1#compat-pep``) and XEP-0398 (vCard PHOTO and XEP-0084
+avatars), against the real daemon over TLS (raw XML and slixmpp)."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 
 import pytest
 
 from tests.daemon import Daemon
-from tests.peptools import PUBSUB, PW, expect_event, expect_no_event, get_items, online, publish, sync
+from tests.peptools import (
+    PUBSUB, PW, expect_event, expect_no_event, get_items, online, publish, subscribe_both, sync,
+)
 
-USERS = ["ivy", "jon", "kim", "lee"]
-PLUGINS = ["roster", "presence", "disco", "ping", "caps", "pep", "jabber:iq:private",
-           "urn:xmpp:bookmarks:1"]
+USERS = ["ivy", "jon", "kim", "lee", "mia", "ned", "oz", "pat"]
+PLUGINS = ["roster", "presence", "disco", "ping", "vcard", "caps", "pep", "jabber:iq:private",
+           "urn:xmpp:bookmarks:1", "urn:xmpp:pep-vcard-conversion:0"]
 BM2 = "urn:xmpp:bookmarks:1"
 LEGACY = "storage:bookmarks"
 WHITELIST = {"pubsub#persist_items": "true", "pubsub#access_model": "whitelist"}
@@ -21,9 +25,11 @@ WHITELIST = {"pubsub#persist_items": "true", "pubsub#access_model": "whitelist"}
 @pytest.fixture(scope="module")
 def cd(tmp_path_factory):
     d = Daemon(tmp_path_factory.mktemp("pepcompat"), plugins=PLUGINS,
-               extra="[pep]\nmax_items_per_node = 8\n").start()
+               extra="[pep]\nmax_items_per_node = 8\n[vcard]\nmax_size = 4096\n").start()
     for u in USERS:
         d.adduser(f"{u}@localhost", PW)
+    subscribe_both(d, "mia", "ned")
+    subscribe_both(d, "oz", "pat")
     yield d
     d.stop()
 
@@ -173,3 +179,135 @@ def test_no_legacy_notification_without_notify(cd):
     expect_no_event(a, LEGACY)
     sync(a)
     a.close()
+
+
+# -- XEP-0398 -------------------------------------------------------------------
+
+DATA = "urn:xmpp:avatar:data"
+META = "urn:xmpp:avatar:metadata"
+UPDATE = "vcard-temp:x:update"
+
+
+def publish_avatar(c, image: bytes, ident: str, mime: str = "image/png", item_id: str | None = None) -> str:
+    """XEP-0084: data, then metadata naming it; returns the metadata publish reply."""
+    item_id = item_id or hashlib.sha1(image).hexdigest()
+    r = publish(c, DATA, item_id, f"<data xmlns='{DATA}'>{base64.b64encode(image).decode()}</data>",
+                None, ident + "d")
+    assert "type='result'" in r, r
+    return publish(c, META, item_id, f"<metadata xmlns='{META}'><info id='{item_id}' bytes='{len(image)}' "
+                   f"type='{mime}'/><info id='x' url='https://example.org/a.png' type='image/png'/>"
+                   f"</metadata>", None, ident + "m")
+
+
+def vcard_of(c, owner: str, ident: str = "v") -> str:
+    return c.iq(f"<iq type='get' id='{ident}' to='{owner}'><vCard xmlns='vcard-temp'/></iq>", ident)
+
+
+def presence_from(c, full: str) -> str:
+    return c.read_until(rf"<presence[^>]*from='{re.escape(full)}'[^>]*>.*?</presence>").decode()
+
+
+def test_avatar_vcard_conversion_raw(cd):
+    m = online(cd, "mia", "av", notify=[META])
+    n = online(cd, "ned", "av", notify=[META])
+    sync(m), sync(n)
+    info = m.iq("<iq type='get' id='d' to='mia@localhost'><query "
+                "xmlns='http://jabber.org/protocol/disco#info'/></iq>", "d")
+    assert "var='urn:xmpp:pep-vcard-conversion:0'" in info
+    # PEP -> vCard (the external-URL info is skipped)
+    img = b"\x89PNG mia's first avatar"
+    sha = hashlib.sha1(img).hexdigest()
+    r = publish_avatar(m, img, "a1")
+    assert "type='result'" in r, r
+    assert f"<info id='{sha}'" in expect_event(n, META)
+    card = vcard_of(n, "mia@localhost")
+    assert f"<PHOTO><TYPE>image/png</TYPE><BINVAL>{base64.b64encode(img).decode()}</BINVAL></PHOTO>" in card
+    # the hash in each available presence, broadcast and directed; the client's own <photo/> kept
+    m.send("<presence><show>away</show></presence>")
+    got = presence_from(n, "mia@localhost/av")
+    assert f"<x xmlns='{UPDATE}'><photo>{sha}</photo></x>" in got, got
+    m.send(f"<presence to='ned@localhost/av'><x xmlns='{UPDATE}'/></presence>")
+    assert f"<photo>{sha}</photo>" in presence_from(n, "mia@localhost/av")
+    m.send(f"<presence><x xmlns='{UPDATE}'><photo/></x></presence>")
+    got = presence_from(n, "mia@localhost/av")
+    assert "<photo/>" in got and sha not in got
+    # vCard -> PEP: data (id = SHA-1) and metadata, with the notification
+    img2 = b"GIF89a mia's second avatar"
+    sha2 = hashlib.sha1(img2).hexdigest()
+    r = m.iq(f"<iq type='set' id='vs'><vCard xmlns='vcard-temp'><FN>Mia</FN><PHOTO><TYPE>image/gif</TYPE>"
+             f"<BINVAL>{base64.b64encode(img2).decode()}</BINVAL></PHOTO></vCard></iq>", "vs")
+    assert "type='result'" in r
+    ev = expect_event(n, META)
+    assert f"<info id='{sha2}' bytes='{len(img2)}' type='image/gif'/>" in ev
+    data = get_items(n, "mia@localhost", DATA, "gd")
+    assert f"<item id='{sha2}'><data xmlns='{DATA}'>{base64.b64encode(img2).decode()}</data>" in data
+    m.send("<presence/>")
+    assert f"<photo>{sha2}</photo>" in presence_from(n, "mia@localhost/av")
+    card = vcard_of(n, "mia@localhost", "v2")
+    assert "<FN>Mia</FN>" in card and card.count("<PHOTO>") == 1
+    # an id that is not the image's SHA-1, and an image over [vcard] max_size: PEP only
+    r = publish_avatar(m, b"not what the id says", "a2", item_id="0" * 40)
+    assert "type='result'" in r
+    big = bytes(range(256)) * 13  # base64 over 4096 bytes
+    r = publish_avatar(m, big, "a3")
+    assert "type='result'" in r
+    sync(m)
+    assert base64.b64encode(img2).decode() in vcard_of(n, "mia@localhost", "v3")
+    log = cd.logtext()
+    assert "not an image with that SHA-1" in log and "larger than [vcard] max_size" in log
+    # XEP-0084 "avatar disabled": the PHOTO goes, the rest stays
+    r = publish(m, META, "current", f"<metadata xmlns='{META}'/>", None, "off")
+    assert "type='result'" in r, r
+    assert f"<metadata xmlns='{META}'/>" in expect_event(n, META)
+    card = vcard_of(n, "mia@localhost", "v4")
+    assert "<PHOTO>" not in card and "<FN>Mia</FN>" in card
+    m.send("<presence/>")
+    assert f"<x xmlns='{UPDATE}'><photo/></x>" in presence_from(n, "mia@localhost/av")
+    # a vCard without a photo while PEP names one: empty metadata
+    publish_avatar(m, img, "a4")
+    assert f"<info id='{sha}'" in expect_event(n, META)
+    m.iq("<iq type='set' id='vs2'><vCard xmlns='vcard-temp'><FN>Mia</FN></vCard></iq>", "vs2")
+    ev = expect_event(n, META)
+    assert f"<metadata xmlns='{META}'/>" in ev
+    m.close()
+    n.close()
+
+
+def test_avatar_vcard_conversion_slixmpp(cd):
+    """slixmpp: xep_0084 publish -> xep_0054 vCard; xep_0153 set_avatar -> xep_0084 avatar."""
+    import asyncio
+
+    from tests.xmpp import connect, run
+
+    plugins = ["xep_0030", "xep_0060", "xep_0163", "xep_0115", "xep_0084", "xep_0054", "xep_0153"]
+
+    async def go():
+        pat = await connect("pat@localhost/sx", PW, cd.port, plugins=plugins, presence=False)
+        avatars: asyncio.Queue = asyncio.Queue()
+        pat.add_event_handler("avatar_metadata_publish", avatars.put_nowait)
+        pat.send_presence()
+        oz = await connect("oz@localhost/sx", PW, cd.port, plugins=plugins)
+        await asyncio.sleep(0.5)  # caps resolution round trips
+        data = b"\x89PNG oz by xep_0084"
+        x84 = oz.plugin["xep_0084"]
+        await x84.publish_avatar(data)
+        await x84.publish_avatar_metadata([{"id": x84.generate_id(data), "type": "image/png",
+                                            "bytes": len(data)}])
+        await asyncio.wait_for(avatars.get(), 5)
+        card = await pat.plugin["xep_0054"].get_vcard("oz@localhost")
+        assert card["vcard_temp"]["PHOTO"]["BINVAL"] == data
+        assert card["vcard_temp"]["PHOTO"]["TYPE"] == "image/png"
+        data2 = b"GIF89a oz by xep_0153"
+        await oz.plugin["xep_0153"].set_avatar(avatar=data2, mtype="image/gif")
+        while True:  # oz's own notifications may come first
+            msg = await asyncio.wait_for(avatars.get(), 5)
+            info = msg["pubsub_event"]["items"]["item"]["avatar_metadata"]["info"]
+            if info["id"] == x84.generate_id(data2):
+                break
+        assert info["type"] == "image/gif" and info["bytes"] == len(data2)
+        got = await pat.plugin["xep_0084"].retrieve_avatar("oz@localhost", x84.generate_id(data2))
+        assert got["pubsub"]["items"]["item"]["avatar_data"]["value"] == data2
+        oz.disconnect()
+        pat.disconnect()
+
+    run(go(), timeout=40)
