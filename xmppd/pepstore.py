@@ -248,6 +248,43 @@ class PepStore:
         node.items = new_items
         return evicted
 
+    def replace(self, owner: str, node: Node, puts: list[tuple[str, str]], retracts: list[str]) -> None:
+        """Publish ``puts`` and retract ``retracts`` in one transaction (a list replaced
+        whole, e.g. XEP-0048 bookmarks): refused whole, evicting nothing, when the
+        node would hold more than its ``max_items``, or on the user quotas' growth."""
+        q = self.quotas
+        if not node.config["persist_items"]:
+            raise QuotaExceeded("not-acceptable", None, "the node keeps no items")
+        sizes = {}
+        for item_id, xml in puts:
+            sizes[item_id] = len(xml.encode("utf-8"))
+            if sizes[item_id] > q.item_bytes:
+                raise QuotaExceeded("not-acceptable", "payload-too-big",
+                                    f"item payload larger than {q.item_bytes} bytes")
+        gone = set(retracts) | set(sizes)
+        new_items = [i for i in node.items if i[0] not in gone] + [[k, v] for k, v in sizes.items()]
+        if len(new_items) > self.effective_max(node.config):
+            raise QuotaExceeded("policy-violation", "max-items-exceeded",
+                                f"at most {self.effective_max(node.config)} items in {node.name}")
+        nodes = self._mine(owner)
+        old_count, old_used = self._usage(nodes)
+        count = old_count - len(node.items) + len(new_items)
+        used = old_used - sum(i[1] for i in node.items) + sum(i[1] for i in new_items)
+        if count > q.user_items and count > old_count:
+            raise QuotaExceeded("policy-violation", "max-items-exceeded",
+                                f"at most {q.user_items} PEP items per account")
+        if used > q.user_bytes and used > old_used:
+            raise QuotaExceeded("policy-violation", "max-items-exceeded",
+                                f"at most {q.user_bytes} bytes of PEP items per account")
+        present = set(node.ids())
+        self.store.batch(
+            puts=[(ITEMS, owner, node.name + SEP + k, xml) for k, xml in puts]
+            + [(NODES, owner, node.name, {"config": node.config, "items": new_items})],
+            deletes=[(ITEMS, owner, node.name + SEP + i) for i in retracts
+                     if i in present and i not in sizes],
+        )
+        node.items = new_items
+
     def retract(self, owner: str, node: Node, item_id: str) -> bool:
         if not node.config["persist_items"]:
             if node.transient is not None and node.transient[0] == item_id:

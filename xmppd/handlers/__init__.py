@@ -28,4 +28,6 @@ BUILTIN_PLUGINS = {
     "pep": "xmppd.handlers.pep:PepPlugin",
     "jabber:iq:private": "xmppd.handlers.private:PrivatePlugin",
     "urn:xmpp:bookmarks:1": "xmppd.handlers.bookmarks:BookmarksPlugin",
+    # XEP-0398, after presence, vcard and pep.
+    "urn:xmpp:pep-vcard-conversion:0": "xmppd.handlers.avatarconv:AvatarConversionPlugin",
 }

@@ -1,15 +1,22 @@
-"""XEP-0402 PEP Native Bookmarks, with the XEP-0048 view in private XML (``#compat``).
+"""XEP-0402 PEP Native Bookmarks, with the XEP-0048 views (``#compat``, ``#compat-pep``).
 
 Enabled as ``urn:xmpp:bookmarks:1`` in ``[sm] plugins`` after ``pep`` and
 ``jabber:iq:private``.  The PEP node ``urn:xmpp:bookmarks:1`` (one item per
-room, id = room JID) is the only copy.  A XEP-0048 client reading
-``<storage xmlns='storage:bookmarks'/>`` from private XML gets it built from
-those items; storing one replaces them: rooms it no longer lists are
-retracted, new or changed ones published, each with the usual notification
-to the owner's XEP-0402 clients.  ``<url/>`` bookmarks of XEP-0048 have no
-XEP-0402 form and are not kept.  The PEP node ``storage:bookmarks``
-(XEP-0048 over PEP, ``#compat-pep``) is not converted: that feature is not
-announced.
+room, id = room JID) is the only copy.  A XEP-0048 client gets
+``<storage xmlns='storage:bookmarks'/>`` built from those items, either from
+private XML (XEP-0049, ``#compat``) or as item ``current`` of the PEP node
+``storage:bookmarks`` (XEP-0223, ``#compat-pep``: a
+:class:`~xmppd.handlers.pep.VirtualNode`, nothing stored under that name).
+Storing or publishing one replaces the items in one transaction: rooms it no
+longer lists are retracted, new or changed ones published, each with the
+usual notification to the owner's XEP-0402 clients, and one notification of
+``storage:bookmarks`` to the owner's XEP-0048 PEP clients; a XEP-0402
+change notifies those too.  ``<url/>`` bookmarks of XEP-0048 have no
+XEP-0402 form and are not kept.
+
+A ``storage:bookmarks`` node stored by an older xmppd (before the view) is
+merged into the XEP-0402 items (rooms not there yet) and removed at the
+owner's next login, so nothing a client stored is lost.
 """
 from __future__ import annotations
 
@@ -17,9 +24,11 @@ from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from xmppd import jid as jidlib
+from xmppd.handlers.pep import VirtualNode
 from xmppd.logfilter import log_observer
+from xmppd.pepstore import QuotaExceeded, default_config
 from xmppd.plugin import Plugin
-from xmppd.stanzas import serialize_fragment
+from xmppd.stanzas import StanzaError, serialize_fragment
 from xmppd.xmlparser import Limits, XMLStreamError, parse_fragment
 
 log = Logger(observer=log_observer)
@@ -30,6 +39,13 @@ NODE = NS_BOOKMARKS
 # XEP-0402 §3.1: what the node must be configured with.
 NODE_OPTIONS = {"pubsub#access_model": ["whitelist"], "pubsub#max_items": ["max"],
                 "pubsub#persist_items": ["true"], "pubsub#send_last_published_item": ["never"]}
+LEGACY_NODE = NS_LEGACY
+LEGACY_ITEM = "current"
+# XEP-0048 §3.3 / XEP-0223: private, one item; sent at login to +notify clients
+# (XEP-0048 PEP clients rely on it rather than fetching).
+LEGACY_CONFIG = {"access_model": "whitelist", "max_items": 1, "persist_items": True,
+                 "send_last_published_item": "on_sub_and_presence",
+                 "roster_groups_allowed": [], "notify_retract": False}
 _NO_NS = "\x00"
 
 
@@ -73,7 +89,7 @@ def from_legacy(el: domish.Element) -> domish.Element:
 
 class BookmarksPlugin(Plugin):
     name = "urn:xmpp:bookmarks:1"
-    account_features = (NS_BOOKMARKS + "#compat",)
+    account_features = (NS_BOOKMARKS + "#compat", NS_BOOKMARKS + "#compat-pep")
 
     def setup(self) -> None:
         self.pep = self.server.plugin("pep")
@@ -85,6 +101,11 @@ class BookmarksPlugin(Plugin):
         self.limits = Limits(self.pep.quotas.item_bytes, c2s.max_depth,
                              c2s.max_stanza_nodes).for_stored(1024)
         private.virtual[(NS_LEGACY, "storage")] = (self.legacy_get, self.legacy_set)
+        self.pep.virtual[LEGACY_NODE] = VirtualNode(LEGACY_CONFIG, self._has_node, self._legacy_items,
+                                                    self._legacy_publish)
+        self.pep.on_change.append(self._changed)
+        # After pep's own on_bound (it pins the owner's nodes): older data to merge.
+        self.router.on_bound.append(self._merge_stored_legacy)
 
     def _current(self, owner: str) -> dict[str, domish.Element]:
         node = self.pep.pep.nodes(owner).get(NODE)
@@ -104,7 +125,9 @@ class BookmarksPlugin(Plugin):
             storage.addChild(to_legacy(room, conference))
         return storage
 
-    def legacy_set(self, owner: str, storage: domish.Element) -> None:
+    def legacy_set(self, owner: str, storage: domish.Element, merge: bool = False) -> None:
+        """Make the XEP-0402 items what the XEP-0048 ``storage`` lists (``merge``: only add
+        the rooms not there yet), in one transaction, then notify both kinds of client."""
         wanted: dict[str, str] = {}
         for el in storage.elements(NS_LEGACY, "conference"):
             try:
@@ -113,11 +136,55 @@ class BookmarksPlugin(Plugin):
                 continue
             wanted[room] = serialize_fragment(from_legacy(el), _NO_NS)
         current = {room: serialize_fragment(c, _NO_NS) for room, c in self._current(owner).items()}
+        retracts = [] if merge else sorted(set(current) - set(wanted))
+        puts = [(room, xml) for room, xml in sorted(wanted.items())
+                if (room not in current if merge else current.get(room) != xml)]
         node = self.pep.pep.nodes(owner).get(NODE)
-        for room in sorted(set(current) - set(wanted)):
-            if node is not None and self.pep.pep.retract(owner, node, room):
-                self.pep.notify(owner, node, self.pep._event("items", NODE, retract=room))
-        for room, xml in sorted(wanted.items()):
-            if current.get(room) != xml:
-                self.pep.publish_item(owner, NODE, room, xml, NODE_OPTIONS,
-                                      options_are_preconditions=False)
+        try:
+            if node is None and (puts or not merge):
+                config = self.pep.parse_config(NODE_OPTIONS, default_config(self.pep.quotas))
+                node = self.pep.pep.create(owner, NODE, config)
+            if node is not None and (puts or retracts):
+                self.pep.pep.replace(owner, node, puts, retracts)
+        except QuotaExceeded as e:
+            raise self.pep._quota(e) from None
+        for room in retracts:
+            self.pep.notify(owner, node, self.pep._event("items", NODE, retract=room))
+        for room, xml in puts:
+            self.pep.notify(owner, node, self.pep._items_event(NODE, [(room, xml)]))
+        if node is not None:
+            self.pep.notify_virtual(owner, LEGACY_NODE)
+
+    # -- #compat-pep: the PEP node storage:bookmarks ---------------------------
+
+    def _has_node(self, owner: str) -> bool:
+        return NODE in self.pep.pep.nodes(owner)
+
+    def _legacy_items(self, owner: str) -> list[tuple[str, str]]:
+        return [(LEGACY_ITEM, serialize_fragment(self.legacy_get(owner), _NO_NS))]
+
+    def _legacy_publish(self, owner: str, item_id: str, payload: domish.Element) -> None:
+        if (payload.uri, payload.name) != (NS_LEGACY, "storage"):
+            raise StanzaError("bad-request", text="storage:bookmarks holds <storage xmlns='storage:bookmarks'/>")
+        self.legacy_set(owner, payload)
+
+    def _changed(self, owner: str, name: str) -> None:
+        """A XEP-0402 client changed the bookmarks: XEP-0048 PEP clients hear of it."""
+        if name == NODE:
+            self.pep.notify_virtual(owner, LEGACY_NODE)
+
+    def _merge_stored_legacy(self, session) -> None:
+        owner = session.jid.bare
+        stored = self.pep.pep.nodes(owner).get(LEGACY_NODE)
+        if stored is None:
+            return
+        try:
+            last = self.pep.pep.last(owner, stored)
+            if last is not None:
+                storage = parse_fragment(last[1], self.limits)
+                if (storage.uri, storage.name) == (NS_LEGACY, "storage"):
+                    self.legacy_set(owner, storage, merge=True)
+            self.pep.pep.delete(owner, stored)
+            log.info("stored storage:bookmarks of {user} merged into {node}", user=owner, node=NODE)
+        except Exception as e:  # a login goes on whatever this finds
+            log.warn("stored storage:bookmarks of {user} left as is: {error}", user=owner, error=e)

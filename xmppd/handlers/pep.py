@@ -28,6 +28,7 @@ set look-up at a contact's login.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Callable
 
 from twisted.logger import Logger
@@ -93,6 +94,19 @@ def form_values(x: domish.Element) -> tuple[str | None, dict[str, list[str]]]:
     return form.formNamespace, values
 
 
+@dataclass
+class VirtualNode:
+    """A node whose items are another node's data in another form (XEP-0048 bookmarks
+    over PEP, from the XEP-0402 node): nothing stored under its name; the owner
+    publishes and reads, other writes are refused, and the serving plugin calls
+    :meth:`PepPlugin.notify_virtual` when the data behind it changes."""
+
+    config: dict
+    exists: Callable[[str], bool]  # owner -> the node is there
+    items: Callable[[str], list]  # owner -> [(id, xml)]
+    publish: Callable[[str, str, domish.Element], None]  # owner, item id, payload
+
+
 class PepPlugin(Plugin):
     name = "pep"
     account_identities = (("pubsub", "pep", None),)
@@ -125,6 +139,8 @@ class PepPlugin(Plugin):
         presence.on_inbound.append(self._inbound_presence)
         # Other plugins (bookmarks) hear of changes: (owner, node name).
         self.on_change: list[Callable[[str, str], None]] = []
+        # node name -> VirtualNode (registered by other plugins at setup).
+        self.virtual: dict[str, VirtualNode] = {}
         disco_plugin = self.server.plugin("disco")
         if disco_plugin is not None and hasattr(disco_plugin, "account_items"):
             disco_plugin.account_items.append(self._disco_items)
@@ -187,6 +203,9 @@ class PepPlugin(Plugin):
             raise StanzaError("bad-request")
         if owner != request.sender.bare:
             raise StanzaError("forbidden", text="only the account owns its PEP nodes")
+        virtual = self.virtual.get(action.getAttribute("node") or "")
+        if virtual is not None:
+            return self._virtual_owner(owner, kind, action, virtual)
         if action.name == "configure":
             return self.configure_get(owner, action) if kind == "get" else \
                 self.configure_set(owner, action)
@@ -197,6 +216,31 @@ class PepPlugin(Plugin):
         if kind == "set" and action.name == "delete":
             return self.delete(owner, action)
         raise pubsub_error("feature-not-implemented", "unsupported", feature=action.name)
+
+    def _virtual_owner(self, owner: str, kind: str, action: domish.Element, virtual: VirtualNode):
+        name = action.getAttribute("node")
+        if not virtual.exists(owner):
+            raise StanzaError("item-not-found")
+        if kind == "get" and action.name == "configure":
+            return self._config_form(NS_OWNER, "configure", name, virtual.config)
+        raise StanzaError("not-allowed", text=f"{name} is a view of other data: publish to it instead")
+
+    def _virtual_node(self, owner: str, name: str) -> tuple[Node, VirtualNode] | None:
+        """(a Node carrying the name and config, the VirtualNode) when ``name`` is virtual."""
+        virtual = self.virtual.get(name)
+        if virtual is None:
+            return None
+        if not virtual.exists(owner):
+            raise StanzaError("item-not-found")
+        return Node(name, virtual.config), virtual
+
+    def notify_virtual(self, owner: str, name: str) -> None:
+        """The data behind virtual node ``name`` changed: its items to those who want them
+        (computed only when someone does)."""
+        virtual = self.virtual[name]
+        recipients = self.recipients(owner, Node(name, virtual.config))
+        if recipients:
+            self._send(owner, recipients, self._items_event(name, virtual.items(owner)))
 
     # -- helpers -------------------------------------------------------------
 
@@ -314,7 +358,16 @@ class PepPlugin(Plugin):
             raise StanzaError("not-acceptable", text=f"item id longer than {MAX_ID} bytes")
         values = self._options(options, NS_PUBLISH_OPTIONS)
         xml = serialize_fragment(payloads[0], _NO_NS)
-        self.publish_item(owner, name, item_id, xml, values, options_are_preconditions=True)
+        virtual = self.virtual.get(name)
+        if virtual is None:
+            self.publish_item(owner, name, item_id, xml, values, options_are_preconditions=True)
+        else:
+            if len(xml.encode("utf-8")) > self.quotas.item_bytes:
+                raise pubsub_error("not-acceptable", "payload-too-big",
+                                   text=f"item payload larger than {self.quotas.item_bytes} bytes")
+            if values:
+                self._preconditions(Node(name, virtual.config), values)
+            virtual.publish(owner, item_id, payloads[0])
         reply = domish.Element((NS_PUBSUB, "pubsub"))
         pub = reply.addElement("publish")
         pub["node"] = name
@@ -346,8 +399,10 @@ class PepPlugin(Plugin):
         if owner != request.sender.bare:
             raise StanzaError("forbidden")
         name = self._node_name(action)
-        if name in self.pep.nodes(owner):
+        if name in self.pep.nodes(owner) or (name in self.virtual and self.virtual[name].exists(owner)):
             raise StanzaError("conflict", text="node exists")
+        if name in self.virtual:
+            return None  # made by its first publish
         values = self._options(options, NS_NODE_CONFIG)
         config = self.parse_config(values or {}, default_config(self.quotas))
         try:
@@ -360,6 +415,8 @@ class PepPlugin(Plugin):
         if owner != request.sender.bare:
             raise StanzaError("forbidden")
         name = self._node_name(action)
+        if name in self.virtual:
+            raise StanzaError("not-allowed", text=f"{name} is a view of other data: publish to it instead")
         node = self._node(owner, name)
         ids = [i.getAttribute("id") for i in action.elements(NS_PUBSUB, "item")]
         if len(ids) != 1 or not ids[0]:
@@ -375,7 +432,8 @@ class PepPlugin(Plugin):
 
     def items(self, request: Request, owner: str, action):
         name = self._node_name(action)
-        node = self._node(owner, name)
+        virtual = self._virtual_node(owner, name)
+        node = self._node(owner, name) if virtual is None else virtual[0]
         error = self.may_read(owner, request.sender.bare, node.config)
         if error is not None:
             raise error
@@ -385,7 +443,12 @@ class PepPlugin(Plugin):
             limit = int(max_items) if max_items is not None else None
         except ValueError:
             raise StanzaError("bad-request", text="max_items is not an integer") from None
-        found = self.pep.items(owner, node, ids or None, limit)
+        if virtual is None:
+            found = self.pep.items(owner, node, ids or None, limit)
+        else:
+            found = [i for i in virtual[1].items(owner) if not ids or i[0] in ids]
+            if limit is not None:
+                found = found[-limit:] if limit > 0 else []
         if ids and not found:
             raise StanzaError("item-not-found")
         reply = domish.Element((NS_PUBSUB, "pubsub"))
@@ -540,6 +603,17 @@ class PepPlugin(Plugin):
             if sender is None:
                 sender = jidlib.parse(owner)
             self.router.deliver_quietly(event, sender, target)
+        for name, virtual in self.virtual.items():
+            if virtual.config["send_last_published_item"] == "never" or name + "+notify" not in features:
+                continue
+            if self.may_read(owner, reader, virtual.config) is not None or not virtual.exists(owner):
+                continue
+            items = virtual.items(owner)
+            if items:
+                event = self._items_event(name, items[-1:])
+                event["from"] = owner
+                event["to"] = target.full
+                self.router.deliver_quietly(event, jidlib.parse(owner), target)
 
     def _session_caps(self, session, features: frozenset) -> None:
         """A local resource became available (or changed caps): its last items."""
@@ -595,6 +669,9 @@ class PepPlugin(Plugin):
         out = []
         for name, node in sorted(self.pep.nodes(owner).items()):
             if self.may_read(owner, reader, node.config) is None:
+                out.append(disco.DiscoItem(_wokkel_jid(owner), name))
+        for name, virtual in sorted(self.virtual.items()):
+            if self.may_read(owner, reader, virtual.config) is None and virtual.exists(owner):
                 out.append(disco.DiscoItem(_wokkel_jid(owner), name))
         return out
 

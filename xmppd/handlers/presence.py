@@ -127,6 +127,9 @@ class PresencePlugin(Plugin):
         # Hooks run on inbound available/unavailable presence to a local
         # account, after the filters: (stanza, sender, to) (PEP contacts).
         self.on_inbound: list[Callable] = []
+        # Hooks run on each directed presence of a session, before it goes
+        # out: (session, stanza, kind) (XEP-0398 avatar hash, e.g. in MUC joins).
+        self.on_directed: list[Callable] = []
 
     # -- outbound: from the user's own client ----------------------------------
 
@@ -215,6 +218,8 @@ class PresencePlugin(Plugin):
                 directed.add(to.full)
         elif kind == "unavailable":
             directed.discard(to.full)
+        for hook in self.on_directed:
+            hook(session, stanza, kind)
         self.router.deliver(stanza, sender, to, session)
 
     def _unavailable_to_directed(self, session, stanza=None) -> None:

@@ -73,6 +73,9 @@ class VCardPlugin(Plugin):
         sec.reject_unknown()
         c2s = self.server.config.c2s
         self.limits = Limits(self.max_size, c2s.max_depth, c2s.max_stanza_nodes).for_stored(1024)
+        # Hooks run after a user stored a vCard: (bare JID, the vCard element)
+        # (XEP-0398 publishes its PHOTO as a PEP avatar).
+        self.on_stored: list = []
         self.handle_iq("get", NS_VCARD, "vCard", self.on_get)
         self.handle_iq("set", NS_VCARD, "vCard", self.on_set)
 
@@ -102,4 +105,6 @@ class VCardPlugin(Plugin):
             raise StanzaError("not-acceptable", text=f"vCard larger than {self.max_size} bytes",
                               echo=False)
         self.store.put(STORE, request.sender.bare, "vcard", xml)
+        for hook in self.on_stored:
+            hook(request.sender.bare, vcard)
         return None
