@@ -23,4 +23,6 @@ BUILTIN_PLUGINS = {
     "urn:xmpp:sm:3": "xmppd.handlers.sm:StreamManagementPlugin",
     "urn:xmpp:sid:0": "xmppd.handlers.stanzaid:StanzaIdPlugin",
     "urn:xmpp:carbons:2": "xmppd.handlers.carbons:CarbonsPlugin",
+    # XEP-0313 message archive (issue 16); needs urn:xmpp:sid:0 before it
+    "urn:xmpp:mam:2": "xmppd.handlers.mam:MAMPlugin",
 }

@@ -46,11 +46,20 @@ class StanzaIdPlugin(Plugin):
 
         self.router.deliver_unfiltered = deliver_unfiltered
 
+    def use_sequence(self, sequence) -> None:
+        """Draw the id counter from ``sequence`` (an iterator of increasing ints).
+
+        The archive (:mod:`xmppd.handlers.mam`) passes its time-ordered
+        sequence, so that the id a message was delivered with is its
+        archive id and points to its archive row (:mod:`xmppd.msglog`).
+        """
+        self._counter = sequence
+
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._counter):x}"
 
-    def stamp(self, stanza: domish.Element, by: str) -> None:
-        """Remove forged ids claiming ``by``, then add ours."""
+    def stamp(self, stanza: domish.Element, by: str) -> str:
+        """Remove forged ids claiming ``by``, then add ours; returns our id."""
         children = stanza.children
         for child in list(children):
             if (isinstance(child, domish.Element) and child.name == "stanza-id"
@@ -58,4 +67,5 @@ class StanzaIdPlugin(Plugin):
                 children.remove(child)
         sid = stanza.addElement((NS_SID, "stanza-id"))
         sid["by"] = by
-        sid["id"] = self.new_id()
+        sid["id"] = ident = self.new_id()
+        return ident

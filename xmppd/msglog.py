@@ -1,0 +1,563 @@
+"""The message log: an ordered, indexed archive of messages per user (XEP-0313 MAM).
+
+Not the key-value store (:mod:`xmppd.storage`): an archive is a log read in
+pages, by time and by conversation partner, and a key-value scan of a
+million rows per page would not do.  :class:`IMessageLog` is the contract a
+backend implements (SQLite here and an in-memory one for tests; a
+PostgreSQL one can follow the same schema).
+
+Ordering key: every row has a ``seq``, an integer that is at the same time
+its archive time in microseconds since the epoch.  The writer hands out
+strictly increasing values (``max(now, last + 1)``, see
+:class:`Sequence`), so one integer orders the log, bounds time ranges
+(``start``/``end`` become ``seq`` bounds, no time index needed), and points
+to a row: archive ids are the XEP-0359 stanza ids, ``<process prefix><seq
+in hex>``, so an id is resolved by its primary key and checked against the
+stored id, with no id index either.  A clock that steps back makes the
+archive times run up to that much ahead for a while; order stays right.
+
+The calls are synchronous; the MAM plugin runs them on one worker thread of
+its own (:class:`LogWorker`), in order, so neither fsync nor a long delete
+stalls the reactor.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import sqlite3
+import threading
+import urllib.parse
+from typing import Callable, NamedTuple
+
+from zope.interface import Interface, implementer
+
+from xmppd.storage import StoreError, StoreNotFound
+
+__all__ = ["Row", "LogQuery", "IMessageLog", "SQLiteMessageLog", "MemoryMessageLog",
+           "Sequence", "LogWorker", "seq_of_id"]
+
+INCOMING, OUTGOING = 0, 1
+
+
+class Row(NamedTuple):
+    """One archived message of one user's archive."""
+
+    seq: int          # order and time (microseconds since the epoch), unique
+    user: str         # whose archive (bare JID)
+    with_full: str    # the other party, as it appeared on the message
+    id: str           # the archive id (the XEP-0359 stanza-id by=user)
+    direction: int    # INCOMING or OUTGOING
+    stanza: bytes     # the message, jabber:client namespace spelled out
+
+
+class LogQuery(NamedTuple):
+    """One page of one user's archive.
+
+    ``lo``/``hi`` are exclusive ``seq`` bounds (None: open).  ``with_jid``
+    matches the bare JID of the other party, or its full JID when
+    ``with_full`` is set.  ``reverse``: the ``limit`` rows just below
+    ``hi``, newest first (backward paging).
+    """
+
+    user: str
+    with_jid: str | None = None
+    with_full: bool = False
+    lo: int | None = None
+    hi: int | None = None
+    limit: int = 50
+    reverse: bool = False
+
+
+def seq_of_id(archive_id: str) -> int | None:
+    """The ``seq`` an archive id points to, or None if it is not one of ours."""
+    dash = archive_id.rfind("-")
+    tail = archive_id[dash + 1:]
+    if not tail or len(tail) > 16:
+        return None
+    try:
+        return int(tail, 16)
+    except ValueError:
+        return None
+
+
+class IMessageLog(Interface):
+    """An append-only log per user with ranged reads and bulk deletes."""
+
+    def last_seq() -> int:
+        """The highest ``seq`` stored (0 when empty): the writer continues above it."""
+
+    def append(rows: list, max_per_user: int = 0) -> dict:
+        """Store ``rows`` (one transaction).  With ``max_per_user`` > 0, then
+        drop each affected user's oldest rows beyond that many; returns
+        ``{user: rows dropped}`` for users that were trimmed."""
+
+    def query(q: LogQuery) -> list:
+        """Rows of ``q``, oldest first (newest first when ``q.reverse``)."""
+
+    def count(q: LogQuery, cap: int) -> int | None:
+        """How many rows ``q`` matches ignoring its limit; None when more than ``cap``."""
+
+    def get(user: str, seqs: list) -> list:
+        """The rows of ``user`` with these ``seq`` values, oldest first."""
+
+    def delete_user(user: str, before: int | None = None) -> int:
+        """Remove ``user``'s rows (only those with ``seq < before`` if given)."""
+
+    def expire(before: int, limit: int) -> int:
+        """Remove up to ``limit`` of the oldest rows with ``seq < before``."""
+
+    def close() -> None:
+        """Release resources."""
+
+
+_COLUMNS = "seq, user, with_full, id, dir, stanza"
+
+
+def _where(q: LogQuery) -> tuple[str, list]:
+    clauses, args = ["user=?"], [q.user]
+    if q.with_jid is not None:
+        if q.with_full:
+            bare = q.with_jid.split("/", 1)[0]
+            clauses.append("with_bare=? AND with_full=?")
+            args += [bare, q.with_jid]
+        else:
+            clauses.append("with_bare=?")
+            args.append(q.with_jid)
+    if q.lo is not None:
+        clauses.append("seq>?")
+        args.append(q.lo)
+    if q.hi is not None:
+        clauses.append("seq<?")
+        args.append(q.hi)
+    return " AND ".join(clauses), args
+
+
+@implementer(IMessageLog)
+class SQLiteMessageLog:
+    """The archive in ``<data_dir>/archive.sqlite3`` (WAL, synchronous=FULL).
+
+    A file of its own: its batched writes run on another thread and must
+    not hold the key-value store's write lock (the reactor would wait on
+    it).  Indexes: the table itself is ordered by ``seq`` (retention
+    deletes a prefix of it); ``(user)`` and ``(user, with_bare)`` carry the
+    rowid, so a page is an index range in ``seq`` order whatever the size.
+    """
+
+    FILENAME = "archive.sqlite3"
+
+    def __init__(self, data_dir: str, create: bool = True) -> None:
+        self.path = os.path.join(data_dir, self.FILENAME)
+        if not create and not os.path.isfile(self.path):
+            raise StoreNotFound(self.path)
+        try:
+            if create:
+                os.makedirs(data_dir, mode=0o750, exist_ok=True)
+                target, uri = self.path, False
+            else:
+                target, uri = f"file:{urllib.parse.quote(self.path)}?mode=rw", True
+            self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
+                                       uri=uri)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS archive ("
+                " seq INTEGER PRIMARY KEY, user TEXT NOT NULL, with_bare TEXT NOT NULL,"
+                " with_full TEXT NOT NULL, id TEXT NOT NULL, dir INTEGER NOT NULL,"
+                " stanza BLOB NOT NULL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS archive_user ON archive(user)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS archive_with ON archive(user, with_bare)")
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(self.path, "open archive", str(e)) from e
+        self._lock = threading.Lock()
+        # user -> rows stored, loaded on first need (quota); kept exact by
+        # every write and delete made through this object.
+        self._counts: dict[str, int] = {}
+
+    # -- reads ---------------------------------------------------------------
+
+    def _read(self, operation: str, user: str, sql: str, args) -> list:
+        try:
+            with self._lock:
+                return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError.from_sqlite(self.path, operation, user, e) from None
+
+    def last_seq(self) -> int:
+        row = self._read("read archive", "", "SELECT max(seq) FROM archive", ())
+        return row[0][0] or 0
+
+    def query(self, q: LogQuery) -> list:
+        where, args = _where(q)
+        order = "DESC" if q.reverse else "ASC"
+        rows = self._read("query archive", q.user,
+                          f"SELECT {_COLUMNS} FROM archive WHERE {where} ORDER BY seq {order}"
+                          f" LIMIT ?", (*args, q.limit))
+        return [Row(*r) for r in rows]
+
+    def count(self, q: LogQuery, cap: int) -> int | None:
+        where, args = _where(q)
+        n = self._read("count archive", q.user,
+                       f"SELECT count(*) FROM (SELECT 1 FROM archive WHERE {where} LIMIT ?)",
+                       (*args, cap + 1))[0][0]
+        return None if n > cap else n
+
+    def get(self, user: str, seqs: list) -> list:
+        if not seqs:
+            return []
+        marks = ",".join("?" * len(seqs))
+        rows = self._read("read archive", user,
+                          f"SELECT {_COLUMNS} FROM archive WHERE seq IN ({marks}) AND user=?"
+                          " ORDER BY seq", (*seqs, user))
+        return [Row(*r) for r in rows]
+
+    # -- writes --------------------------------------------------------------
+
+    def _write(self, operation: str, user: str, work: Callable) -> object:
+        db = self._db
+        with self._lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                result = work(db)
+                db.execute("COMMIT")
+                return result
+            except sqlite3.Error as e:
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                self._counts.clear()  # whatever was counted may be wrong now
+                raise StoreError.from_sqlite(self.path, operation, user, e) from None
+
+    def _count(self, db, user: str) -> int:
+        n = self._counts.get(user)
+        if n is None:
+            n = db.execute("SELECT count(*) FROM archive WHERE user=?", (user,)).fetchone()[0]
+        return n
+
+    def append(self, rows: list, max_per_user: int = 0) -> dict:
+        if not rows:
+            return {}
+        added: dict[str, int] = {}
+        for r in rows:
+            added[r[1]] = added.get(r[1], 0) + 1
+
+        def work(db):
+            counts = {}
+            if max_per_user > 0:
+                # Counted before the insert: a first count of a big archive is
+                # one index range scan, once per user per process.
+                counts = {u: self._count(db, u) for u in added}
+            db.executemany(
+                "INSERT INTO archive (seq, user, with_bare, with_full, id, dir, stanza)"
+                " VALUES (?,?,?,?,?,?,?)",
+                [(r[0], r[1], r[2].split("/", 1)[0], r[2], r[3], r[4], r[5]) for r in rows])
+            dropped = {}
+            for user, n in counts.items():
+                total = n + added[user]
+                excess = total - max_per_user
+                if excess > 0:
+                    db.execute("DELETE FROM archive WHERE seq IN (SELECT seq FROM archive"
+                               " WHERE user=? ORDER BY seq LIMIT ?)", (user, excess))
+                    dropped[user] = excess
+                    total = max_per_user
+                counts[user] = total
+            return counts, dropped
+
+        users = ", ".join(sorted(added))
+        counts, dropped = self._write("append archive", users, work)
+        self._counts.update(counts)
+        if max_per_user <= 0:
+            for user in added:
+                if user in self._counts:
+                    self._counts[user] += added[user]
+        return dropped
+
+    def delete_user(self, user: str, before: int | None = None) -> int:
+        if before is None:
+            n = self._write("delete archive", user, lambda db: db.execute(
+                "DELETE FROM archive WHERE user=?", (user,)).rowcount)
+        else:
+            n = self._write("delete archive", user, lambda db: db.execute(
+                "DELETE FROM archive WHERE user=? AND seq<?", (user, before)).rowcount)
+        self._counts.pop(user, None)
+        return n
+
+    def expire(self, before: int, limit: int) -> int:
+        def work(db):
+            rows = db.execute("SELECT seq, user FROM archive WHERE seq<? ORDER BY seq LIMIT ?",
+                              (before, limit)).fetchall()
+            if not rows:
+                return []
+            db.execute("DELETE FROM archive WHERE seq<=?", (rows[-1][0],))
+            return rows
+
+        rows = self._write("expire archive", "", work)
+        for _seq, user in rows:
+            if user in self._counts:
+                self._counts[user] -= 1
+        return len(rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+@implementer(IMessageLog)
+class MemoryMessageLog:
+    """The same contract in memory (unit tests, in-process benchmarks)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, Row] = {}
+        self._by_user: dict[str, list[int]] = {}
+
+    def last_seq(self) -> int:
+        return max(self._rows, default=0)
+
+    def append(self, rows: list, max_per_user: int = 0) -> dict:
+        for r in rows:
+            if r[0] in self._rows:
+                raise StoreError("memory", "append archive", f"seq {r[0]} exists", r[1])
+        touched = set()
+        for r in rows:
+            row = Row(*r)
+            self._rows[row.seq] = row
+            seqs = self._by_user.setdefault(row.user, [])
+            if seqs and seqs[-1] > row.seq:
+                bisect.insort(seqs, row.seq)
+            else:
+                seqs.append(row.seq)
+            touched.add(row.user)
+        dropped = {}
+        if max_per_user > 0:
+            for user in touched:
+                seqs = self._by_user[user]
+                excess = len(seqs) - max_per_user
+                if excess > 0:
+                    for s in seqs[:excess]:
+                        del self._rows[s]
+                    del seqs[:excess]
+                    dropped[user] = excess
+        return dropped
+
+    def _matching(self, q: LogQuery):
+        seqs = self._by_user.get(q.user, [])
+        start = 0 if q.lo is None else bisect.bisect_right(seqs, q.lo)
+        end = len(seqs) if q.hi is None else bisect.bisect_left(seqs, q.hi)
+        rng = range(end - 1, start - 1, -1) if q.reverse else range(start, end)
+        for i in rng:
+            row = self._rows[seqs[i]]
+            if q.with_jid is not None:
+                if q.with_full:
+                    if row.with_full != q.with_jid:
+                        continue
+                elif row.with_full.split("/", 1)[0] != q.with_jid:
+                    continue
+            yield row
+
+    def query(self, q: LogQuery) -> list:
+        out = []
+        for row in self._matching(q):
+            if len(out) >= q.limit:
+                break
+            out.append(row)
+        return out
+
+    def count(self, q: LogQuery, cap: int) -> int | None:
+        n = 0
+        for _ in self._matching(q):
+            n += 1
+            if n > cap:
+                return None
+        return n
+
+    def get(self, user: str, seqs: list) -> list:
+        rows = [self._rows.get(s) for s in sorted(set(seqs))]
+        return [r for r in rows if r is not None and r.user == user]
+
+    def delete_user(self, user: str, before: int | None = None) -> int:
+        seqs = self._by_user.get(user, [])
+        cut = len(seqs) if before is None else bisect.bisect_left(seqs, before)
+        for s in seqs[:cut]:
+            del self._rows[s]
+        del seqs[:cut]
+        if not seqs:
+            self._by_user.pop(user, None)
+        return cut
+
+    def expire(self, before: int, limit: int) -> int:
+        victims = sorted(s for s in self._rows if s < before)[:limit]
+        for s in victims:
+            row = self._rows.pop(s)
+            self._by_user[row.user].remove(s)
+        return len(victims)
+
+    def close(self) -> None:
+        pass
+
+
+class Sequence:
+    """Strictly increasing ``seq`` values that are also times (microseconds).
+
+    An iterator, so that the XEP-0359 plugin can draw its ids from it
+    (:meth:`StanzaIdPlugin.use_sequence`): the archive id of a message is
+    then the stanza-id it was delivered with.
+    """
+
+    def __init__(self, clock, last: int = 0) -> None:
+        self.clock = clock
+        self.last = last
+
+    def __iter__(self) -> "Sequence":
+        return self
+
+    def __next__(self) -> int:
+        now = int(self.clock.seconds() * 1_000_000)
+        if now <= self.last:
+            now = self.last + 1
+        self.last = now
+        return now
+
+
+class LogWorker:
+    """Buffers archive rows and runs every log call, in order, off the reactor.
+
+    Rows wait in memory until the next flush: one transaction per
+    ``flush_interval`` (and at most one write in flight, so under load
+    the batches grow instead of the fsyncs multiplying).  Queries and
+    deletes go through :meth:`run` after a flush, on the same single
+    thread, so they see every row archived before they were asked.
+
+    What a crash (``kill -9``, power loss) loses: the rows still buffered,
+    at most ``flush_interval`` seconds of messages plus the batch being
+    written; a clean stop writes everything (:meth:`close`).  The buffer
+    holds at most ``max_buffer`` rows: beyond that (the disk does not keep
+    up) rows are dropped, counted and logged, and the reactor never waits.
+
+    ``threaded=False`` runs the calls inline (in-memory logs, tests and
+    in-process benchmarks).
+    """
+
+    def __init__(self, log: IMessageLog, clock, *, flush_interval: float = 0.2,
+                 max_buffer: int = 50_000, max_per_user: int = 0, threaded: bool = True,
+                 on_trimmed: Callable[[dict], None] | None = None,
+                 on_overflow: Callable[[int], None] | None = None,
+                 on_failure: Callable | None = None) -> None:
+        self.log = log
+        self.clock = clock
+        self.flush_interval = flush_interval
+        self.max_buffer = max_buffer
+        self.max_per_user = max_per_user
+        self.threaded = threaded
+        self.on_trimmed = on_trimmed
+        self.on_overflow = on_overflow
+        self.on_failure = on_failure
+        self.pending: list = []
+        self.dropped = 0
+        self._call = None
+        self._in_flight = 0
+        self._pool = None
+        # Batches handed to the thread and not yet committed: written inline
+        # by close() if the pool stopped before reaching them.
+        self._unwritten: dict[int, list] = {}
+        self._batch = 0
+        self.closed = False
+
+    # -- writes ------------------------------------------------------------------
+
+    def append(self, row: tuple) -> None:
+        if len(self.pending) >= self.max_buffer or self.closed:
+            self.dropped += 1
+            if self.on_overflow is not None:
+                self.on_overflow(self.dropped)
+            return
+        self.pending.append(row)
+        if self._call is None and not self._in_flight:
+            self._call = self.clock.callLater(self.flush_interval, self._timer)
+
+    def _timer(self) -> None:
+        self._call = None
+        self.flush()
+
+    def flush(self):
+        """Hand the buffered rows to the thread; a Deferred fires when they are stored."""
+        from twisted.internet import defer
+
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        rows, self.pending = self.pending, []
+        if not rows:
+            return defer.succeed({})
+        self._batch += 1
+        key = self._batch
+        self._unwritten[key] = rows
+        max_per_user = self.max_per_user
+
+        def write(log):
+            dropped = log.append(rows, max_per_user)
+            self._unwritten.pop(key, None)
+            return dropped
+
+        self._in_flight += 1
+        d = self._call_log(write)
+        d.addBoth(self._written)
+        d.addCallbacks(self._trimmed, self._write_failed, errbackArgs=(len(rows),))
+        return d
+
+    def _written(self, result):
+        self._in_flight -= 1
+        if self.pending and self._call is None and not self.closed:
+            self._call = self.clock.callLater(self.flush_interval, self._timer)
+        return result
+
+    def _trimmed(self, dropped: dict) -> dict:
+        if dropped and self.on_trimmed is not None:
+            self.on_trimmed(dropped)
+        return dropped
+
+    def _write_failed(self, failure, n: int):
+        if self.on_failure is not None:
+            self.on_failure(failure, n)
+        return {}
+
+    # -- other calls ---------------------------------------------------------------
+
+    def run(self, work: Callable):
+        """``work(log)`` after everything buffered so far is stored; a Deferred."""
+        self.flush()
+        return self._call_log(work)
+
+    def _call_log(self, work: Callable):
+        from twisted.internet import defer
+
+        if not self.threaded:
+            return defer.maybeDeferred(work, self.log)
+        from twisted.internet import reactor
+        from twisted.internet.threads import deferToThreadPool
+        from twisted.python.threadpool import ThreadPool
+
+        if self._pool is None:
+            self._pool = ThreadPool(1, 1, name="mam-archive")
+            self._pool.start()
+        return deferToThreadPool(reactor, self._pool, work, self.log)
+
+    def close(self) -> None:
+        """Stop: finish the thread's work, write what is left, close the log."""
+        self.closed = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self._pool is not None:
+            self._pool.stop()  # joins: the batch being written is committed
+            self._pool = None
+        left = [r for batch in self._unwritten.values() for r in batch] + self.pending
+        self._unwritten.clear()
+        self.pending = []
+        try:
+            if left:
+                self.log.append(left, self.max_per_user)
+        finally:
+            self.log.close()
