@@ -137,7 +137,7 @@ def settings(config) -> Settings:
     s = Settings(
         default=sec.choice("default", mam_prefs.DEFAULTS, "always"),
         retention=retention,
-        retention_interval=sec.number("retention_interval", 3600.0, minimum=1),
+        retention_interval=sec.number("retention_interval", 3600.0, minimum=0.1),
         retention_chunk=sec.int("retention_chunk", 1000, minimum=1),
         max_messages_per_user=sec.int("max_messages_per_user", 100_000, minimum=0),
         max_page=sec.int("max_page", 100, minimum=1),
