@@ -34,6 +34,9 @@ class StanzaIdPlugin(Plugin):
     def setup(self) -> None:
         self._prefix = base64.urlsafe_b64encode(os.urandom(9)).decode() + "-"
         self._counter = count(1)
+        # (message, id) of the last recipient stamp: read by the archive
+        # (xmppd.handlers.mam) after delivery instead of searching the children.
+        self.last: tuple = (None, "")
         hosts = self.router.hosts
         inner = self.router.deliver_unfiltered
         stamp = self.stamp
@@ -41,7 +44,7 @@ class StanzaIdPlugin(Plugin):
         def deliver_unfiltered(stanza, sender, to, session=None):
             if (stanza.name == "message" and to.user is not None and to.host in hosts
                     and stanza.getAttribute("type") != "error"):
-                stamp(stanza, to.bare)
+                self.last = (stanza, stamp(stanza, to.bare))
             inner(stanza, sender, to, session)
 
         self.router.deliver_unfiltered = deliver_unfiltered
