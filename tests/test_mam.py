@@ -265,9 +265,12 @@ def test_with_bare_full_start_end(md):
     k2 = raw(md, "kim", "two")
     for i in range(3):
         send(k, "erin@localhost", f"k1-{i}", f"a{i}")
+        e.read_until(f"k1-{i}")  # each delivered before the next: a known archive order
         send(k2, "erin@localhost", f"k2-{i}", f"b{i}")
+        e.read_until(f"k2-{i}")
         send(e, "kim@localhost/one", f"e-{i}", f"c{i}")
-        time.sleep(0.02)
+        k.read_until(f"e-{i}")
+        time.sleep(0.01)  # distinct archive times for start/end
     page = wait_archived(e, 9)
     assert len(page.ids) == 9
     assert query(e, form(with_="kim@localhost")).bodies == page.bodies
@@ -340,10 +343,11 @@ def test_preferences_always_never_roster_and_jid_preparation(md):
                  f"<jid>Hal@LOCALHOST</jid></always><never/></prefs></iq>", "p1")
     assert "type='result'" in reply and "<jid>hal@localhost</jid>" in reply
     send(h, "gus@localhost", "from-hal", "p1")
+    g.read_until("from-hal")  # one connection after the other: a known archive order
     send(i, "gus@localhost", "from-ivy", "p2")
+    g.read_until("from-ivy")
     send(g, "hal@localhost/r", "to-hal", "p3")
     send(g, "ivy@localhost", "to-ivy", "p4")
-    g.read_until("from-ivy")
     assert wait_archived(g, 2).bodies == ["from-hal", "to-hal"]
     # the other side's archive follows the other side's preferences
     assert query(i).bodies == ["from-ivy", "to-ivy"]
@@ -353,10 +357,9 @@ def test_preferences_always_never_roster_and_jid_preparation(md):
     reply = g.iq(f"<iq type='set' id='p2'><prefs xmlns='{MAM}' default='roster'><always/>"
                  f"<never><jid>hal@localhost</jid></never></prefs></iq>", "p2")
     assert "type='result'" in reply
-    send(i, "gus@localhost", "ivy-roster", "p5")
-    send(m, "gus@localhost", "max-stranger", "p6")
-    send(h, "gus@localhost", "hal-never", "p7")
-    g.read_until("hal-never")
+    for c, body in ((i, "ivy-roster"), (m, "max-stranger"), (h, "hal-never")):
+        send(c, "gus@localhost", body, body)
+        g.read_until(body)
     assert wait_archived(g, 3).bodies == ["from-hal", "to-hal", "ivy-roster"]
     reply = g.iq(f"<iq type='get' id='p3'><prefs xmlns='{MAM}'/></iq>", "p3")
     assert "default='roster'" in reply and "<never><jid>hal@localhost</jid></never>" in reply
@@ -369,7 +372,8 @@ def test_preferences_always_never_roster_and_jid_preparation(md):
 def archive_rows(d, user):
     db = sqlite3.connect(f"file:{d.data_dir}/archive.sqlite3?mode=ro", uri=True)
     try:
-        return db.execute("SELECT count(*) FROM archive WHERE user=?", (user,)).fetchone()[0]
+        return db.execute("SELECT count(*) FROM archive a JOIN jids j ON j.id=a.uid"
+                          " WHERE j.jid=?", (user,)).fetchone()[0]
     finally:
         db.close()
 

@@ -93,6 +93,7 @@ def test_sqlite_survives_reopen(tmp_path):
     log = SQLiteMessageLog(str(tmp_path))
     fill(log)
     log.close()
+    assert not (tmp_path / 'archive.sqlite3-wal').exists() or (tmp_path / 'archive.sqlite3-wal').stat().st_size == 0
     log = SQLiteMessageLog(str(tmp_path))
     assert log.last_seq() == 104 and len(log.query(LogQuery("a@x", limit=100))) == 30
     log.close()
@@ -121,7 +122,7 @@ def test_worker_buffers_and_closes(tmp_path):
 
     clock = Clock()
     log = MemoryMessageLog()
-    w = LogWorker(log, clock, flush_interval=0.5, max_buffer=3, threaded=False)
+    w = LogWorker(log, clock, flush_interval=0.5, max_buffer=3, checkpoint_interval=0)
     for s in (1, 2, 3, 4):
         w.append(row(s))
     assert w.dropped == 1 and log.query(LogQuery("a@x")) == []
@@ -134,3 +135,12 @@ def test_worker_buffers_and_closes(tmp_path):
     w.append(row(6))
     w.close()
     assert w.pending == [] and seqs(log.query(LogQuery("a@x"))) == [1, 2, 3, 5, 6]
+
+
+def test_delete_in_chunks(msglog):
+    fill(msglog)
+    assert msglog.delete_user("a@x", limit=7) == 7
+    assert seqs(msglog.query(LogQuery("a@x", limit=1))) == [8]
+    assert msglog.delete_user("a@x", before=12, limit=100) == 4
+    assert seqs(msglog.query(LogQuery("a@x", limit=1))) == [12]
+    msglog.checkpoint()

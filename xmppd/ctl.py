@@ -306,9 +306,9 @@ def _mam(config, args) -> None:
         cutoff, total = int((_time.time() - s.retention) * 1_000_000), 0
         try:
             while True:
-                n = log.expire(cutoff, s.retention_chunk)
+                n = log.expire(cutoff, s.delete_chunk)
                 total += n
-                if n < s.retention_chunk:
+                if n < s.delete_chunk:
                     break
         finally:
             log.close()

@@ -16,9 +16,9 @@ in hex>``, so an id is resolved by its primary key and checked against the
 stored id, with no id index either.  A clock that steps back makes the
 archive times run up to that much ahead for a while; order stays right.
 
-The calls are synchronous; the MAM plugin runs them on one worker thread of
-its own (:class:`LogWorker`), in order, so neither fsync nor a long delete
-stalls the reactor.
+The calls are synchronous and cheap (no fsync: checkpoints run on a thread
+of their own, see :class:`LogWorker`); deletes take a ``limit`` so that a
+large one is made of short transactions.
 """
 from __future__ import annotations
 
@@ -100,11 +100,15 @@ class IMessageLog(Interface):
     def get(user: str, seqs: list) -> list:
         """The rows of ``user`` with these ``seq`` values, oldest first."""
 
-    def delete_user(user: str, before: int | None = None) -> int:
-        """Remove ``user``'s rows (only those with ``seq < before`` if given)."""
+    def delete_user(user: str, before: int | None = None, limit: int | None = None) -> int:
+        """Remove ``user``'s rows (only those with ``seq < before`` if given),
+        the oldest ``limit`` of them at most (None: all)."""
 
     def expire(before: int, limit: int) -> int:
         """Remove up to ``limit`` of the oldest rows with ``seq < before``."""
+
+    def checkpoint() -> None:
+        """Make what was committed durable (may be called from another thread)."""
 
     def close() -> None:
         """Release resources."""
@@ -134,11 +138,15 @@ def _where(q: LogQuery, uid: int, wid: int | None) -> tuple[str, list]:
 
 @implementer(IMessageLog)
 class SQLiteMessageLog:
-    """The archive in ``<data_dir>/archive.sqlite3`` (WAL, synchronous=FULL).
+    """The archive in ``<data_dir>/archive.sqlite3`` (WAL, synchronous=NORMAL).
 
-    A file of its own: its batched writes run on another thread and must
-    not hold the key-value store's write lock (the reactor would wait on
-    it).  The table is ordered by ``seq`` (retention deletes a prefix of
+    A file of its own, so that its batched writes never wait for (or hold)
+    the key-value store's write lock.  Commits do not fsync (WAL with
+    ``synchronous=NORMAL``: a crash of the process loses nothing committed,
+    a power loss what was committed since the last checkpoint); automatic
+    checkpoints are off and :meth:`checkpoint` (WAL fsync, copy, database
+    fsync) runs on a thread of its own connection, so no fsync is ever
+    made on the reactor.  The table is ordered by ``seq`` (retention deletes a prefix of
     it); the indexes ``(uid)`` and ``(uid, wid)`` carry the rowid, so a page
     is one index range in ``seq`` order whatever the archive's size.  Bare
     JIDs (the archive's owner, the other party) are numbered in a ``jids``
@@ -161,7 +169,8 @@ class SQLiteMessageLog:
             self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
                                        uri=uri)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute("CREATE TABLE IF NOT EXISTS jids ("
                              " id INTEGER PRIMARY KEY, jid TEXT NOT NULL UNIQUE)")
@@ -178,6 +187,7 @@ class SQLiteMessageLog:
         # every write and delete made through this object.
         self._counts: dict[int, int] = {}
         self._jids: dict[str, int] = {}  # bare JID -> id, bounded
+        self._checkpointer: sqlite3.Connection | None = None
 
     def _jid(self, db, jid: str, create: bool) -> int | None:
         known = self._jids.get(jid)
@@ -331,15 +341,16 @@ class SQLiteMessageLog:
         self._counts.update(counts)
         return dropped
 
-    def delete_user(self, user: str, before: int | None = None) -> int:
+    def delete_user(self, user: str, before: int | None = None, limit: int | None = None) -> int:
         def work(db):
             uid = self._jid(db, user, False)
             if uid is None:
                 return 0, None
-            if before is None:
-                return db.execute("DELETE FROM archive WHERE uid=?", (uid,)).rowcount, uid
-            return db.execute("DELETE FROM archive WHERE uid=? AND seq<?",
-                              (uid, before)).rowcount, uid
+            where, args = ("uid=?", (uid,)) if before is None else ("uid=? AND seq<?", (uid, before))
+            if limit is None:
+                return db.execute(f"DELETE FROM archive WHERE {where}", args).rowcount, uid
+            return db.execute(f"DELETE FROM archive WHERE seq IN (SELECT seq FROM archive WHERE"
+                              f" {where} ORDER BY seq LIMIT ?)", (*args, limit)).rowcount, uid
 
         n, uid = self._write("delete archive", user, work)
         self._counts.pop(uid, None)
@@ -359,9 +370,26 @@ class SQLiteMessageLog:
                 self._counts[uid] -= 1
         return len(rows)
 
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database, with the fsyncs (own connection, any thread)."""
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(self.path, isolation_level=None,
+                                                     check_same_thread=False)
+                self._checkpointer.execute("PRAGMA busy_timeout=5000")
+            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as e:
+            raise StoreError.from_sqlite(self.path, "checkpoint archive", "", e) from None
+
     def close(self) -> None:
         with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # the next open recovers from the WAL
             self._db.close()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
 
 
 @implementer(IMessageLog)
@@ -436,9 +464,11 @@ class MemoryMessageLog:
         rows = [self._rows.get(s) for s in sorted(set(seqs))]
         return [r for r in rows if r is not None and r.user == user]
 
-    def delete_user(self, user: str, before: int | None = None) -> int:
+    def delete_user(self, user: str, before: int | None = None, limit: int | None = None) -> int:
         seqs = self._by_user.get(user, [])
         cut = len(seqs) if before is None else bisect.bisect_left(seqs, before)
+        if limit is not None:
+            cut = min(cut, limit)
         for s in seqs[:cut]:
             del self._rows[s]
         del seqs[:cut]
@@ -452,6 +482,9 @@ class MemoryMessageLog:
             row = self._rows.pop(s)
             self._by_user[row.user].remove(s)
         return len(victims)
+
+    def checkpoint(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -481,26 +514,30 @@ class Sequence:
 
 
 class LogWorker:
-    """Buffers archive rows and runs every log call, in order, off the reactor.
+    """Buffers archive rows, writes them in batches, checkpoints off the reactor.
 
     Rows wait in memory until the next flush: one transaction per
-    ``flush_interval`` (and at most one write in flight, so under load
-    the batches grow instead of the fsyncs multiplying).  Queries and
-    deletes go through :meth:`run` after a flush, on the same single
-    thread, so they see every row archived before they were asked.
+    ``flush_interval`` on the reactor thread, which costs CPU only (no
+    fsync: see :class:`SQLiteMessageLog`).  Queries and deletes go through
+    :meth:`run`, after a flush, so they see every row archived before them.
+    Every ``checkpoint_interval`` seconds after a write, the log's
+    :meth:`~IMessageLog.checkpoint` (the fsyncs) runs on a thread of its own.
 
-    What a crash (``kill -9``, power loss) loses: the rows still buffered,
-    at most ``flush_interval`` seconds of messages plus the batch being
-    written; a clean stop writes everything (:meth:`close`).  The buffer
-    holds at most ``max_buffer`` rows: beyond that (the disk does not keep
-    up) rows are dropped, counted and logged, and the reactor never waits.
+    Why not write from a thread: measured (bench/RESULTS.md), a writer
+    thread makes ``executemany`` hand the GIL to and fro for every row, and
+    on a server pinned to one core that tripled the CPU per archived
+    message; a batch on the reactor costs a few microseconds a row.
 
-    ``threaded=False`` runs the calls inline (in-memory logs, tests and
-    in-process benchmarks).
+    What a crash loses: ``kill -9``, the rows still buffered (at most
+    ``flush_interval`` seconds of messages); a power loss, also what was
+    committed since the last checkpoint.  A clean stop writes and
+    checkpoints everything (:meth:`close`).  The buffer holds at most
+    ``max_buffer`` rows: beyond that rows are dropped, counted and logged.
     """
 
     def __init__(self, log: IMessageLog, clock, *, flush_interval: float = 0.2,
-                 max_buffer: int = 50_000, max_per_user: int = 0, threaded: bool = True,
+                 max_buffer: int = 50_000, max_per_user: int = 0,
+                 checkpoint_interval: float = 1.0,
                  on_trimmed: Callable[[dict], None] | None = None,
                  on_overflow: Callable[[int], None] | None = None,
                  on_failure: Callable | None = None) -> None:
@@ -509,19 +546,16 @@ class LogWorker:
         self.flush_interval = flush_interval
         self.max_buffer = max_buffer
         self.max_per_user = max_per_user
-        self.threaded = threaded
+        self.checkpoint_interval = checkpoint_interval
         self.on_trimmed = on_trimmed
         self.on_overflow = on_overflow
         self.on_failure = on_failure
         self.pending: list = []
         self.dropped = 0
         self._call = None
-        self._in_flight = 0
+        self._checkpoint_call = None
+        self._checkpointing = False
         self._pool = None
-        # Batches handed to the thread and not yet committed: written inline
-        # by close() if the pool stopped before reaching them.
-        self._unwritten: dict[int, list] = {}
-        self._batch = 0
         self.closed = False
 
     # -- writes ------------------------------------------------------------------
@@ -533,91 +567,86 @@ class LogWorker:
                 self.on_overflow(self.dropped)
             return
         self.pending.append(row)
-        if self._call is None and not self._in_flight:
+        if self._call is None:
             self._call = self.clock.callLater(self.flush_interval, self._timer)
 
     def _timer(self) -> None:
         self._call = None
         self.flush()
 
-    def flush(self):
-        """Hand the buffered rows to the thread; a Deferred fires when they are stored."""
-        from twisted.internet import defer
-
+    def flush(self) -> dict:
+        """Write the buffered rows now (one transaction); returns the users trimmed."""
         if self._call is not None:
             if self._call.active():
                 self._call.cancel()
             self._call = None
         rows, self.pending = self.pending, []
         if not rows:
-            return defer.succeed({})
-        self._batch += 1
-        key = self._batch
-        self._unwritten[key] = rows
-        max_per_user = self.max_per_user
-
-        def write(log):
-            dropped = log.append(rows, max_per_user)
-            self._unwritten.pop(key, None)
-            return dropped
-
-        self._in_flight += 1
-        d = self._call_log(write)
-        d.addBoth(self._written)
-        d.addCallbacks(self._trimmed, self._write_failed, errbackArgs=(len(rows),))
-        return d
-
-    def _written(self, result):
-        self._in_flight -= 1
-        if self.pending and self._call is None and not self.closed:
-            self._call = self.clock.callLater(self.flush_interval, self._timer)
-        return result
-
-    def _trimmed(self, dropped: dict) -> dict:
+            return {}
+        try:
+            dropped = self.log.append(rows, self.max_per_user)
+        except StoreError as e:
+            if self.on_failure is not None:
+                self.on_failure(e, len(rows))
+            return {}
+        self._wrote()
         if dropped and self.on_trimmed is not None:
             self.on_trimmed(dropped)
         return dropped
 
-    def _write_failed(self, failure, n: int):
-        if self.on_failure is not None:
-            self.on_failure(failure, n)
-        return {}
+    def _wrote(self) -> None:
+        if self._checkpoint_call is None and not self.closed and self.checkpoint_interval > 0:
+            self._checkpoint_call = self.clock.callLater(self.checkpoint_interval,
+                                                         self._checkpoint)
 
-    # -- other calls ---------------------------------------------------------------
-
-    def run(self, work: Callable):
-        """``work(log)`` after everything buffered so far is stored; a Deferred."""
-        self.flush()
-        return self._call_log(work)
-
-    def _call_log(self, work: Callable):
-        from twisted.internet import defer
-
-        if not self.threaded:
-            return defer.maybeDeferred(work, self.log)
+    def _checkpoint(self) -> None:
+        self._checkpoint_call = None
+        if self._checkpointing or self.closed:
+            return
         from twisted.internet import reactor
         from twisted.internet.threads import deferToThreadPool
         from twisted.python.threadpool import ThreadPool
 
         if self._pool is None:
-            self._pool = ThreadPool(1, 1, name="mam-archive")
+            self._pool = ThreadPool(1, 1, name="mam-checkpoint")
             self._pool.start()
-        return deferToThreadPool(reactor, self._pool, work, self.log)
+        self._checkpointing = True
+
+        def done(result):
+            self._checkpointing = False
+            return result
+
+        def failed(failure):
+            if self.on_failure is not None:
+                self.on_failure(failure.value, 0)
+
+        deferToThreadPool(reactor, self._pool, self.log.checkpoint).addBoth(done).addErrback(
+            failed)
+
+    # -- other calls ---------------------------------------------------------------
+
+    def run(self, work: Callable):
+        """``work(log)`` after everything buffered so far is stored; a Deferred."""
+        from twisted.internet import defer
+
+        self.flush()
+        d = defer.maybeDeferred(work, self.log)
+        d.addCallback(self._after_run)
+        return d
+
+    def _after_run(self, result):
+        self._wrote()  # deletes want a checkpoint too
+        return result
 
     def close(self) -> None:
-        """Stop: finish the thread's work, write what is left, close the log."""
+        """Stop: write what is left, checkpoint, close the log."""
+        self.flush()
         self.closed = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        for call in (self._call, self._checkpoint_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._call = self._checkpoint_call = None
         if self._pool is not None:
-            self._pool.stop()  # joins: the batch being written is committed
+            self._pool.stop()  # joins: a checkpoint under way finishes first
             self._pool = None
-        left = [r for batch in self._unwritten.values() for r in batch] + self.pending
-        self._unwritten.clear()
-        self.pending = []
-        try:
-            if left:
-                self.log.append(left, self.max_per_user)
-        finally:
-            self.log.close()
+        self.log.close()

@@ -21,11 +21,13 @@ Archiving
     headlines are not archived.
 
 Write path
-    Rows are buffered and written in batches by one worker thread
-    (:class:`xmppd.msglog.LogWorker`, ``archive.sqlite3``): per message the
-    reactor pays a dict look-up for the preferences, the sender's
-    stanza-id and one serialisation.  Queries and deletes run on the same
-    thread after a flush, so they see everything archived before them.
+    Rows are buffered and written in one transaction per ``flush_interval``
+    (:class:`xmppd.msglog.LogWorker`, ``archive.sqlite3``, no fsync on the
+    reactor: checkpoints run on a thread).  Per message the reactor pays a
+    dict look-up for the preferences, the sender's stanza-id and a row in
+    the buffer (the delivered bytes are reused).  Queries and deletes flush
+    first, so they see everything archived before them; deletes run in
+    chunks of ``delete_chunk`` rows, one per reactor turn.
 
 Queries
     ``urn:xmpp:mam:2`` and ``#extended``: ``with`` (bare or full JID),
@@ -115,13 +117,14 @@ class Settings(NamedTuple):
     default: str
     retention: float | None
     retention_interval: float
-    retention_chunk: int
+    delete_chunk: int
     max_messages_per_user: int
     max_page: int
     max_ids: int
     max_count: int
     max_prefs_items: int
     flush_interval: float
+    checkpoint_interval: float
     max_buffer: int
     storage: str
 
@@ -138,13 +141,14 @@ def settings(config) -> Settings:
         default=sec.choice("default", mam_prefs.DEFAULTS, "always"),
         retention=retention,
         retention_interval=sec.number("retention_interval", 3600.0, minimum=0.1),
-        retention_chunk=sec.int("retention_chunk", 1000, minimum=1),
+        delete_chunk=sec.int("delete_chunk", 2000, minimum=1),
         max_messages_per_user=sec.int("max_messages_per_user", 100_000, minimum=0),
         max_page=sec.int("max_page", 100, minimum=1),
         max_ids=sec.int("max_ids", 100, minimum=1),
         max_count=sec.int("max_count", 10_000, minimum=0),
         max_prefs_items=sec.int("max_prefs_items", 1000, minimum=0),
         flush_interval=sec.number("flush_interval", 0.2, minimum=0),
+        checkpoint_interval=sec.number("checkpoint_interval", 1.0, minimum=0.1),
         max_buffer=sec.int("max_buffer", 50_000, minimum=1),
         storage=sec.choice("storage", ("sqlite", "memory"), "sqlite"),
     )
@@ -226,7 +230,10 @@ def execute(log_, plan: Plan):
     if plan.before_id:
         hi = seqs[plan.before_id] if hi is None else min(hi, seqs[plan.before_id])
     base = LogQuery(plan.user, plan.with_jid, plan.with_full, lo, hi, plan.limit)
-    count = log_.count(base, plan.max_count) if plan.max_count > 0 else None
+    # RSM's count is optional: not for a full JID, whose filter reads table
+    # rows, where every other count is an index range of at most max_count.
+    count = (log_.count(base, plan.max_count) if plan.max_count > 0 and not plan.with_full
+             else None)
     rsm = plan.rsm
     if rsm.after:
         a = seqs[rsm.after]
@@ -236,7 +243,7 @@ def execute(log_, plan: Plan):
         b = seqs[rsm.before]
         hi = b if hi is None else min(hi, b)
     if plan.limit == 0:
-        return [], count == 0, count
+        return [], False, count
     rows = log_.query(base._replace(lo=lo, hi=hi, limit=plan.limit + 1, reverse=reverse))
     complete = len(rows) <= plan.limit
     rows = rows[:plan.limit]
@@ -268,7 +275,7 @@ class MAMPlugin(Plugin):
         self.worker = LogWorker(
             self.msglog, self.server.clock, flush_interval=s.flush_interval,
             max_buffer=s.max_buffer, max_per_user=s.max_messages_per_user,
-            threaded=s.storage == "sqlite", on_trimmed=self._trimmed,
+            checkpoint_interval=s.checkpoint_interval, on_trimmed=self._trimmed,
             on_overflow=self._overflow, on_failure=self._write_failed)
         self.default_prefs = Prefs(s.default)
         self._always = self.default_prefs if s.default == "always" else None
@@ -401,9 +408,11 @@ class MAMPlugin(Plugin):
             log.warn("archive: write buffer full ({max} rows, the disk does not keep up); "
                      "{n} messages not archived so far", max=self.settings.max_buffer, n=dropped)
 
-    def _write_failed(self, failure, n: int) -> None:
-        log.error("archive: {n} messages not archived: {error}", n=n,
-                  error=failure.getErrorMessage())
+    def _write_failed(self, error: Exception, n: int) -> None:
+        if n:
+            log.error("archive: {n} messages not archived: {error}", n=n, error=error)
+        else:
+            log.error("archive: checkpoint failed: {error}", error=error)
 
     # -- queries -------------------------------------------------------------------------
 
@@ -556,22 +565,40 @@ class MAMPlugin(Plugin):
 
     # -- retention, purge, account removal ------------------------------------------
 
+    def _in_chunks(self, delete) -> defer.Deferred:
+        """Run ``delete(log, limit)`` until it deletes less than a chunk; Deferred -> total.
+
+        One short transaction per reactor turn: a large purge never holds
+        the reactor (or the archive's write lock) for long.
+        """
+        chunk = self.settings.delete_chunk
+        result = defer.Deferred()
+        total = [0]
+        clock = self.server.clock
+
+        def step() -> None:
+            d = self.worker.run(lambda log_: delete(log_, chunk))
+
+            def done(n: int) -> None:
+                total[0] += n
+                if n >= chunk:
+                    clock.callLater(0, step)
+                else:
+                    result.callback(total[0])
+
+            d.addCallbacks(done, result.errback)
+
+        step()
+        return result
+
     def expire(self):
-        """Delete what is past ``retention``, a chunk per transaction; Deferred -> count."""
+        """Delete what is past ``retention``; Deferred -> count."""
         if self._expiring is not None:
             return self._expiring  # the previous run is still deleting
         retention = self.settings.retention
         if retention is None:
             return defer.succeed(0)
         cutoff = int((self.server.clock.seconds() - retention) * 1_000_000)
-        chunk = self.settings.retention_chunk
-        total = [0]
-
-        def step(n: int):
-            total[0] += n
-            if n >= chunk:
-                return self.worker.run(lambda log_: log_.expire(cutoff, chunk)).addCallback(step)
-            return total[0]
 
         def done(result):
             self._expiring = None
@@ -584,14 +611,14 @@ class MAMPlugin(Plugin):
             log.error("archive retention failed: {error}", error=failure.getErrorMessage())
             return 0
 
-        d = self.worker.run(lambda log_: log_.expire(cutoff, chunk)).addCallback(step)
+        d = self._in_chunks(lambda log_, chunk: log_.expire(cutoff, chunk))
+        self._expiring = d
         d.addErrback(failed).addBoth(done)
-        self._expiring = d if not d.called else None
         return d
 
     def purge(self, user: str, before: int | None = None):
         """Delete ``user``'s archive (older than ``before`` if given); Deferred -> count."""
-        return self.worker.run(lambda log_: log_.delete_user(user, before))
+        return self._in_chunks(lambda log_, chunk: log_.delete_user(user, before, chunk))
 
     def admin_purge(self, jid: str, before: str | None = None):
         from xmppd.admin import AdminError
