@@ -942,6 +942,9 @@ def main(argv=None):
     ap.add_argument("--xmppd-metrics", action="store_true",
                     help="run xmppd with its [metrics] page on (port + 1), scraped after "
                          "each message phase: compare with a run without it")
+    ap.add_argument("--xmppd-mam", action="store_true",
+                    help="run xmppd with the message archive (urn:xmpp:sid:0 + urn:xmpp:mam:2): "
+                         "compare the message phase with a run without it (issue 16)")
     ap.add_argument("--xmppd-profile", metavar="DIR",
                     help="run xmppd under cProfile (twistd --profile); stats in DIR at shutdown")
     ap.add_argument("--s2s", action="store_true",
@@ -964,6 +967,8 @@ def main(argv=None):
 
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     targets_mod.Xmppd.metrics = args.xmppd_metrics
+    targets_mod.Xmppd.mam = args.xmppd_mam
+    p["xmppd_mam"] = args.xmppd_mam
     if args.xmppd_profile:
         targets_mod.Xmppd.profile_dir = Path(args.xmppd_profile).resolve()
     p["xmppd_metrics"] = args.xmppd_metrics

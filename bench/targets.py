@@ -270,11 +270,17 @@ certs_dir = "{certs}"
 scram_iterations = 4096
 
 [sm]
-plugins = ["roster", "presence", "disco", "ping", "urn:xmpp:blocking", "urn:xmpp:sm:3"]
+plugins = ["roster", "presence", "disco", "ping", "urn:xmpp:blocking", "urn:xmpp:sm:3"{self._mam_plugins()}]
 """ + (f"""
 [metrics]
 listen = "tcp:{self.metrics_port}:interface=127.0.0.1"
 """ if self.metrics else "") + self._s2s_config())
+
+    # --xmppd-mam: the message archive on (XEP-0359 ids + XEP-0313, issue 16)
+    mam = False
+
+    def _mam_plugins(self) -> str:
+        return ', "urn:xmpp:sid:0", "urn:xmpp:mam:2"' if self.mam else ""
 
     def _s2s_config(self) -> str:
         if not self.s2s:

@@ -186,6 +186,9 @@ class AdminChannel:
             "certs": self.certs, "reload": self.reload, "users": self.users,
             "s2s": self.s2s,
         }
+        # Commands of plugins (e.g. mam_purge); the built-in names win.
+        for name, handler in getattr(server, "admin_commands", {}).items():
+            self.commands.setdefault(name, handler)
 
     def run(self, command: str, args: dict):
         handler = self.commands.get(command)

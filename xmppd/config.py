@@ -415,7 +415,7 @@ KNOWN_TABLES = ("server", "c2s", "s2s", "tls", "auth", "sasl", "sm", "hosts")
 SECTION_TABLES = (
     "limits", "acl", "adhoc", "blocking", "domain-filter", "metrics", "offline", "ping",
     "register", "roster", "vcard", "version", "components", "csi", "stream-management",
-    "caps", "pep", "private",
+    "caps", "pep", "private", "mam",
 )
 # Keys of [hosts."<domain>"] tables.
 HOST_KEYS = ("auth", "tls", "sasl", "domain-filter", "admins")

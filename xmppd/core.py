@@ -62,6 +62,9 @@ class Server:
         # (stream) -> element or None.
         self.c2s_elements: dict[tuple[str, str], Any] = {}
         self.c2s_features: list[Any] = []
+        # Admin socket commands added by plugins (xmppd.admin), by name ->
+        # callable(**args) returning JSON-able data or a Deferred of it.
+        self.admin_commands: dict[str, Any] = {}
         self.plugins = []
         for name in config.plugins:
             plugin = load_plugin(name, config.path)
@@ -150,6 +153,13 @@ class Server:
     def close(self) -> None:
         self.iq_tracker.cancel_all()
         self.components.stop()
+        for plugin in self.plugins:
+            close = getattr(plugin, "close", None)
+            if close is not None:  # e.g. the archive writes what it buffered
+                try:
+                    close()
+                except Exception:
+                    log.failure("closing plugin {name} failed", name=plugin.name)
         self.store.close()
 
 

@@ -99,7 +99,7 @@ def _config_path(args) -> str | None:
 NO_STORE, READ, WRITE, CREATE = "none", "read", "write", "create"
 STORE_ACCESS = {
     "check": NO_STORE, "reload": NO_STORE, "certs": NO_STORE,
-    "status": NO_STORE, "sessions": NO_STORE, "s2s": NO_STORE,
+    "status": NO_STORE, "sessions": NO_STORE, "s2s": NO_STORE, "mam": NO_STORE,
     "reports": READ, "blocklist": READ, "users": READ, "export": READ,
     "import": CREATE,
     "passwd": WRITE, "deluser": WRITE,
@@ -207,6 +207,7 @@ def run(reactor, args) -> defer.Deferred:
             print(f"password changed for {account.bare}")
         elif args.command == "deluser":
             yield connector.remove_user(account.user, account.host)
+            _purge_archive(config, account.bare)
             print(f"deleted {account.bare}")
         elif args.command == "blocklist":
             from xmppd.handlers.blocking import STORE as BLOCK_STORE
@@ -228,7 +229,91 @@ def run(reactor, args) -> defer.Deferred:
 
 
 # Commands answered by the running server over its admin socket (xmppd/admin.py).
-LIVE_COMMANDS = ("status", "sessions", "certs", "reload", "users", "s2s")
+LIVE_COMMANDS = ("status", "sessions", "certs", "reload", "users", "s2s", "mam")
+
+
+def _purge_archive(config, bare: str, before: str | None = None) -> int | None:
+    """Delete ``bare``'s message archive (XEP-0313); None when there is none.
+
+    Through the running server when it has the archive open (it also drops
+    what it has not written yet), else in the archive file itself.
+    """
+    from xmppd import adminclient
+
+    args = {"jid": bare} if before is None else {"jid": bare, "before": before}
+    try:
+        return adminclient.request(config.data_dir, "mam_purge", args)["deleted"]
+    except adminclient.NotRunning:
+        pass
+    except adminclient.Refused as e:
+        if "unknown command" not in str(e):  # the running server has no archive plugin
+            raise CtlError(str(e)) from None
+    from xmppd.handlers.mam import parse_time
+    from xmppd.msglog import SQLiteMessageLog
+    from xmppd.storage import StoreNotFound
+
+    try:
+        cut = parse_time(before) if before is not None else None
+    except ValueError as e:
+        raise CtlError(f"--before: {e}") from None
+    try:
+        log = SQLiteMessageLog(config.data_dir, create=False)
+    except StoreNotFound:
+        return None
+    try:
+        return log.delete_user(bare, cut)
+    finally:
+        log.close()
+
+
+def _mam(config, args) -> None:
+    """``xmppctl mam purge JID [--before DATE]`` / ``xmppctl mam expire``."""
+    from xmppd import adminclient
+
+    if args.action == "purge":
+        if args.jid is None:
+            raise CtlError("mam purge: whose archive? (a bare JID)")
+        try:
+            account = jidlib.parse(args.jid)
+        except jidlib.InvalidJID as e:
+            raise CtlError(f"{args.jid!r} is not a valid JID: {e}") from None
+        if account.user is None or account.host not in config.hosts:
+            raise CtlError(f"{args.jid} is not an account of this server")
+        n = _purge_archive(config, account.bare, args.before)
+        when = f" before {args.before}" if args.before else ""
+        print(f"deleted {n or 0} archived messages of {account.bare}{when}")
+        return
+    if args.jid is not None or args.before is not None:
+        raise CtlError("mam expire takes no arguments")
+    try:
+        data = adminclient.request(config.data_dir, "mam_expire")
+    except adminclient.NotRunning:
+        import time as _time
+
+        from xmppd.handlers.mam import settings
+        from xmppd.msglog import SQLiteMessageLog
+        from xmppd.storage import StoreNotFound
+
+        s = settings(config)
+        if s.retention is None:
+            print("retention is forever: nothing to expire")
+            return
+        try:
+            log = SQLiteMessageLog(config.data_dir, create=False)
+        except StoreNotFound:
+            print("no archive")
+            return
+        cutoff, total = int((_time.time() - s.retention) * 1_000_000), 0
+        try:
+            while True:
+                n = log.expire(cutoff, s.delete_chunk)
+                total += n
+                if n < s.delete_chunk:
+                    break
+        finally:
+            log.close()
+        data = {"deleted": total}
+    print(f"deleted {data['deleted']} archived messages past the retention period")
 
 
 @defer.inlineCallbacks
@@ -270,6 +355,8 @@ def _live(config, args):
             print(adminclient.format_reload(data, data.get("pid")), end="")
         elif args.command == "s2s":
             print(adminclient.format_s2s(adminclient.request(data_dir, "s2s")), end="")
+        elif args.command == "mam":
+            _mam(config, args)
         elif args.command == "users":
             args_ = {"host": args.host} if args.host else {}
             print(adminclient.format_users(adminclient.request(data_dir, "users", args_)), end="")
@@ -444,6 +531,15 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("users", help="accounts per host (count, and the list where the "
                                  "connector can list)").add_argument("host", nargs="?")
     sub.add_parser("s2s", help="list the live server-to-server connections")
+    p = sub.add_parser("mam", help="message archive: purge a user's, or apply retention now",
+                       description="`purge JID` deletes the user's archived messages (only those "
+                       "before DATE with --before, an XEP-0082 date or date-time, UTC unless it "
+                       "says otherwise); `expire` deletes everything older than [mam] retention "
+                       "now. Through the running server when there is one, else in the archive "
+                       "file.")
+    p.add_argument("action", choices=["purge", "expire"])
+    p.add_argument("jid", nargs="?")
+    p.add_argument("--before", default=None, metavar="DATE")
     sub.add_parser("blocklist", help="show a user's XEP-0191 blocklist").add_argument("jid")
     p = sub.add_parser("filter", help="show or set a user's domain filter",
                        description="POLICY is ALL, LOCAL, OWN, BLOCK, LIST, BLACKLIST, CUSTOM or "

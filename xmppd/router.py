@@ -107,6 +107,8 @@ class Router:
         self.session_counts: dict[str, int] = dict.fromkeys(self.hosts, 0)
         # (filter name, "bounced" | "dropped") -> stanzas the filter refused
         self.refusals: dict[tuple[str, str], int] = {}
+        # (message, bytes) of the last message delivered to a bare JID.
+        self.last_serialized: tuple = (None, b"")
 
     # -- session registry -------------------------------------------------
 
@@ -396,6 +398,9 @@ class Router:
                     targets.append(target)
             if targets:
                 data = serialize(stanza)
+                # For a wrapper of deliver_unfiltered that keeps the message
+                # (the archive): the bytes just sent, not made a second time.
+                self.last_serialized = (stanza, data)
                 for target in targets:
                     target.send_bytes(data)
                 return

@@ -30,4 +30,6 @@ BUILTIN_PLUGINS = {
     "urn:xmpp:bookmarks:1": "xmppd.handlers.bookmarks:BookmarksPlugin",
     # XEP-0398, after presence, vcard and pep.
     "urn:xmpp:pep-vcard-conversion:0": "xmppd.handlers.avatarconv:AvatarConversionPlugin",
+    # XEP-0313 message archive (issue 16); needs urn:xmpp:sid:0 before it
+    "urn:xmpp:mam:2": "xmppd.handlers.mam:MAMPlugin",
 }

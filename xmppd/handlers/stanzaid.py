@@ -34,6 +34,9 @@ class StanzaIdPlugin(Plugin):
     def setup(self) -> None:
         self._prefix = base64.urlsafe_b64encode(os.urandom(9)).decode() + "-"
         self._counter = count(1)
+        # (message, id) of the last recipient stamp: read by the archive
+        # (xmppd.handlers.mam) after delivery instead of searching the children.
+        self.last: tuple = (None, "")
         hosts = self.router.hosts
         inner = self.router.deliver_unfiltered
         stamp = self.stamp
@@ -41,16 +44,25 @@ class StanzaIdPlugin(Plugin):
         def deliver_unfiltered(stanza, sender, to, session=None):
             if (stanza.name == "message" and to.user is not None and to.host in hosts
                     and stanza.getAttribute("type") != "error"):
-                stamp(stanza, to.bare)
+                self.last = (stanza, stamp(stanza, to.bare))
             inner(stanza, sender, to, session)
 
         self.router.deliver_unfiltered = deliver_unfiltered
 
+    def use_sequence(self, sequence) -> None:
+        """Draw the id counter from ``sequence`` (an iterator of increasing ints).
+
+        The archive (:mod:`xmppd.handlers.mam`) passes its time-ordered
+        sequence, so that the id a message was delivered with is its
+        archive id and points to its archive row (:mod:`xmppd.msglog`).
+        """
+        self._counter = sequence
+
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._counter):x}"
 
-    def stamp(self, stanza: domish.Element, by: str) -> None:
-        """Remove forged ids claiming ``by``, then add ours."""
+    def stamp(self, stanza: domish.Element, by: str) -> str:
+        """Remove forged ids claiming ``by``, then add ours; returns our id."""
         children = stanza.children
         for child in list(children):
             if (isinstance(child, domish.Element) and child.name == "stanza-id"
@@ -58,4 +70,5 @@ class StanzaIdPlugin(Plugin):
                 children.remove(child)
         sid = stanza.addElement((NS_SID, "stanza-id"))
         sid["by"] = by
-        sid["id"] = self.new_id()
+        sid["id"] = ident = self.new_id()
+        return ident

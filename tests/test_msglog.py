@@ -1,0 +1,146 @@
+"""The message log (xmppd.msglog): one suite for the SQLite and the in-memory backends."""
+from __future__ import annotations
+
+import pytest
+
+from xmppd.msglog import (
+    INCOMING, OUTGOING, LogQuery, LogWorker, MemoryMessageLog, Sequence, SQLiteMessageLog,
+    seq_of_id,
+)
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def msglog(request, tmp_path):
+    log = SQLiteMessageLog(str(tmp_path)) if request.param == "sqlite" else MemoryMessageLog()
+    yield log
+    log.close()
+
+
+def row(seq, user="a@x", other="b@y/r", direction=INCOMING):
+    return (seq, user, other, f"p-{seq:x}", direction, f"<message n='{seq}'/>".encode())
+
+
+def fill(log, n=30):
+    # a@x talks with b@y/r (even seqs) and c@z (odd); d@x has its own rows
+    rows = [row(s, other="b@y/r" if s % 2 == 0 else "c@z", direction=s % 2) for s in range(1, n + 1)]
+    rows += [row(100 + s, user="d@x") for s in range(5)]
+    assert log.append(rows) == {}
+    return rows
+
+
+def seqs(rows):
+    return [r.seq for r in rows]
+
+
+def test_order_ranges_and_paging(msglog):
+    fill(msglog)
+    assert msglog.last_seq() == 104
+    assert seqs(msglog.query(LogQuery("a@x", limit=5))) == [1, 2, 3, 4, 5]
+    assert seqs(msglog.query(LogQuery("a@x", lo=5, hi=9, limit=10))) == [6, 7, 8]
+    assert seqs(msglog.query(LogQuery("a@x", limit=3, reverse=True))) == [30, 29, 28]
+    assert seqs(msglog.query(LogQuery("a@x", hi=10, limit=3, reverse=True))) == [9, 8, 7]
+    r = msglog.query(LogQuery("a@x", limit=1))[0]
+    assert r.user == "a@x" and r.id == "p-1" and r.stanza == b"<message n='1'/>"
+    assert r.with_full == "c@z" and r.direction == OUTGOING
+
+
+def test_with_bare_and_full(msglog):
+    fill(msglog)
+    assert seqs(msglog.query(LogQuery("a@x", "b@y", limit=4))) == [2, 4, 6, 8]
+    assert seqs(msglog.query(LogQuery("a@x", "b@y/r", True, limit=2))) == [2, 4]
+    assert msglog.query(LogQuery("a@x", "b@y/other", True, limit=2)) == []
+    assert seqs(msglog.query(LogQuery("a@x", "c@z", lo=20, limit=50))) == [21, 23, 25, 27, 29]
+
+
+def test_count_with_cap(msglog):
+    fill(msglog)
+    assert msglog.count(LogQuery("a@x"), 100) == 30
+    assert msglog.count(LogQuery("a@x", "b@y"), 100) == 15
+    assert msglog.count(LogQuery("a@x"), 29) is None
+    assert msglog.count(LogQuery("nobody@x"), 10) == 0
+
+
+def test_get_is_per_user(msglog):
+    fill(msglog)
+    assert seqs(msglog.get("a@x", [5, 3, 101])) == [3, 5]  # 101 is d@x's
+    assert msglog.get("a@x", []) == []
+
+
+def test_quota_drops_oldest(msglog):
+    fill(msglog)
+    dropped = msglog.append([row(200), row(201)], max_per_user=25)
+    assert dropped == {"a@x": 7}
+    assert seqs(msglog.query(LogQuery("a@x", limit=3))) == [8, 9, 10]
+    assert msglog.count(LogQuery("a@x"), 100) == 25
+    assert msglog.append([row(202)], max_per_user=25) == {"a@x": 1}
+    assert msglog.count(LogQuery("d@x"), 100) == 5
+
+
+def test_delete_user_and_expire(msglog):
+    fill(msglog)
+    assert msglog.delete_user("a@x", before=11) == 10
+    assert seqs(msglog.query(LogQuery("a@x", limit=1))) == [11]
+    assert msglog.expire(before=15, limit=3) == 3
+    assert msglog.expire(before=15, limit=3) == 1
+    assert msglog.expire(before=15, limit=3) == 0
+    assert seqs(msglog.query(LogQuery("a@x", limit=1))) == [15]
+    assert msglog.delete_user("a@x") == 16
+    assert msglog.query(LogQuery("a@x")) == []
+    assert msglog.count(LogQuery("d@x"), 10) == 5
+
+
+def test_sqlite_survives_reopen(tmp_path):
+    log = SQLiteMessageLog(str(tmp_path))
+    fill(log)
+    log.close()
+    assert not (tmp_path / 'archive.sqlite3-wal').exists() or (tmp_path / 'archive.sqlite3-wal').stat().st_size == 0
+    log = SQLiteMessageLog(str(tmp_path))
+    assert log.last_seq() == 104 and len(log.query(LogQuery("a@x", limit=100))) == 30
+    log.close()
+
+
+def test_sequence_and_ids():
+    class Clock:
+        now = 1000.0
+
+        def seconds(self):
+            return self.now
+
+    clock = Clock()
+    s = Sequence(clock, last=0)
+    a, b = next(s), next(s)
+    assert a == 1_000_000_000 and b == a + 1  # strictly increasing at a standing clock
+    clock.now = 999.0  # the clock steps back: order is kept
+    assert next(s) == b + 1
+    s2 = Sequence(clock, last=5_000_000_000)  # restarted above the stored rows
+    assert next(s2) == 5_000_000_001
+    assert seq_of_id("AbC_-x-ff") == 255 and seq_of_id("nohex-zz") is None
+
+
+def test_worker_buffers_and_closes(tmp_path):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    log = MemoryMessageLog()
+    w = LogWorker(log, clock, flush_interval=0.5, max_buffer=3, checkpoint_interval=0)
+    for s in (1, 2, 3, 4):
+        w.append(row(s))
+    assert w.dropped == 1 and log.query(LogQuery("a@x")) == []
+    clock.advance(0.5)
+    assert seqs(log.query(LogQuery("a@x"))) == [1, 2, 3]
+    w.append(row(5))
+    got = []
+    w.run(lambda l: l.query(LogQuery("a@x"))).addCallback(got.append)
+    assert seqs(got[0]) == [1, 2, 3, 5]  # a query sees what was buffered before it
+    w.append(row(6))
+    w.close()
+    assert w.pending == [] and seqs(log.query(LogQuery("a@x"))) == [1, 2, 3, 5, 6]
+
+
+def test_delete_in_chunks(msglog):
+    fill(msglog)
+    assert msglog.delete_user("a@x", limit=7) == 7
+    assert seqs(msglog.query(LogQuery("a@x", limit=1))) == [8]
+    assert msglog.delete_user("a@x", before=12, limit=100) == 4
+    assert seqs(msglog.query(LogQuery("a@x", limit=1))) == [12]
+    msglog.checkpoint()
