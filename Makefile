@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# Editable install: the xmppctl script; PYTHONPATH lets twistd find the
 	# plugin in twisted/plugins/ (PEP 660 installs hide it).
-	$(PY) -m pip install --quiet -e '.[test,postgresql]'
+	$(PY) -m pip install --quiet -e '.[test,postgresql,cluster]'
 	touch $(STAMP)
 
 deps: $(STAMP)
