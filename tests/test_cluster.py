@@ -18,7 +18,8 @@ from tests.daemon import Daemon
 from tests.rawclient import RawClient
 
 PW = "pw-secret"
-USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank"]
+USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan", "judy",
+         "kim", "leo"]
 PLUGINS = ["roster", "presence", "disco", "ping", "offline", "urn:xmpp:blocking",
            "urn:xmpp:sid:0", "urn:xmpp:carbons:2"]
 CARBONS = "urn:xmpp:carbons:2"
@@ -86,6 +87,7 @@ def nothing(c, pattern, wait=0.5) -> None:
 
 def subscribe(a, a_user, b, b_user) -> None:
     """Mutual subscription between two logged-in users (each on its own node)."""
+    settle()  # each node has heard of the other's session
     for x, xu, y, yu in ((a, a_user, b, b_user), (b, b_user, a, a_user)):
         x.send(f"<presence to='{yu}@localhost' type='subscribe'/>")
         expect(y, f"<presence[^>]*type='subscribe'")
@@ -107,10 +109,102 @@ def test_chat_across_nodes_full_and_bare(nodes):
     got = expect(a, "<message.*?</message>")
     assert "hi alice" in got and "from='bob@localhost/r'" in got
     # An IQ to a full JID on another node, and its answer back.
-    reply = a.iq("<iq type='get' id='p1' to='bob@localhost/r'><ping xmlns='urn:xmpp:ping'/></iq>",
-                 "p1", timeout=0.1) if False else None
     a.send("<iq type='get' id='q1' to='bob@localhost/r'><query xmlns='jabber:iq:version'/></iq>")
     assert "id='q1'" in expect(b, "<iq[^>]*id='q1'")
     b.send("<iq type='result' id='q1' to='alice@localhost/r'/>")
     assert "type='result'" in expect(a, "<iq[^>]*id='q1'[^>]*>")
     a.close(), b.close()
+
+
+def test_bare_jid_goes_to_highest_priority_across_nodes(nodes):
+    b = login(nodes[0], "bob")
+    b1 = RawClient(nodes[1].port)
+    b1.login("hank", PW, "low")
+    b1.send("<presence><priority>1</priority></presence>")
+    b2 = RawClient(nodes[2].port)
+    b2.login("hank", PW, "high")
+    b2.send("<presence><priority>5</priority></presence>")
+    expect(b2, "<presence[^>]*from='hank@localhost/high'")
+    settle()
+    b.send("<message to='hank@localhost' type='chat' id='h1'><body>to the best</body></message>")
+    assert "to the best" in expect(b2, "<message.*?</message>")
+    nothing(b1, "to the best")
+    for c in (b, b1, b2):
+        c.close()
+
+
+def test_presence_probes_blocking_and_invalidations(nodes):
+    carol = login(nodes[0], "carol")
+    d1 = login(nodes[1], "dave", "d1")
+    subscribe(carol, "carol", d1, "dave")
+    # A second resource of dave's on a third node: carol sees it come online,
+    # and its probe brings carol's presence from node 1.
+    d2 = RawClient(nodes[2].port)
+    d2.login("dave", PW, "d2")
+    d2.send("<presence/>")
+    expect(carol, "<presence[^>]*from='dave@localhost/d2'")
+    expect(d2, "<presence[^>]*from='carol@localhost/r'")
+    expect(d1, "<presence[^>]*from='dave@localhost/d2'")  # own resources see it too
+    for c in (d1, d2):
+        assert "<blocklist" in c.iq("<iq type='get' id='bl'><blocklist xmlns='urn:xmpp:blocking'/>"
+                                    "</iq>", "bl")
+    # Node 1 has dave's (empty) blocklist cached after this one.
+    carol.send("<message to='dave@localhost' type='chat' id='c1'><body>before</body></message>")
+    expect(d1, "before")
+    d2.iq("<iq type='set' id='b1'><block xmlns='urn:xmpp:blocking'><item jid='carol@localhost'/>"
+          "</block></iq>", "b1")
+    assert "carol@localhost" in expect(d1, "<iq[^>]*type='set'.*?</iq>")  # the push, on node 2
+    expect(carol, "<presence(?=[^>]*from='dave@localhost/d[12]')(?=[^>]*type='unavailable')")
+    settle()
+    carol.send("<message to='dave@localhost' type='chat' id='c2'><body>after</body></message>")
+    assert "service-unavailable" in expect(carol, "<message[^>]*type='error'.*?</message>")
+    nothing(d1, "after"), nothing(d2, "after", 0.1)
+    for c in (carol, d1, d2):
+        c.close()
+
+
+def test_carbons_across_nodes(nodes):
+    e1 = login(nodes[0], "erin", "e1", carbons=True)
+    e2 = login(nodes[1], "erin", "e2", carbons=True)
+    frank = login(nodes[2], "frank")
+    settle()
+    frank.send("<message to='erin@localhost/e1' type='chat' id='f1'><body>direct</body></message>")
+    expect(e1, "direct")
+    assert "<received xmlns='urn:xmpp:carbons:2'>" in expect(e2, "<message.*?direct.*?</message>")
+    e1.send("<message to='frank@localhost' type='chat' id='e1m'><body>reply</body></message>")
+    expect(frank, "reply")
+    assert "<sent xmlns='urn:xmpp:carbons:2'>" in expect(e2, "<message.*?reply.*?</message>")
+    for c in (e1, e2, frank):
+        c.close()
+
+
+def test_offline_when_no_node_has_a_session(nodes):
+    hank = login(nodes[1], "hank", "h")
+    hank.send("<message to='gina@localhost' type='chat' id='o1'><body>while away</body></message>")
+    settle()
+    gina = login(nodes[2], "gina", presence=False)
+    gina.send("<presence/>")
+    assert "while away" in expect(gina, "<message.*?while away.*?</message>")
+    nothing(gina, "while away.*while away")
+    hank.close(), gina.close()
+
+
+def test_same_full_jid_on_second_node_closes_first(nodes):
+    first = login(nodes[0], "alice", "dup")
+    settle()
+    second = login(nodes[1], "alice", "dup")
+    assert "<conflict" in first.read_all(timeout=5).decode()
+    bob = login(nodes[2], "bob", "b")
+    settle()
+    bob.send("<message to='alice@localhost/dup' type='chat' id='d1'><body>to the new one</body></message>")
+    expect(second, "to the new one")
+    second.close(), bob.close()
+
+
+def test_admin_sessions_and_kick_cluster_wide(nodes):
+    c = login(nodes[1], "kim", "admin-test")
+    settle()
+    listing = nodes[0].ctl("sessions").stdout
+    assert "kim@localhost/admin-test" in listing
+    nodes[0].ctl("sessions", "kick", "kim@localhost/admin-test")
+    assert "policy-violation" in c.read_all(timeout=5).decode()
