@@ -50,6 +50,7 @@ install:
 	    'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	install -d $(DEST)/share/xmppd
 	sed 's|/opt/xmppd/|$(DEST)/|g' etc/xmppd.service > $(DEST)/share/xmppd/xmppd.service
+	sed 's|/opt/xmppd/|$(DEST)/|g' etc/xmppd@.service > $(DEST)/share/xmppd/xmppd@.service
 	install -m 0644 etc/xmppd.toml README.rst $(DEST)/share/xmppd/
 	@echo "installed into $(DEST); unit: $(DEST)/share/xmppd/xmppd.service"
 

@@ -208,3 +208,65 @@ def test_admin_sessions_and_kick_cluster_wide(nodes):
     assert "kim@localhost/admin-test" in listing
     nodes[0].ctl("sessions", "kick", "kim@localhost/admin-test")
     assert "policy-violation" in c.read_all(timeout=5).decode()
+
+
+# -- failures (last: they kill a node and stop Redis) ------------------------------------
+
+
+def test_kill9_node_contacts_see_unavailable_once_messages_go_offline(nodes):
+    ivan = login(nodes[0], "ivan")
+    judy = login(nodes[2], "judy")
+    watcher = login(nodes[1], "ivan", "w")  # a second resource, on a survivor too
+    subscribe(ivan, "ivan", judy, "judy")
+    killed = time.monotonic()
+    nodes[2].kill9()
+    # Before the expiry the dead node is still listed: PUBLISH reaches nobody,
+    # and the message takes the offline path instead of vanishing.
+    ivan.send("<message to='judy@localhost/r' type='chat' id='k0'><body>in the window</body></message>")
+    got = expect(ivan, "<presence(?=[^>]*from='judy@localhost/r')(?=[^>]*type='unavailable')",
+                 timeout=EXPIRY + HEARTBEAT + 5)
+    assert time.monotonic() - killed < EXPIRY + HEARTBEAT + 5, got
+    nothing(ivan, "from='judy@localhost/r'[^>]*type='unavailable'", wait=2 * HEARTBEAT + 0.5)
+    ivan.send("<message to='judy@localhost' type='chat' id='k1'><body>after the crash</body></message>")
+    ivan.send("<message to='judy@localhost/r' type='chat' id='k2'><body>to the full JID</body></message>")
+    nothing(ivan, "type='error'", wait=0.5)
+    settle()
+    again = login(nodes[1], "judy", "back", presence=False)
+    again.send("<presence/>")
+    got = expect(again, "to the full JID.*?</message>")
+    assert got.count("after the crash") == 1 and got.count("in the window") == 1
+    nothing(again, "after the crash|to the full JID|in the window")
+    ivan.close(), watcher.close(), again.close()
+
+
+def test_redis_outage_refuses_logins_keeps_local_routing_and_recovers(nodes, redis):  # noqa: F811
+    kim = login(nodes[0], "kim")
+    leo = login(nodes[0], "leo")
+    redis.stop()
+    time.sleep(0.5)
+    c = RawClient(nodes[1].port)
+    c.open_stream(), c.starttls(), c.open_stream()
+    reply = c.auth_plain("gina", PW).decode()
+    assert "<temporary-auth-failure/>" in reply and "Redis" in reply
+    c.close()
+    kim.send("<message to='leo@localhost' type='chat' id='l1'><body>local still</body></message>")
+    expect(leo, "local still")
+    redis.start()
+    deadline = time.monotonic() + 10
+    while True:
+        c = RawClient(nodes[1].port)
+        c.open_stream(), c.starttls(), c.open_stream()
+        if b"<success" in c.auth_plain("gina", PW):
+            break
+        c.close()
+        assert time.monotonic() < deadline, "node 2 never came back"
+        time.sleep(0.3)
+    c.open_stream()
+    c.bind("g")
+    c.send("<presence/>")
+    settle()
+    kim.send("<message to='gina@localhost/g' type='chat' id='l2'><body>across again</body></message>")
+    expect(c, "across again")
+    for node in nodes[:2]:
+        assert node.logtext().count("unreachable (") == 1, node.logtext()[-2000:]
+    kim.close(), leo.close(), c.close()
