@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# Editable install: the xmppctl script; PYTHONPATH lets twistd find the
 	# plugin in twisted/plugins/ (PEP 660 installs hide it).
-	$(PY) -m pip install --quiet -e '.[test,postgresql]'
+	$(PY) -m pip install --quiet -e '.[test,postgresql,cluster]'
 	touch $(STAMP)
 
 deps: $(STAMP)
@@ -50,6 +50,7 @@ install:
 	    'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 	install -d $(DEST)/share/xmppd
 	sed 's|/opt/xmppd/|$(DEST)/|g' etc/xmppd.service > $(DEST)/share/xmppd/xmppd.service
+	sed 's|/opt/xmppd/|$(DEST)/|g' etc/xmppd@.service > $(DEST)/share/xmppd/xmppd@.service
 	install -m 0644 etc/xmppd.toml README.rst $(DEST)/share/xmppd/
 	@echo "installed into $(DEST); unit: $(DEST)/share/xmppd/xmppd.service"
 

@@ -2,7 +2,7 @@
 # Install the system packages the tests need: for the authentication
 # connectors a PostgreSQL server (initdb/pg_ctl), OpenLDAP's slapd and the
 # ldap-utils (ldapadd/slapadd); for the migration tests (XEP-0227 exports of
-# real peers) Prosody 0.12 and ejabberd 23.01.  The test fixtures start
+# real peers) Prosody 0.12 and ejabberd 23.01; for the cluster tests redis-server.  The test fixtures start
 # private instances of these in temporary directories on free loopback ports;
 # the system services are never used, never started and left disabled.
 #
@@ -10,9 +10,9 @@
 # called when nothing is missing.  Run as root on Debian 12 (make test does).
 set -eu
 
-PACKAGES="postgresql slapd ldap-utils prosody ejabberd openssl util-linux systemd"
+PACKAGES="postgresql slapd ldap-utils prosody ejabberd openssl util-linux systemd redis-server"
 # Daemons whose packaged services must not run (tests start their own).
-SERVICES="prosody ejabberd"
+SERVICES="prosody ejabberd redis-server"
 
 missing=""
 for pkg in $PACKAGES; do

@@ -11,6 +11,8 @@ daemon-level tests (slixmpp against ``twistd -n xmppd``):
   slapd.conf, an mdb database loaded from a generated LDIF, and TLS
   (StartTLS on the ldap:// port, and an ldaps:// port) from a CA generated
   for the run.
+* :class:`RedisServer` / fixture ``redis``: a private ``redis-server``
+  (no persistence) for the cluster tests.
 * builders for account databases: :func:`make_sql_db` (the sql connector's
   default schema), :func:`make_drupal_db` (Drupal 7 ``users`` / Drupal 8+
   ``users_field_data``).
@@ -412,6 +414,63 @@ def slapd_server() -> SlapdServer:
 @pytest.fixture(scope="session")
 def slapd() -> SlapdServer:
     return slapd_server()
+
+
+# -- Redis (the cluster's registry and bus) -----------------------------------------
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port, no persistence.
+
+    ``stop()`` and ``start()`` again on the same port (tests of an outage):
+    like a real restart without persistence, it comes back empty.
+    """
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(self.binary):
+            pytest.fail("redis-server not found: run scripts/install-test-deps.sh (as root)")
+        self.dir = _private_tmpdir("xmppd-redis-")
+        self.port = free_port()
+        self.logfile = self.dir / "redis.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self.log = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--daemonize", "no",
+             "--protected-mode", "yes"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir,
+        )
+        wait_for_port(self.port, proc=self.proc, logfile=self.logfile)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def redis():
+    """A Redis of the module's own (its tests may stop and restart it)."""
+    server = RedisServer().start()
+    yield server
+    server.destroy()
 
 
 # -- account databases -------------------------------------------------------------------

@@ -238,6 +238,9 @@ class AdminChannel:
     def sessions(self) -> list[dict]:
         out = []
         for s in self._all_sessions():
+            if getattr(s, "remote", False):  # bound on another cluster node
+                out.append(s.describe())
+                continue
             peer = s.transport.getPeer()
             tls = None
             conn = s._tls_connection() if hasattr(s, "_tls_connection") else None

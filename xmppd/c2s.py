@@ -413,6 +413,10 @@ class C2SStream(XMPPStream):
                     sasl.SASLFailure("temporary-auth-failure", f"too many failures, retry in {int(wait)}s"),
                     name,
                 )
+            gate = self.server.login_gate  # a cluster node cut off from Redis
+            refusal = gate() if gate is not None else None
+            if refusal:
+                return self._sasl_failure(sasl.SASLFailure("temporary-auth-failure", refusal), name)
             conn = self._tls_connection()
             client_cert = self._client_certificate()
             ctx = sasl.SASLContext(

@@ -15,7 +15,7 @@ from xmppd.config import Config
 from xmppd.jid import JID
 from xmppd.registry import load_plugin
 from xmppd.router import Router
-from xmppd.storage import IKeyValueStore, SQLiteStore
+from xmppd.storage import IKeyValueStore, SQLiteStore, store_dir
 from xmppd.logfilter import log_observer
 
 log = Logger(observer=log_observer)
@@ -36,7 +36,7 @@ class Server:
         self.clock = clock
         # [metrics]: None when off (the default); read before any listener exists.
         self.metrics = metrics.settings(config)
-        self.store = store if store is not None else SQLiteStore(config.data_dir)
+        self.store = store if store is not None else SQLiteStore(store_dir(config))
         self.router = Router(config.hosts)
         self.connectors: dict[str, IAuthConnector] = (
             connectors if connectors is not None
@@ -74,6 +74,12 @@ class Server:
         from xmppd.components import Components
 
         self.components = Components(self)
+        # [cluster] (xmppd.cluster): None for a stand-alone node.  Its
+        # login_gate says why a login must wait (Redis unreachable).
+        self.login_gate = None
+        from xmppd.cluster import attach as attach_cluster
+
+        self.cluster = attach_cluster(self)
 
     # -- wiring ----------------------------------------------------------------
 

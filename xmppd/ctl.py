@@ -114,16 +114,16 @@ def _store_access(args) -> str:
 
 
 def _open_store(config, access: str):
-    from xmppd.storage import SQLiteStore, StoreNotFound
+    from xmppd.storage import SQLiteStore, StoreNotFound, store_dir
 
     if access == CREATE:
-        existed = os.path.isfile(os.path.join(config.data_dir, SQLiteStore.FILENAME))
-        store = SQLiteStore(config.data_dir)
+        existed = os.path.isfile(os.path.join(store_dir(config), SQLiteStore.FILENAME))
+        store = SQLiteStore(store_dir(config))
         if not existed:
             sys.stderr.write(f"xmppctl: created a new store at {store.path}\n")
         return store
     try:
-        return SQLiteStore(config.data_dir, create=False, read_only=access == READ)
+        return SQLiteStore(store_dir(config), create=False, read_only=access == READ)
     except StoreNotFound as e:
         raise CtlError(f"{e}: is --config right?") from None
 
@@ -484,7 +484,9 @@ def check(config, reactor):
         problems.extend(check_certificates(certs))
     except Exception as e:  # a broken cert file must be reported, not crash check
         problems.append(f"certificates: {e}")
-    path = os.path.join(config.data_dir, SQLiteStore.FILENAME)
+    from xmppd.storage import store_dir
+
+    path = os.path.join(store_dir(config), SQLiteStore.FILENAME)
     if not os.path.isfile(path):
         problems.append(f"warning: no store at {path} yet; the server creates an empty one "
                         f"(is [server] data_dir right?)")

@@ -117,7 +117,7 @@ class Router:
         resources = self.sessions.setdefault(session.jid.bare, {})
         old = resources.get(session.jid.resource)
         resources[session.jid.resource] = session
-        if old is None:  # a replaced session leaves the count as it was
+        if old is None or getattr(old, "remote", False):  # a replaced local one: same count
             host = session.jid.host
             self.session_counts[host] = self.session_counts.get(host, 0) + 1
         for hook in self.on_bound:

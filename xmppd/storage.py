@@ -26,7 +26,26 @@ from typing import Any, Callable
 
 from zope.interface import Interface, implementer
 
-__all__ = ["IKeyValueStore", "SQLiteStore", "MemoryStore", "StoreError", "StoreNotFound"]
+__all__ = ["IKeyValueStore", "SQLiteStore", "MemoryStore", "StoreError", "StoreNotFound",
+           "store_dir"]
+
+
+def store_dir(config) -> str:
+    """The directory of the embedded store: ``[storage] dir``, default ``data_dir``.
+
+    Apart from the data directory so that several nodes of a cluster on one
+    machine (docs/cluster.rst) can share one store while each keeps its own
+    pid file and admin socket in its own ``data_dir``; SQLite's WAL mode
+    serialises their writes.  A relative path is relative to the config file.
+    """
+    sec = config.section("storage")
+    directory = sec.str("dir", None)
+    sec.reject_unknown()
+    if directory is None:
+        return config.data_dir
+    if not os.path.isabs(directory) and config.path and os.path.exists(config.path):
+        directory = os.path.join(os.path.dirname(os.path.abspath(config.path)), directory)
+    return directory
 
 
 # SQLite result codes (primary part) that mean "out of room or busy, try

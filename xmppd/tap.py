@@ -67,6 +67,9 @@ class ServerService(service.MultiService):
         log_problems(self.server.connectors.values())
         if self.server.s2s is not None:
             self.server.s2s.start()
+        if self.server.cluster is not None:
+            self.server.cluster.start()
+            reactor.addSystemEventTrigger("before", "shutdown", self.server.cluster.stop)
         interval = self.server.config.tls.poll_interval
         if interval > 0:
             self.server.certs.start_polling(interval)
