@@ -416,6 +416,7 @@ SECTION_TABLES = (
     "limits", "acl", "adhoc", "blocking", "domain-filter", "metrics", "offline", "ping",
     "register", "roster", "vcard", "version", "components", "csi", "stream-management",
     "caps", "pep", "private", "mam",
+    "storage",
 )
 # Keys of [hosts."<domain>"] tables.
 HOST_KEYS = ("auth", "tls", "sasl", "domain-filter", "admins")
