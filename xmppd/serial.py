@@ -38,6 +38,11 @@ class Serial:
         d.addBoth(self._ended, key, ended)
         return d
 
+    def busy(self, key: Any) -> bool:
+        """Whether a step of ``key`` is under way (a caller that must keep
+        order behind it then goes through :meth:`run`; others need not)."""
+        return key in self._tail
+
     def _ended(self, result: Any, key: Any, ended: defer.Deferred) -> Any:
         if self._tail.get(key) is ended:
             del self._tail[key]

@@ -352,6 +352,15 @@ class PresencePlugin(Plugin):
     # -- inbound: to a local account, after the filter chain ------------------
 
     def inbound(self, stanza: domish.Element, sender: JID, to: JID) -> None:
+        if self.serial.busy(to.bare):
+            # A subscription change of this user is being stored: what the
+            # contact sent after it must not overtake it (RFC 6120 §10.1).
+            self.serial.run(to.bare, self._inbound, stanza, sender, to).addErrback(
+                self._read_failed)
+            return
+        self._inbound(stanza, sender, to)
+
+    def _inbound(self, stanza: domish.Element, sender: JID, to: JID) -> None:
         kind = stanza.getAttribute("type")
         if kind in SUBSCRIPTION_TYPES:
             self._inbound_subscription(stanza, kind, sender.bare, to.bare_jid())
@@ -394,18 +403,22 @@ class PresencePlugin(Plugin):
                 self.router.deliver(copy_to(last, sender.full), session.jid, sender)
 
     def _inbound_subscription(self, stanza, kind: str, contact: str, owner: JID) -> None:
-        self.router.user_exists(owner).addCallback(
-            self._inbound_subscription_checked, stanza, kind, contact, owner
-        ).addErrback(lambda f: log.failure("subscription handling failed", f))
-
-    def _inbound_subscription_checked(self, exists: bool, stanza, kind, contact: str, owner: JID):
         def failed(failure) -> None:
-            failure.trap(StoreError)
-            # The contact asked for a change we could not record: say so.
-            self.router.bounce(stanza, store_failure(failure.value), None)
+            if failure.check(StoreError):
+                # The contact asked for a change we could not record: say so.
+                self.router.bounce(stanza, store_failure(failure.value), None)
+            else:
+                log.failure("subscription handling failed", failure)
 
-        return self.serial.run(owner.bare, self._inbound_subscription_apply, exists, stanza, kind,
-                               contact, owner).addErrback(failed)
+        # In the owner's queue from the start (the account look-up too), so
+        # that what the contact sends next waits for it (see inbound).
+        self.serial.run(owner.bare, self._inbound_subscription_step, stanza, kind, contact,
+                        owner).addErrback(failed)
+
+    @defer.inlineCallbacks
+    def _inbound_subscription_step(self, stanza, kind: str, contact: str, owner: JID):
+        exists = yield self.router.user_exists(owner)
+        yield self._inbound_subscription_apply(exists, stanza, kind, contact, owner)
 
     @defer.inlineCallbacks
     def _inbound_subscription_apply(self, exists: bool, stanza, kind, contact: str, owner: JID):
