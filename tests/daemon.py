@@ -58,7 +58,7 @@ class Daemon:
     def __init__(self, tmp: Path, hosts=("localhost",), extra: str = "", plugins=None,
                  tls: str = "required", direct_tls: bool = False, c2s: str = "",
                  s2s: str | None = None, s2s_direct_tls: bool = False,
-                 store: str = "sqlite") -> None:
+                 store: str = "sqlite", pg=None) -> None:
         """``s2s``: lines for an ``[s2s]`` table with a loopback listener on
         ``self.s2s_port`` (and ``self.s2s_tls_port`` with ``s2s_direct_tls``);
         None switches federation off (``enabled = false``), so that no test
@@ -85,7 +85,7 @@ class Daemon:
         if store == "postgresql":
             from tests.backends import postgres_server
 
-            self.pg = postgres_server()
+            self.pg = pg if pg is not None else postgres_server()
             self.pg_dsn = self.pg.create_database(f"xmppd_{self.port}")
         self._schema_made = False
         self.write_config(extra, plugins, tls)

@@ -150,6 +150,7 @@ class Connection:
         # One key for storefail's rate limit whatever the statement: one
         # line per outage (per LOG_INTERVAL), not one per user.
         err = StoreError(self.path, "connect", UNREACHABLE, user, "resource-constraint")
+        err.text = "the server's database is unreachable; try again later"
         err.detail = f"{operation}: {str(error).strip().splitlines()[0] if str(error) else error!r}"
         return err
 

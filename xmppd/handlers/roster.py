@@ -186,6 +186,7 @@ class Rosters:
         self.limits = limits or Limits()
         self._cache: dict[str, Listing] = {}
         self._loading: dict[str, object] = {}  # bare -> token of the load under way
+        self._versions: dict[str, int] = {}  # roster version of pinned users
 
     def _load(self, bare: str) -> defer.Deferred:
         return self.store.items(STORE, bare).addCallback(
@@ -207,10 +208,10 @@ class Rosters:
             return
         token = self._loading[bare] = object()
 
-        def loaded(listing: Listing) -> None:
+        def loaded(both: tuple) -> None:
             if self._loading.get(bare) is token:
                 del self._loading[bare]
-                self._cache[bare] = listing
+                self._cache[bare], self._versions[bare] = both
 
         def failed(failure) -> None:
             if self._loading.get(bare) is token:
@@ -218,10 +219,13 @@ class Rosters:
             failure.trap(StoreError)
             store_report(failure.value)
 
-        self._load(bare).addCallbacks(loaded, failed)
+        self._load(bare).addCallback(
+            lambda listing: self.version(bare).addCallback(lambda v: (listing, v))
+        ).addCallbacks(loaded, failed)
 
     def unpin(self, bare: str) -> None:
         self._cache.pop(bare, None)
+        self._versions.pop(bare, None)
         self._loading.pop(bare, None)
 
     def item(self, bare: str, contact: str) -> defer.Deferred:
@@ -279,6 +283,7 @@ class Rosters:
         cached = self._cache.get(bare)
         if cached is not None:
             cached.set(contact, item)
+            self._versions[bare] = version
         self._reload_if_loading(bare)
         return version
 
@@ -290,6 +295,7 @@ class Rosters:
         cached = self._cache.get(bare)
         if cached is not None:
             cached.remove(contact)
+            self._versions[bare] = version
         self._reload_if_loading(bare)
         return version
 
@@ -299,6 +305,9 @@ class Rosters:
             self.pin(bare)
 
     def version(self, bare: str) -> defer.Deferred:
+        cached = self._versions.get(bare)
+        if cached is not None:
+            return defer.succeed(cached)
         return self.store.get(SETTINGS, bare, VERSION_KEY, 0)
 
 
