@@ -696,3 +696,34 @@ def captured_log():
     globalLogPublisher.addObserver(cap)
     yield cap
     globalLogPublisher.removeObserver(cap)
+
+
+# -- the PostgreSQL store backend (xmppd.storage_pg) -----------------------------------
+
+
+def pg_storage(postgres: PostgresServer, database: str):
+    """A fresh database with the xmppd schema; returns its StorageConfig."""
+    from xmppd.storage_pg import create_schema
+    from xmppd.storeconfig import StorageConfig
+
+    dsn = postgres.create_database(database)
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        create_schema(conn)
+    return StorageConfig(backend="postgresql", dsn=dsn, pool_size=2, connect_timeout=2.0,
+                         statement_timeout=5.0)
+
+
+def pg_truncate(conf) -> None:
+    """Empty the store's tables between tests (cheaper than a new database)."""
+    import psycopg
+
+    with psycopg.connect(conf.dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE kv, archive")
+
+
+@pytest.fixture(scope="session")
+def pg_store_conf(postgres):
+    """One database for the shared store suites, emptied before each use."""
+    return pg_storage(postgres, "xmppd_suite")

@@ -57,11 +57,15 @@ class Daemon:
 
     def __init__(self, tmp: Path, hosts=("localhost",), extra: str = "", plugins=None,
                  tls: str = "required", direct_tls: bool = False, c2s: str = "",
-                 s2s: str | None = None, s2s_direct_tls: bool = False) -> None:
+                 s2s: str | None = None, s2s_direct_tls: bool = False,
+                 store: str = "sqlite", pg=None) -> None:
         """``s2s``: lines for an ``[s2s]`` table with a loopback listener on
         ``self.s2s_port`` (and ``self.s2s_tls_port`` with ``s2s_direct_tls``);
         None switches federation off (``enabled = false``), so that no test
-        daemon looks up other domains in DNS."""
+        daemon looks up other domains in DNS.  ``store="postgresql"``: the
+        store in a fresh database of the tests' private PostgreSQL server
+        (tests/backends.py), its schema made by ``xmppctl create-schema``
+        at the first start; ``self.pg`` is that server, ``self.pg_dsn`` the DSN."""
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = tuple(hosts)
@@ -76,6 +80,14 @@ class Daemon:
         self.s2s = s2s
         self.s2s_port = free_port() if s2s is not None else None
         self.s2s_tls_port = free_port() if s2s is not None and s2s_direct_tls else None
+        self.store = store
+        self.pg = self.pg_dsn = None
+        if store == "postgresql":
+            from tests.backends import postgres_server
+
+            self.pg = pg if pg is not None else postgres_server()
+            self.pg_dsn = self.pg.create_database(f"xmppd_{self.port}")
+        self._schema_made = False
         self.write_config(extra, plugins, tls)
 
     def write_config(self, extra: str = "", plugins=None, tls: str = "required") -> None:
@@ -106,6 +118,9 @@ class Daemon:
             listen_tls = f'["tcp:{self.s2s_tls_port}:interface=127.0.0.1"]' if self.s2s_tls_port else "[]"
             text += (f'\n[s2s]\nlisten = ["tcp:{self.s2s_port}:interface=127.0.0.1"]\n'
                      f"listen_tls = {listen_tls}\n" + textwrap.dedent(self.s2s).strip() + "\n")
+        if self.pg_dsn is not None:
+            text += (f'\n[storage]\nbackend = "postgresql"\ndsn = "{self.pg_dsn}"\n'
+                     "connect_timeout = 2\n")
         self.config_path.write_text(text + textwrap.dedent(extra))
 
     def env(self) -> dict:
@@ -115,6 +130,9 @@ class Daemon:
         return env
 
     def start(self, wait: bool = True) -> "Daemon":
+        if self.pg_dsn is not None and not self._schema_made:
+            self.ctl("create-schema")
+            self._schema_made = True
         self.log = open(self.dir / "xmppd.log", "ab")
         self.proc = subprocess.Popen(
             [*self.prefix, str(TWISTD), "--nodaemon", "--pidfile=", "xmppd", "--config", str(self.config_path)],

@@ -20,9 +20,11 @@ BLOCKED_ERROR = re.compile(
 )
 
 
-@pytest.fixture(scope="module")
-def bd(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("blocking"), hosts=("localhost", "other.test")).start()
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def bd(request, tmp_path_factory):
+    # Also on PostgreSQL (issue 18): the filter loads cold lists asynchronously there.
+    d = Daemon(tmp_path_factory.mktemp("blocking"), hosts=("localhost", "other.test"),
+               store=request.param).start()
     for u in USERS:
         d.adduser(u, PW)
     yield d

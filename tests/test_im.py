@@ -13,9 +13,11 @@ from tests.xmpp import connect, run
 PW = {"alice": "alice-secret", "bob": "bob-secret", "carol": "carol-secret", "dan": "dan-secret"}
 
 
-@pytest.fixture(scope="module")
-def im(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("im"), plugins=[
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def im(request, tmp_path_factory):
+    # The core IM tests run twice: on the embedded store and on PostgreSQL
+    # (xmppd.storage_pg, issue 18), the daemon otherwise the same.
+    d = Daemon(tmp_path_factory.mktemp("im"), store=request.param, plugins=[
         "roster", "presence", "disco", "ping", "version", "offline", "vcard", "register",
     ], extra="""
         [register]

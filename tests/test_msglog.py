@@ -7,11 +7,19 @@ from xmppd.msglog import (
     INCOMING, OUTGOING, LogQuery, LogWorker, MemoryMessageLog, Sequence, SQLiteMessageLog,
     seq_of_id,
 )
+from tests.backends import pg_store_conf, pg_truncate, postgres  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
 def msglog(request, tmp_path):
-    log = SQLiteMessageLog(str(tmp_path)) if request.param == "sqlite" else MemoryMessageLog()
+    if request.param == "postgresql":
+        from xmppd.msglog_pg import PostgresMessageLog
+
+        conf = request.getfixturevalue("pg_store_conf")
+        pg_truncate(conf)
+        log = PostgresMessageLog(conf)
+    else:
+        log = SQLiteMessageLog(str(tmp_path)) if request.param == "sqlite" else MemoryMessageLog()
     yield log
     log.close()
 

@@ -9,12 +9,20 @@ import time
 
 import pytest
 
+from tests.backends import pg_store_conf, pg_truncate, postgres  # noqa: F401 (fixtures)
 from xmppd.storage import MemoryStore, SQLiteStore, StoreError
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def store(request, tmp_path):
-    s = MemoryStore() if request.param == "memory" else SQLiteStore(str(tmp_path))
+    if request.param == "postgresql":
+        from xmppd.storage_pg import PostgresStore
+
+        conf = request.getfixturevalue("pg_store_conf")
+        pg_truncate(conf)
+        s = PostgresStore(conf)
+    else:
+        s = MemoryStore() if request.param == "memory" else SQLiteStore(str(tmp_path))
     yield s
     s.close()
 
@@ -49,6 +57,24 @@ def test_put_many_and_order(store):
 def test_values_are_json_not_objects(store):
     with pytest.raises(TypeError):
         store.put("s", "u", "k", object())
+
+
+def test_batch_is_one_transaction(store):
+    store.put("roster", "a@b", "old", 1)
+    store.batch(puts=[("roster", "a@b", "c@d", {"s": "to"}), ("settings", "a@b", "ver", 2)],
+                deletes=[("roster", "a@b", "old")])
+    assert store.items("roster", "a@b") == [("c@d", {"s": "to"})]
+    assert store.get("settings", "a@b", "ver") == 2
+    with pytest.raises(TypeError):  # one bad value: nothing of the batch is stored
+        store.batch(puts=[("roster", "a@b", "x", 1), ("roster", "a@b", "y", object())])
+    assert store.get("roster", "a@b", "x") is None
+
+
+def test_keys_in_byte_order_and_unicode(store):
+    keys = ["b", "B", "a", "\u00e9t\u00e9@x", "Z", "000000000010", "000000000002"]
+    store.put_many("s", "\u00fcser@b", {k: k for k in keys})
+    assert [k for k, _ in store.items("s", "\u00fcser@b")] == sorted(keys)  # code point order
+    assert store.users("s") == ["\u00fcser@b"]
 
 
 def test_sqlite_uses_wal_and_survives_reopen(tmp_path):

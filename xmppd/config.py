@@ -416,7 +416,7 @@ SECTION_TABLES = (
     "limits", "acl", "adhoc", "blocking", "domain-filter", "metrics", "offline", "ping",
     "register", "roster", "vcard", "version", "components", "csi", "stream-management",
     "caps", "pep", "private", "mam",
-    # [cluster] (xmppd.cluster.settings), [storage] (xmppd.storage.store_dir)
+    # [cluster] (xmppd.cluster.settings), [storage] (xmppd.storeconfig)
     "cluster", "storage",
 )
 # Keys of [hosts."<domain>"] tables.

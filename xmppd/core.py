@@ -15,7 +15,7 @@ from xmppd.config import Config
 from xmppd.jid import JID
 from xmppd.registry import load_plugin
 from xmppd.router import Router
-from xmppd.storage import IKeyValueStore, SQLiteStore, store_dir
+from xmppd.storage import IAsyncKeyValueStore, IKeyValueStore, as_async
 from xmppd.logfilter import log_observer
 
 log = Logger(observer=log_observer)
@@ -25,7 +25,7 @@ class Server:
     """Everything a stream or a plugin may need, built once."""
 
     def __init__(
-        self, config: Config, store: IKeyValueStore | None = None, clock: Any = None,
+        self, config: Config, store: IKeyValueStore | IAsyncKeyValueStore | None = None, clock: Any = None,
         certs: Any = None, connectors: dict[str, IAuthConnector] | None = None,
     ) -> None:
         if clock is None:
@@ -36,7 +36,13 @@ class Server:
         self.clock = clock
         # [metrics]: None when off (the default); read before any listener exists.
         self.metrics = metrics.settings(config)
-        self.store = store if store is not None else SQLiteStore(store_dir(config))
+        # The server always sees the asynchronous face (xmppd.storage); an
+        # embedded store given by a test or a tool is wrapped.
+        if store is None:
+            from xmppd.storeconfig import open_store
+
+            store = open_store(config, clock)
+        self.store = as_async(store)
         self.router = Router(config.hosts)
         self.connectors: dict[str, IAuthConnector] = (
             connectors if connectors is not None

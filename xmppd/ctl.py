@@ -104,6 +104,7 @@ STORE_ACCESS = {
     "import": CREATE,
     "passwd": WRITE, "deluser": WRITE,
     "adduser": CREATE, "addusers": CREATE, "create-schema": CREATE,
+    "migrate-store": NO_STORE,
 }
 
 
@@ -114,8 +115,14 @@ def _store_access(args) -> str:
 
 
 def _open_store(config, access: str):
-    from xmppd.storage import SQLiteStore, StoreNotFound, store_dir
+    from xmppd.storage import SQLiteStore, StoreNotFound
+    from xmppd.storeconfig import settings, store_dir
 
+    if settings(config).backend == "postgresql":
+        from xmppd.storage_pg import PostgresStore
+
+        # create-schema opens the database before the schema exists.
+        return PostgresStore(settings(config), require_schema=access != CREATE)
     if access == CREATE:
         existed = os.path.isfile(os.path.join(store_dir(config), SQLiteStore.FILENAME))
         store = SQLiteStore(store_dir(config))
@@ -146,6 +153,9 @@ def run(reactor, args) -> defer.Deferred:
         live = yield _live(config, args)
         if live:
             return
+    if args.command == "migrate-store":
+        _migrate_store(config, args)
+        return
     # Arguments first: a typo must not create a store or ask for a password.
     account = _parse_account(args.jid, config) if hasattr(args, "jid") else None
     if args.command == "import":
@@ -179,6 +189,12 @@ def run(reactor, args) -> defer.Deferred:
             return
         if args.command == "create-schema":
             done = set()
+            if hasattr(store, "run"):  # [storage] backend = "postgresql"
+                from xmppd.storage_pg import create_schema
+
+                created = store.run("create schema", create_schema)
+                print(f"{'created' if created else 'checked'} the store schema in {store.path}")
+                done.add(id(store))
             for host, connector in connectors.items():
                 create = getattr(connector, "create_schema", None)
                 if create is None or id(connector) in done:
@@ -187,7 +203,8 @@ def run(reactor, args) -> defer.Deferred:
                 yield create()
                 print(f"created the default {connector.name} schema for {host}")
             if not done:
-                raise CtlError("no connector with a schema to create (only [auth] connector = \"sql\" has one)")
+                raise CtlError("no schema to create (only [storage] backend = \"postgresql\" and "
+                               "[auth] connector = \"sql\" have one)")
             return
         if args.command == "addusers":
             host = config.default_host
@@ -226,6 +243,34 @@ def run(reactor, args) -> defer.Deferred:
 
     finally:
         store.close()
+
+
+def _migrate_store(config, args) -> None:
+    """``xmppctl migrate-store [--from DIR] [--force]``: SQLite store -> PostgreSQL."""
+    from xmppd.msglog_pg import PostgresMessageLog
+    from xmppd.storage import StoreNotFound
+    from xmppd.storage_pg import PostgresStore
+    from xmppd.storemigrate import MigrateStoreError, migrate
+    from xmppd.storeconfig import settings, store_dir
+
+    conf = settings(config)
+    if conf.backend != "postgresql":
+        raise CtlError("migrate-store copies into PostgreSQL: set [storage] backend = "
+                       "\"postgresql\" and its dsn in the config first")
+    source = args.source or store_dir(config)
+    if args.source is None and _server_running(config):
+        raise CtlError("xmppd is running: stop it before copying its store")
+    target = PostgresStore(conf)
+    log = PostgresMessageLog(conf)
+    try:
+        counts = migrate(source, target, log, force=args.force)
+    except (MigrateStoreError, StoreNotFound) as e:
+        raise CtlError(str(e)) from None
+    finally:
+        target.close()
+        log.close()
+    print(f"copied {counts.kv_rows} key-value rows and {counts.archive_rows} archived messages "
+          f"({counts.archives} archives) from {source} to {target.path}")
 
 
 # Commands answered by the running server over its admin socket (xmppd/admin.py).
@@ -484,7 +529,7 @@ def check(config, reactor):
         problems.extend(check_certificates(certs))
     except Exception as e:  # a broken cert file must be reported, not crash check
         problems.append(f"certificates: {e}")
-    from xmppd.storage import store_dir
+    from xmppd.storeconfig import store_dir
 
     path = os.path.join(store_dir(config), SQLiteStore.FILENAME)
     if not os.path.isfile(path):
@@ -515,7 +560,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("count", type=int)
     p.add_argument("password")
     sub.add_parser("check", help="validate config, certificates and backends")
-    sub.add_parser("create-schema", help="create the sql connector's default table(s)")
+    sub.add_parser("create-schema", help="create the PostgreSQL store's tables ([storage]) and "
+                   "the sql connector's default table(s)")
+    p = sub.add_parser("migrate-store", help="copy the embedded SQLite store (and archive) into "
+                       "the PostgreSQL store of [storage]")
+    p.add_argument("--from", dest="source", default=None, metavar="DIR",
+                   help="the data directory to copy (default: [server] data_dir)")
+    p.add_argument("--force", action="store_true",
+                   help="empty a target that holds data first (default: refuse)")
     sub.add_parser("reload", help="reload certificates and the reloadable config keys "
                                   "in the running server")
     sub.add_parser("certs", help="show which certificate serves which host (the running "

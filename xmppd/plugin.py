@@ -69,7 +69,11 @@ class Plugin:
     def attach(self, server: "Server") -> None:
         self.server = server
         self.router = server.router
-        self.store = server.store
+        # The asynchronous face (xmppd.storage); an embedded store handed
+        # over directly (unit tests' fake servers) is wrapped.
+        from xmppd.storage import as_async
+
+        self.store = as_async(server.store)
         self.setup()
 
     def setup(self) -> None:

@@ -60,7 +60,10 @@ class StanzaFilter(Protocol):
 
     ``check`` returns None to pass, :data:`DROP` to discard silently, or a
     :class:`StanzaError` to bounce (never for presence and error stanzas:
-    those are dropped instead).  ``sender`` is the full JID of the
+    those are dropped instead).  A filter that needs state it has not
+    loaded yet (a user without a session, on a networked store) returns a
+    Deferred that fires once it is loaded: the stanza then goes through the
+    whole chain again.  ``sender`` is the full JID of the
     originating entity, ``to`` the parsed destination.
     ``name`` labels the filter's refusals on the metrics page.
     """
@@ -92,7 +95,8 @@ class Router:
         self.presence_handler: Callable | None = None  # (stanza, sender, to, session)
         # Inbound presence to a local account, after the filters: (stanza, sender, to)
         self.presence_inbound: Callable | None = None
-        self.offline_handler: Callable | None = None  # (stanza, to) -> bool stored
+        # (stanza, to) -> bool stored, or a Deferred of it (fires once stored)
+        self.offline_handler: Callable | None = None
         self.user_exists: Callable[[JID], defer.Deferred] = lambda j: defer.succeed(False)
         self.on_bound: list[Callable[[Session], None]] = []
         self.on_closed: list[Callable[[Session], None]] = []
@@ -197,6 +201,10 @@ class Router:
         for f in self.filters:
             verdict = f.check(stanza, sender, to)
             if verdict is not None:
+                if isinstance(verdict, defer.Deferred):
+                    verdict.addCallbacks(lambda _: self.deliver(stanza, sender, to, session),
+                                         self._filter_failed, errbackArgs=(stanza, session))
+                    return
                 if verdict is not DROP and stanza.name != "presence":
                     key = (getattr(f, "name", type(f).__name__), "bounced")
                     self.bounce(stanza, verdict, session)
@@ -234,12 +242,25 @@ class Router:
         that a contact blocked them).  Returns False when a filter refused.
         """
         for f in self.filters:
-            if f.check(stanza, sender, to) is not None:
+            verdict = f.check(stanza, sender, to)
+            if isinstance(verdict, defer.Deferred):  # loading: decided when it fires
+                verdict.addCallbacks(lambda _: self.deliver_quietly(stanza, sender, to),
+                                     self._filter_failed, errbackArgs=(stanza, None))
+                return True
+            if verdict is not None:
                 key = (getattr(f, "name", type(f).__name__), "dropped")
                 self.refusals[key] = self.refusals.get(key, 0) + 1
                 return False
         self.deliver_unfiltered(stanza, sender, to)
         return True
+
+    def _filter_failed(self, failure, stanza: domish.Element, session) -> None:
+        """A filter could not load what it needs: refuse, never pass unchecked."""
+        if failure.check(StoreError):
+            if stanza.name != "presence":
+                self.bounce(stanza, store_failure(failure.value), session)
+            return
+        log.failure("filter failed", failure)
 
     def send_from_server(self, stanza: domish.Element, to: JID) -> None:
         """Deliver a server-generated stanza to a full or bare JID (components and
@@ -415,14 +436,17 @@ class Router:
             if not known:
                 self.bounce(stanza, StanzaError("service-unavailable"), session)
             elif kind in ("normal", "chat") and self.offline_handler is not None:
-                try:
-                    stored = self.offline_handler(stanza, to)
-                except StoreError as e:
+                def failed(failure) -> None:
+                    failure.trap(StoreError)
                     # Never a silent drop: the sender learns it was not kept.
-                    self.bounce(stanza, store_failure(e), session)
-                    return
-                if not stored:
-                    self.bounce(stanza, StanzaError("service-unavailable"), session)
+                    self.bounce(stanza, store_failure(failure.value), session)
+
+                def done(stored: bool) -> None:
+                    if not stored:
+                        self.bounce(stanza, StanzaError("service-unavailable"), session)
+
+                return defer.maybeDeferred(self.offline_handler, stanza, to).addCallbacks(
+                    done, failed)
             elif kind != "headline":
                 self.bounce(stanza, StanzaError("service-unavailable"), session)
 

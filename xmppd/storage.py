@@ -10,9 +10,16 @@ a ``kill -9`` at any point leaves either the old or the new value.
 Values are JSON of plain types, never pickles, so a store written by one
 version can be read (and audited) by anything.
 
-The calls are synchronous on purpose: they are small local writes, and every
-hot path (routing, blocklist checks) works from in-memory copies held per
-online session, so the store is touched at login, logout and on changes only.
+Two faces.  :class:`IKeyValueStore` is synchronous: the embedded backends
+implement it, and the offline tools (``xmppctl``, imports) use it directly,
+outside any reactor.  :class:`IAsyncKeyValueStore` is what the running server
+uses: every call returns a Deferred, so that a networked backend (PostgreSQL,
+:mod:`xmppd.storage_pg`) never blocks the reactor.  :class:`FiredStore` gives
+an embedded store that face with already-fired Deferreds: the server's code
+runs on in the same call, so behaviour and ordering with SQLite are what
+they were when the calls were synchronous (see docs/design.rst, "Storage").
+Every hot path (routing, blocklist checks) works from in-memory copies held
+per online session, so the store is touched at login, logout and on changes.
 """
 from __future__ import annotations
 
@@ -24,28 +31,11 @@ import time
 import urllib.parse
 from typing import Any, Callable
 
+from twisted.internet import defer
 from zope.interface import Interface, implementer
 
-__all__ = ["IKeyValueStore", "SQLiteStore", "MemoryStore", "StoreError", "StoreNotFound",
-           "store_dir"]
-
-
-def store_dir(config) -> str:
-    """The directory of the embedded store: ``[storage] dir``, default ``data_dir``.
-
-    Apart from the data directory so that several nodes of a cluster on one
-    machine (docs/cluster.rst) can share one store while each keeps its own
-    pid file and admin socket in its own ``data_dir``; SQLite's WAL mode
-    serialises their writes.  A relative path is relative to the config file.
-    """
-    sec = config.section("storage")
-    directory = sec.str("dir", None)
-    sec.reject_unknown()
-    if directory is None:
-        return config.data_dir
-    if not os.path.isabs(directory) and config.path and os.path.exists(config.path):
-        directory = os.path.join(os.path.dirname(os.path.abspath(config.path)), directory)
-    return directory
+__all__ = ["IKeyValueStore", "IAsyncKeyValueStore", "FiredStore", "SQLiteStore", "MemoryStore",
+           "StoreError", "StoreNotFound", "as_async"]
 
 
 # SQLite result codes (primary part) that mean "out of room or busy, try
@@ -122,6 +112,9 @@ class IKeyValueStore(Interface):
     def delete(store: str, user: str, key: str) -> None:
         """Remove one value; absent keys are ignored."""
 
+    def delete_many(store: str, user: str, keys: list) -> None:
+        """Remove several values of one user (one transaction)."""
+
     def items(store: str, user: str) -> list:
         """All ``(key, value)`` pairs of one user in one store, key order."""
 
@@ -133,6 +126,92 @@ class IKeyValueStore(Interface):
 
     def close() -> None:
         """Release the underlying resources."""
+
+
+class IAsyncKeyValueStore(Interface):
+    """:class:`IKeyValueStore` as the running server uses it.
+
+    Same methods, same meaning; each returns a Deferred that fires with the
+    result (or fails with :class:`StoreError`) once the change is stored.
+    A caller acknowledges nothing before it fires.  ``close`` returns a
+    Deferred too.
+    """
+
+    def get(store: str, user: str, key: str, default: Any = None) -> defer.Deferred:
+        """A Deferred of the JSON-decoded value or ``default``."""
+
+    def put(store: str, user: str, key: str, value: Any) -> defer.Deferred:
+        """Atomically set one value."""
+
+    def put_many(store: str, user: str, items: dict) -> defer.Deferred:
+        """Atomically set several values of one user."""
+
+    def batch(puts: list = (), deletes: list = ()) -> defer.Deferred:
+        """Several changes in one transaction (see :meth:`IKeyValueStore.batch`)."""
+
+    def delete(store: str, user: str, key: str) -> defer.Deferred:
+        """Remove one value."""
+
+    def delete_many(store: str, user: str, keys: list) -> defer.Deferred:
+        """Remove several values of one user in one transaction."""
+
+    def items(store: str, user: str) -> defer.Deferred:
+        """A Deferred of all ``(key, value)`` pairs of one user in one store."""
+
+    def users(store: str) -> defer.Deferred:
+        """A Deferred of all users with at least one key in ``store``."""
+
+    def delete_user(store: str | None, user: str) -> defer.Deferred:
+        """Remove everything of ``user`` in ``store`` (or in every store)."""
+
+    def close() -> defer.Deferred:
+        """Release the underlying resources."""
+
+
+_METHODS = ("get", "put", "put_many", "batch", "delete", "delete_many", "items", "users",
+            "delete_user", "close")
+
+
+@implementer(IAsyncKeyValueStore)
+class FiredStore:
+    """An embedded (local, synchronous) store behind the asynchronous face.
+
+    Each call runs at once and returns an already-fired Deferred (a
+    :class:`StoreError` becomes a failed one), so code written for a
+    networked store keeps the embedded store's order exactly: with
+    ``yield``/``await`` on a fired Deferred, nothing else runs in between.
+    ``sync`` is the wrapped store, for the few callers that need it
+    (metrics' write histogram).  ``blocking`` is the same synchronous store:
+    the plugins not converted to the asynchronous face yet use it (see
+    docs/design.rst, "Storage"); with a networked store each of their calls
+    waits for the database on the reactor.
+    """
+
+    def __init__(self, sync: Any) -> None:
+        self.sync = self.blocking = sync
+        for name in _METHODS:
+            setattr(self, name, _fired(getattr(sync, name)))
+
+    @property
+    def observe_write(self):
+        return getattr(self.sync, "observe_write", None)
+
+    @observe_write.setter
+    def observe_write(self, observe) -> None:
+        self.sync.observe_write = observe
+
+
+def _fired(method: Callable) -> Callable:
+    def call(*args, **kwargs) -> defer.Deferred:
+        return defer.execute(method, *args, **kwargs)
+
+    call.__name__ = method.__name__
+    return call
+
+
+def as_async(store: Any) -> Any:
+    """``store`` as an :class:`IAsyncKeyValueStore` (embedded ones wrapped)."""
+    return store if IAsyncKeyValueStore.providedBy(store) else FiredStore(store)
 
 
 def _encode(value: Any) -> str:

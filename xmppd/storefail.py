@@ -75,4 +75,4 @@ def report(err: StoreError) -> None:
 def stanza_error(err: StoreError) -> StanzaError:
     """Log ``err`` once and return the error for the user whose stanza caused it."""
     failures.report(err)
-    return StanzaError(err.condition, text=_TEXTS.get(err.condition))
+    return StanzaError(err.condition, text=getattr(err, "text", None) or _TEXTS.get(err.condition))

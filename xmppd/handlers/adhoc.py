@@ -477,7 +477,7 @@ class SetDomainFilter(Command):
             # Second stage: the current setting, pre-filled.
             if ctx.session is not None:
                 ctx.session.data["accountjid"] = j.bare
-            stored = filtering.load_setting(ctx.server.store, j.bare) or {}
+            stored = filtering.load_setting(ctx.server.store.blocking, j.bare) or {}
             effective = plugin.effective(j)
             return Next(form(f"Domain filter of {j.bare}",
                              f"In force now: {effective.describe()}"

@@ -110,7 +110,7 @@ class AvatarConversionPlugin(Plugin):
     # -- the hash in presence -------------------------------------------------
 
     def _stored_vcard(self, owner: str) -> domish.Element | None:
-        xml = self.store.get(VCARD_STORE, owner, "vcard")
+        xml = self.store.blocking.get(VCARD_STORE, owner, "vcard")
         if xml is None:
             return None
         try:
@@ -123,7 +123,7 @@ class AvatarConversionPlugin(Plugin):
         owner = session.jid.bare
         if owner in self.hashes:
             return
-        xml = self.store.get(VCARD_STORE, owner, "vcard")
+        xml = self.store.blocking.get(VCARD_STORE, owner, "vcard")
         if xml is None or "BINVAL" not in xml:  # no photo: nothing to parse
             self.hashes[owner] = ""
             return
@@ -260,7 +260,7 @@ class AvatarConversionPlugin(Plugin):
                      "({size} bytes)", user=owner, size=self.vcard.max_size)
             return
         try:
-            self.store.put(VCARD_STORE, owner, "vcard", xml)
+            self.store.blocking.put(VCARD_STORE, owner, "vcard", xml)
         except Exception as e:  # the publish stays done
             log.warn("PEP avatar of {user} not copied to the vCard: {error}", user=owner, error=e)
             return

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
@@ -37,6 +38,9 @@ from xmppd.jid import JID
 from xmppd.handlers.presence import copy_to
 from xmppd.plugin import Plugin, Request
 from xmppd.router import DROP
+from xmppd.serial import Serial
+from xmppd.storage import StoreError
+from xmppd.storefail import report as store_report
 from xmppd.stanzas import NS_CLIENT, StanzaError, escape_attr
 from xmppd.logfilter import log_observer
 
@@ -126,7 +130,11 @@ def _blocked_error() -> StanzaError:
 
 
 class BlockingFilter:
-    """The router filter; reads only in-memory sets for online users."""
+    """The router filter; reads only in-memory sets for online users.
+
+    For a user with no list in memory (no session, not cached) on a
+    networked store, ``load`` returns a Deferred: the router passes the
+    stanza through again once it fires."""
 
     name = "blocking"
 
@@ -140,6 +148,8 @@ class BlockingFilter:
         out = lists.get(sender.bare)
         if out is None and sender.user is not None and sender.host in self.plugin.router.hosts:
             out = self.plugin.load(sender.bare)
+            if isinstance(out, defer.Deferred):
+                return out
         if out and matches(out, to):
             if stanza.name == "presence" or stanza.getAttribute("type") in ("error", "result"):
                 return DROP
@@ -149,6 +159,8 @@ class BlockingFilter:
         inbound = lists.get(to.bare)
         if inbound is None:
             inbound = self.plugin.load(to.bare)
+            if isinstance(inbound, defer.Deferred):
+                return inbound
         if inbound and matches(inbound, sender):
             name = stanza.name
             kind = stanza.getAttribute("type")
@@ -178,6 +190,9 @@ class BlockingPlugin(Plugin):
         sec.reject_unknown()
         self.lists: dict[str, Blocklist] = {}
         self._offline_cache: dict[str, Blocklist] = {}
+        self._loading: dict[str, defer.Deferred] = {}
+        # Block/unblock of one user one after another (read, then write).
+        self.serial = Serial()
         self.handle_iq("get", NS_BLOCKING, "blocklist", self.on_get)
         self.handle_iq("set", NS_BLOCKING, "block", self.on_block)
         self.handle_iq("set", NS_BLOCKING, "unblock", self.on_unblock)
@@ -187,33 +202,79 @@ class BlockingPlugin(Plugin):
 
     # -- the per-user sets -------------------------------------------------
 
-    def _read(self, bare: str) -> Blocklist:
-        items = [k for k, _ in self.store.items(STORE, bare)]
-        return Blocklist(items) if items else EMPTY  # most users block nobody
+    def _read(self, bare: str) -> defer.Deferred:
+        def listed(rows) -> Blocklist:
+            items = [k for k, _ in rows]
+            return Blocklist(items) if items else EMPTY  # most users block nobody
 
-    def load(self, bare: str) -> Blocklist:
-        """The list of a user with no session (bounded cache, cleared on change)."""
+        return self.store.items(STORE, bare).addCallback(listed)
+
+    def load(self, bare: str) -> Blocklist | defer.Deferred:
+        """The list of a user with no session (bounded cache, cleared on change).
+
+        The list itself when it can be had at once (cached, or an embedded
+        store); else a Deferred that fires (with None) once it is cached.
+        """
         cached = self._offline_cache.get(bare)
-        if cached is None:
-            cached = self._read(bare)
-            if len(self._offline_cache) > 10000:
-                self._offline_cache.clear()
-            self._offline_cache[bare] = cached
-        return cached
+        if cached is not None:
+            return cached
+        waiters = self._loading.get(bare)
+        if waiters is None:
+            waiters = self._loading[bare] = []
+
+            def loaded(blocklist: Blocklist) -> None:
+                if self._loading.get(bare) is waiters:
+                    del self._loading[bare]
+                    if len(self._offline_cache) > 10000:
+                        self._offline_cache.clear()
+                    self._offline_cache[bare] = blocklist
+                for waiter in waiters:
+                    waiter.callback(None)
+
+            def failed(failure) -> None:
+                if self._loading.get(bare) is waiters:
+                    del self._loading[bare]
+                failed_now.append(failure)
+                for waiter in waiters:
+                    waiter.errback(failure)
+
+            failed_now: list = []
+
+            self._read(bare).addCallbacks(loaded, failed)
+            if bare in self._offline_cache:  # an embedded store: loaded already
+                return self._offline_cache[bare]
+            if failed_now:  # an embedded store that failed
+                return defer.fail(failed_now[0])
+        waiter = defer.Deferred()
+        waiters.append(waiter)
+        return waiter
 
     def _bound(self, session) -> None:
         bare = session.jid.bare
         if bare not in self.lists:
-            self.lists[bare] = self._read(bare)
+            def loaded(blocklist: Blocklist) -> None:
+                if bare not in self.lists and self.router.resources_of(bare):
+                    self.lists[bare] = blocklist
+
+            def failed(failure) -> None:
+                failure.trap(StoreError)
+                store_report(failure.value)  # the filter reads the store until a list is in
+
+            self._read(bare).addCallbacks(loaded, failed)
 
     def _closed(self, session) -> None:
         if not self.router.resources_of(session.jid.bare):
             self.lists.pop(session.jid.bare, None)
 
-    def _list(self, bare: str) -> Blocklist:
+    @defer.inlineCallbacks
+    def _list(self, bare: str):
+        """Deferred[Blocklist]."""
         current = self.lists.get(bare)
         if current is None:
             current = self.load(bare)
+            if isinstance(current, defer.Deferred):
+                yield current
+                current = self.lists.get(bare) or self._offline_cache.get(bare, EMPTY)
         return current
 
     # -- IQ handlers -----------------------------------------------------------
@@ -227,11 +288,14 @@ class BlockingPlugin(Plugin):
         bare = self._own(request)
         if request.session is not None:
             request.session.state["blocklist_interested"] = True
-        result = domish.Element((NS_BLOCKING, "blocklist"))
-        items = self._list(bare).xml()
-        if items:
-            result.addChild(domish.SerializedXML(items))
-        return result
+        def answer(blocklist: Blocklist) -> domish.Element:
+            result = domish.Element((NS_BLOCKING, "blocklist"))
+            items = blocklist.xml()
+            if items:
+                result.addChild(domish.SerializedXML(items))
+            return result
+
+        return self._list(bare).addCallback(answer)
 
     def _items(self, payload: domish.Element) -> list[tuple[str, domish.Element]]:
         """The request's (JID, element) pairs, counted before any JID is parsed."""
@@ -262,7 +326,11 @@ class BlockingPlugin(Plugin):
         items = self._items(request.payload)
         if not items:
             raise StanzaError("bad-request", text="block needs at least one item")
-        current = self._list(bare)
+        return self.serial.run(bare, self._block, bare, items)
+
+    @defer.inlineCallbacks
+    def _block(self, bare: str, items: list):
+        current = yield self._list(bare)
         new = list(dict.fromkeys(j for j, _ in items if j not in current))
         if len(current) + len(new) > self.max_items:
             raise StanzaError("resource-constraint", "cancel",
@@ -271,46 +339,52 @@ class BlockingPlugin(Plugin):
         # write (StoreError, answered by the router) leaves the list as it
         # was, on disk and in memory; at worst a report is kept without it.
         for j, el in items:
-            self._record_report(bare, j, el)
+            yield self._record_report(bare, j, el)
         if new:
-            self.store.put_many(STORE, bare, {j: {} for j in new})
+            yield self.store.put_many(STORE, bare, {j: {} for j in new})
         before = current
         added = Blocklist(new)
         self._update(bare, current.with_items(added))
         self.push(bare, "block", [j for j, _ in items])
         if new:
             log.info("{user} blocked {items}", user=bare, items=", ".join(new))
-            self._presence_after_block(bare, before, added)
+            yield self._presence_after_block(bare, before, added)
         return None
 
     def on_unblock(self, request: Request):
         bare = self._own(request)
         items = self._items(request.payload)
-        current = self._list(bare)
+        return self.serial.run(bare, self._unblock, bare, items)
+
+    @defer.inlineCallbacks
+    def _unblock(self, bare: str, items: list):
+        current = yield self._list(bare)
         removed = set(current) if not items else {j for j, _ in items if j in current}
         if removed:
-            self.store.delete_many(STORE, bare, sorted(removed))
+            yield self.store.delete_many(STORE, bare, sorted(removed))
         remaining = Blocklist(current - removed)
         self._update(bare, remaining)
         self.push(bare, "unblock", [j for j, _ in items])
         if removed:
             log.info("{user} unblocked {items}", user=bare, items=", ".join(sorted(removed)))
-            self._presence_after_unblock(bare, Blocklist(removed), remaining)
+            yield self._presence_after_unblock(bare, Blocklist(removed), remaining)
         return None
 
     def _update(self, bare: str, items: Blocklist) -> None:
         self._offline_cache.pop(bare, None)
+        self._loading.pop(bare, None)
         if bare in self.lists:
             self.lists[bare] = items
 
-    def _record_report(self, bare: str, blocked: str, item: domish.Element) -> None:
+    @defer.inlineCallbacks
+    def _record_report(self, bare: str, blocked: str, item: domish.Element):
         """XEP-0377: keep spam/abuse reports for the operator."""
         for report in item.elements(NS_REPORTING, "report"):
             reason = report.getAttribute("reason", "")
             text = " ".join(str(t) for t in report.elements(NS_REPORTING, "text"))
             record = {"reporter": bare, "reason": reason, "text": text,
                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            self.store.put(REPORTS, blocked, f"{time.time():.6f}-{bare}", record)
+            yield self.store.put(REPORTS, blocked, f"{time.time():.6f}-{bare}", record)
             log.warn("spam report by {reporter} against {jid}: {reason} {text}",
                      reporter=bare, jid=blocked, reason=reason, text=text)
 
@@ -329,12 +403,13 @@ class BlockingPlugin(Plugin):
                 payload.addElement("item")["jid"] = j
             session.send(iq)
 
-    def _presence_targets(self, bare: str) -> list[tuple[JID, str]]:
-        """Who receives this user's presence: (address, reason) pairs."""
+    @defer.inlineCallbacks
+    def _presence_targets(self, bare: str):
+        """Deferred: who receives this user's presence, (address, reason) pairs."""
         targets = []
         roster = self.server.plugin("roster")
         if roster is not None:
-            for contact, item in roster.rosters.get(bare).items():
+            for contact, item in (yield roster.rosters.get(bare)).items():
                 if item.from_:
                     targets.append((_prepared(contact), "subscription"))
         for session in self.router.resources_of(bare).values():
@@ -345,12 +420,13 @@ class BlockingPlugin(Plugin):
                     pass
         return targets
 
-    def _presence_after_block(self, bare: str, before: Blocklist, new: Blocklist) -> None:
+    @defer.inlineCallbacks
+    def _presence_after_block(self, bare: str, before: Blocklist, new: Blocklist):
         """Unavailable presence, from each available resource, to newly blocked receivers."""
         sessions = [s for s in self.router.resources_of(bare).values() if s.available]
         if not sessions:
             return
-        for target, _why in self._presence_targets(bare):
+        for target, _why in (yield self._presence_targets(bare)):
             if matches(new, target) and not matches(before, target):
                 for session in sessions:
                     el = domish.Element((NS_CLIENT, "presence"))
@@ -360,11 +436,12 @@ class BlockingPlugin(Plugin):
                     # Bypass the filter on purpose: it would drop this.
                     self.router.deliver_unfiltered(el, session.jid, target)
 
-    def _presence_after_unblock(self, bare: str, removed: Blocklist, remaining: Blocklist) -> None:
+    @defer.inlineCallbacks
+    def _presence_after_unblock(self, bare: str, removed: Blocklist, remaining: Blocklist):
         """Current presence to unblocked contacts entitled by subscription."""
         sessions = [s for s in self.router.resources_of(bare).values()
                     if s.available and s.state.get("last_presence") is not None]
-        for target, why in self._presence_targets(bare):
+        for target, why in (yield self._presence_targets(bare)):
             if why != "subscription" or not matches(removed, target) or matches(remaining, target):
                 continue
             for session in sessions:

@@ -123,7 +123,7 @@ class DomainFilterPlugin(Plugin):
         self.router.on_closed.append(self._closed)
         self._poll = None
         if self.poll_interval > 0:
-            self._seen_changes = dict(self.store.items(filtering.CHANGES, filtering.CHANGES_USER))
+            self._seen_changes = dict(self.store.blocking.items(filtering.CHANGES, filtering.CHANGES_USER))
             self._poll = task.LoopingCall(self.poll_changes)
             self._poll.clock = self.server.clock
             self._poll.start(self.poll_interval, now=False)
@@ -169,7 +169,7 @@ class DomainFilterPlugin(Plugin):
 
     def load(self, account: JID) -> Policy:
         """The effective policy of a local account, from the store."""
-        stored = filtering.load_setting(self.store, account.bare)
+        stored = filtering.load_setting(self.store.blocking, account.bare)
         if stored is not None:
             try:
                 return filtering.from_json(stored, self.router.hosts)
@@ -219,7 +219,7 @@ class DomainFilterPlugin(Plugin):
         """Store ``policy`` for ``account`` (None: back to the defaults); effective at once."""
         if policy is not None and max(len(policy.domains), len(policy.rules)) > self.max_entries:
             raise StanzaError("policy-violation", text=f"at most {self.max_entries} domains or rules")
-        filtering.save_setting(self.store, account.bare, policy)
+        filtering.save_setting(self.store.blocking, account.bare, policy)
         effective = self._refresh(account)
         log.info("domain filter of {user} set to {policy}{by}", user=account.bare,
                  policy=effective.describe() + ("" if policy is not None else " (default)"),
@@ -229,7 +229,7 @@ class DomainFilterPlugin(Plugin):
     def poll_changes(self) -> None:
         """Apply changes made by ``xmppctl filter`` (another process) to online users."""
         try:
-            changes = self.store.items(filtering.CHANGES, filtering.CHANGES_USER)
+            changes = self.store.blocking.items(filtering.CHANGES, filtering.CHANGES_USER)
         except StoreError as e:
             report(e)  # every poll_interval: rate-limited, no traceback
             return

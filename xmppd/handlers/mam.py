@@ -375,7 +375,7 @@ class MAMPlugin(Plugin):
         return prefs.wants(other, lambda contact: self._in_roster(user, contact))
 
     def _load_prefs(self, user: str) -> Prefs:
-        value = self.store.get(mam_prefs.STORE, user, "prefs")
+        value = self.store.blocking.get(mam_prefs.STORE, user, "prefs")
         prefs = self.default_prefs if value is None else Prefs.from_json(value)
         self._cache_prefs(user, prefs)
         return prefs
@@ -391,7 +391,7 @@ class MAMPlugin(Plugin):
             self._roster = self.server.plugin("roster")
             if self._roster is None:
                 return False
-        return self._roster.rosters.item(user, contact) is not None
+        return self._roster.rosters.item_now(user, contact) is not None
 
     def _trimmed(self, dropped: dict) -> None:
         for user, n in dropped.items():
@@ -559,7 +559,7 @@ class MAMPlugin(Plugin):
     def on_set_prefs(self, request: Request):
         user = self._own(request)
         prefs = Prefs.from_element(request.payload, self.settings.max_prefs_items)
-        self.store.put(mam_prefs.STORE, user, "prefs", prefs.to_json())
+        self.store.blocking.put(mam_prefs.STORE, user, "prefs", prefs.to_json())
         self._cache_prefs(user, prefs)
         return self._prefs_reply(request, prefs)
 
@@ -669,7 +669,7 @@ class MAMPlugin(Plugin):
 
                 def forget(result):
                     self._prefs.pop(bare, None)
-                    self.store.delete_user(mam_prefs.STORE, bare)
+                    self.store.blocking.delete_user(mam_prefs.STORE, bare)
                     return self.purge(bare).addCallback(lambda _: result)
 
                 return d.addCallback(forget)

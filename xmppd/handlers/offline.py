@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import time
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from xmppd.plugin import Plugin
+from xmppd.serial import Serial
 from xmppd.stanzas import serialize
 from xmppd.storage import StoreError
 from xmppd.storefail import report
@@ -54,16 +56,24 @@ class OfflinePlugin(Plugin):
         self.limits = Limits(c2s.max_stanza_size, c2s.max_depth,
                              c2s.max_stanza_nodes).for_stored(STORED_EXTRA_BYTES)
         self.router.offline_handler = self.store_message
+        # One message of a user stored after the other (the sequence number
+        # is read, then written).
+        self.serial = Serial()
         presence = self.server.plugin("presence")
         if presence is not None:
             presence.on_initial_presence.append(self.deliver)
 
-    def store_message(self, stanza: domish.Element, to) -> bool:
+    def store_message(self, stanza: domish.Element, to) -> defer.Deferred:
+        """Deferred[bool]: True once stored (or not worth keeping), False over quota."""
         if not any(
             isinstance(c, domish.Element) and c.name in ("body", "subject") for c in stanza.children
         ):
-            return True  # chat states and receipts alone are not worth keeping
-        existing = self.store.items(STORE, to.bare)
+            return defer.succeed(True)  # chat states and receipts alone are not worth keeping
+        return self.serial.run(to.bare, self._store, stanza, to)
+
+    @defer.inlineCallbacks
+    def _store(self, stanza: domish.Element, to):
+        existing = yield self.store.items(STORE, to.bare)
         if len(existing) >= self.quota:
             log.info("offline quota full for {user}; message bounced", user=to.bare)
             return False
@@ -75,13 +85,14 @@ class OfflinePlugin(Plugin):
         delay.addContent("Offline storage")
         stanza.addChild(delay)
         try:
-            self.store.put(STORE, to.bare, f"{seq:012d}", serialize(stanza).decode("utf-8"))
+            yield self.store.put(STORE, to.bare, f"{seq:012d}", serialize(stanza).decode("utf-8"))
         except StoreError:
             stanza.children.remove(delay)  # the bounce carries the message as sent
             raise
         return True
 
-    def deliver(self, session) -> None:
+    @defer.inlineCallbacks
+    def deliver(self, session):
         """Send the stored messages, as fast as the client reads them.
 
         A message is deleted once it was handed to the transport.  When the
@@ -91,7 +102,11 @@ class OfflinePlugin(Plugin):
         it stays stored for the next login.
         """
         bare = session.jid.bare
-        stored = self.store.items(STORE, bare)
+        try:
+            stored = yield self.store.items(STORE, bare)
+        except StoreError as e:
+            report(e)  # kept; delivered at a later login
+            return
         if not stored:
             return
         delivered = []
@@ -110,7 +125,7 @@ class OfflinePlugin(Plugin):
         if not delivered:
             return
         try:
-            self.store.delete_many(STORE, bare, delivered)
+            yield self.store.delete_many(STORE, bare, delivered)
         except StoreError as e:
             # Delivered but still stored: sent again at the next login, a
             # duplicate rather than a loss.

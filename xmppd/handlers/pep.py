@@ -125,7 +125,7 @@ class PepPlugin(Plugin):
                 "plugins", "pep", "the pep plugin needs roster, presence and caps before it")
         self.rosters = roster.rosters
         self.caps = caps
-        self.pep = PepStore(self.store, self.quotas)
+        self.pep = PepStore(self.store.blocking, self.quotas)  # not async yet
         # owner bare -> contact bare -> contact full -> caps key: remote
         # contacts' resources, from the presence they send the owner.
         self.remote: dict[str, dict[str, dict[str, tuple]]] = {}
@@ -326,7 +326,7 @@ class PepPlugin(Plugin):
             return None
         if model == "whitelist":
             return pubsub_error("not-allowed", "closed-node")
-        item = self.rosters.item(owner, reader)
+        item = self.rosters.item_now(owner, reader)
         if model == "presence":
             if item is not None and item.from_:
                 return None
@@ -550,7 +550,7 @@ class PepPlugin(Plugin):
         groups = set(config.get("roster_groups_allowed") or ())
         hosts = self.router.hosts
         remote = self.remote.get(owner, {})
-        for contact, item in self.rosters.get(owner).items():
+        for contact, item in self.rosters.get_now(owner).items():
             if model == "presence" and not item.from_:
                 continue
             if model == "roster" and not (set(item.get("groups") or ()) & groups):
@@ -621,7 +621,7 @@ class PepPlugin(Plugin):
         try:
             self.send_last(me, session.jid, features)
             owners = self.pep.owners
-            for contact in self.rosters.get(me):
+            for contact in self.rosters.get_now(me):
                 if contact in owners and contact != me:
                     self.send_last(contact, session.jid, features)
         except Exception:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
@@ -32,6 +33,7 @@ from xmppd.jid import JID
 from xmppd.plugin import Plugin
 from xmppd.stanzas import NS_CLIENT, StanzaError, serialize
 from xmppd.storage import StoreError
+from xmppd.storefail import report as store_report
 from xmppd.storefail import stanza_error as store_failure
 from xmppd.logfilter import log_observer
 
@@ -65,10 +67,10 @@ class PendingRequests:
     def __init__(self, store) -> None:
         self.store = store
 
-    def put(self, owner: str, contact: str, request: domish.Element) -> None:
+    def put(self, owner: str, contact: str, request: domish.Element) -> defer.Deferred:
         """Keep the whole request: its extended content (a nickname, a
         pre-authentication token) is the contact's to see at login."""
-        self.store.put(self.STORE, owner, contact, self.value(owner, contact, request))
+        return self.store.put(self.STORE, owner, contact, self.value(owner, contact, request))
 
     @classmethod
     def value(cls, owner: str, contact: str, request: domish.Element) -> str:
@@ -81,26 +83,28 @@ class PendingRequests:
             data = serialize(presence("subscribe", contact, owner))
         return data.decode("utf-8")
 
-    def has(self, owner: str, contact: str) -> bool:
-        return self.store.get(self.STORE, owner, contact) is not None
+    def has(self, owner: str, contact: str) -> defer.Deferred:
+        return self.store.get(self.STORE, owner, contact).addCallback(lambda v: v is not None)
 
     def key(self, owner: str, contact: str) -> tuple[str, str, str]:
         """The entry, for removal in another write's transaction."""
         return (self.STORE, owner, contact)
 
-    def pop(self, owner: str, contact: str) -> bool:
-        if self.store.get(self.STORE, owner, contact) is None:
+    @defer.inlineCallbacks
+    def pop(self, owner: str, contact: str):
+        """Deferred[bool]: whether there was a request (now removed)."""
+        if (yield self.store.get(self.STORE, owner, contact)) is None:
             return False
-        self.store.delete(self.STORE, owner, contact)
+        yield self.store.delete(self.STORE, owner, contact)
         return True
 
-    def requests(self, owner: str) -> list[bytes]:
-        """The stored requests, serialised (older stores kept only True)."""
-        return [
+    def requests(self, owner: str) -> defer.Deferred:
+        """Deferred[list[bytes]]: the stored requests, serialised (older stores kept only True)."""
+        return self.store.items(self.STORE, owner).addCallback(lambda rows: [
             value.encode("utf-8") if isinstance(value, str)
             else serialize(presence("subscribe", contact, owner))
-            for contact, value in self.store.items(self.STORE, owner)
-        ]
+            for contact, value in rows
+        ])
 
 
 class PresencePlugin(Plugin):
@@ -114,6 +118,7 @@ class PresencePlugin(Plugin):
             )
         self.roster = roster
         self.rosters = roster.rosters
+        self.serial = roster.serial  # one queue per owner for roster changes
         self.pending = PendingRequests(self.store)
         self.router.presence_handler = self.outbound
         self.router.presence_inbound = self.inbound
@@ -140,23 +145,38 @@ class PresencePlugin(Plugin):
                 self._broadcast(stanza, session, kind)
             return  # probes/subscriptions without 'to' are meaningless
         if kind in SUBSCRIPTION_TYPES:
-            try:
-                self._outbound_subscription(stanza, kind, sender, to.bare_jid())
-            except StoreError as e:
-                self.router.bounce(stanza, store_failure(e), session)
-            except RosterFull as e:
-                # A new contact would overflow [roster] limits: nothing changes.
-                self.router.bounce(stanza, StanzaError("resource-constraint", "cancel", text=str(e)),
-                                   session)
+            def failed(failure) -> None:
+                if failure.check(StoreError):
+                    self.router.bounce(stanza, store_failure(failure.value), session)
+                elif failure.check(RosterFull):
+                    # A new contact would overflow [roster] limits: nothing changes.
+                    self.router.bounce(stanza, StanzaError("resource-constraint", "cancel",
+                                                           text=str(failure.value)), session)
+                else:
+                    log.failure("subscription handling failed", failure)
+
+            self.serial.run(sender.bare, self._outbound_subscription, stanza, kind, sender,
+                            to.bare_jid()).addErrback(failed)
         elif kind == "probe":
             return  # clients must not probe; the server does it for them
         else:
             self._directed(stanza, kind, sender, to, session)
 
     def _broadcast(self, stanza, session, kind) -> None:
+        self._broadcast_to(stanza, session, kind).addErrback(self._read_failed)
+
+    def _read_failed(self, failure) -> None:
+        """A roster read failed where no stanza can carry the error: log it once."""
+        if failure.check(StoreError):
+            store_report(failure.value)
+        else:
+            log.failure("presence handling failed", failure)
+
+    @defer.inlineCallbacks
+    def _broadcast_to(self, stanza, session, kind):
         initial = kind is None and not session.state.get("sent_presence")
         owner = session.jid.bare
-        roster = self.rosters.get(owner)
+        roster = yield self.rosters.get(owner)
         if kind is None:
             session.state["sent_presence"] = True
             session.state["last_presence"] = stanza
@@ -178,7 +198,7 @@ class PresencePlugin(Plugin):
             self._unavailable_to_directed(session, stanza)
         if initial:
             self._probe_contacts(session, roster)
-            self._redeliver_pending(session, roster)
+            yield self._redeliver_pending(session, roster)
             for hook in self.on_initial_presence:
                 hook(session)
 
@@ -206,14 +226,19 @@ class PresencePlugin(Plugin):
             probe = presence("probe", session.jid.bare, contact)
             self.router.deliver(probe, session.jid.bare_jid(), to)
 
-    def _redeliver_pending(self, session, roster) -> None:
-        for request in self.pending.requests(session.jid.bare):
+    @defer.inlineCallbacks
+    def _redeliver_pending(self, session, roster):
+        for request in (yield self.pending.requests(session.jid.bare)):
             session.send_bytes(request)
 
     def _directed(self, stanza, kind, sender: JID, to: JID, session) -> None:
+        self._directed_checked(stanza, kind, sender, to, session).addErrback(self._read_failed)
+
+    @defer.inlineCallbacks
+    def _directed_checked(self, stanza, kind, sender: JID, to: JID, session):
         directed = session.state.setdefault("directed", set())
         if kind is None:
-            item = self.rosters.item(sender.bare, to.bare)
+            item = yield self.rosters.item(sender.bare, to.bare)
             if item is None or not item.from_:
                 directed.add(to.full)
         elif kind == "unavailable":
@@ -241,11 +266,12 @@ class PresencePlugin(Plugin):
         else:
             self._unavailable_to_directed(session)
 
-    def _outbound_subscription(self, stanza, kind: str, sender: JID, contact: JID) -> None:
+    @defer.inlineCallbacks
+    def _outbound_subscription(self, stanza, kind: str, sender: JID, contact: JID):
         owner = sender.bare
-        item = self.rosters.item(owner, contact.bare)
+        item = yield self.rosters.item(owner, contact.bare)
         if item is None and kind in ("subscribe", "subscribed"):
-            self.rosters.check(owner, contact.bare, Item.new())  # raises RosterFull
+            yield self.rosters.check(owner, contact.bare, Item.new())  # raises RosterFull
         changed = None
         answered = ()  # the pending request this change answers, removed with it
         unavailable_after = False
@@ -262,7 +288,7 @@ class PresencePlugin(Plugin):
                 changed = item
         elif kind == "subscribed":
             item = Item(item) if item is not None else Item.new()
-            if self.pending.has(owner, contact.bare):
+            if (yield self.pending.has(owner, contact.bare)):
                 item["subscription"] = with_from(item["subscription"], True)
                 changed = item
                 answered = (self.pending.key(owner, contact.bare),)
@@ -270,11 +296,12 @@ class PresencePlugin(Plugin):
                 if item.get("approved"):
                     return
                 item["approved"] = True  # pre-approval (RFC 6121 §3.4)
-                self.roster.update(owner, contact.bare, item)
+                yield self.roster.update(owner, contact.bare, item)
                 return
             else:
                 return
-        elif kind == "unsubscribed" and (item is not None or self.pending.pop(owner, contact.bare)):
+        elif kind == "unsubscribed" and (item is not None
+                                         or (yield self.pending.pop(owner, contact.bare))):
             item = item if item is not None else Item.new()
             item = Item(item)
             was_from = item.from_
@@ -284,7 +311,7 @@ class PresencePlugin(Plugin):
                 changed = item
             unavailable_after = was_from
         if changed is not None:
-            self.roster.update(owner, contact.bare, changed, answered)
+            yield self.roster.update(owner, contact.bare, changed, answered)
         if unavailable_after:
             self._send_unavailable_from_all(owner, contact.bare)
         out = presence(kind, owner, contact.bare)
@@ -307,14 +334,15 @@ class PresencePlugin(Plugin):
             if session.available:
                 self.router.deliver(presence("unavailable", session.jid.full, contact), session.jid, to)
 
-    def _item_removed(self, owner: str, contact: str, item: Item) -> None:
+    @defer.inlineCallbacks
+    def _item_removed(self, owner: str, contact: str, item: Item):
         """Roster remove cancels subscriptions both ways (RFC 6121 §2.5)."""
         try:
             to = jidlib.parse(contact).bare_jid()
         except jidlib.InvalidJID:
             return
         owner_jid = jidlib.parse(owner)
-        if self.pending.pop(owner, contact) or item.from_:
+        if (yield self.pending.pop(owner, contact)) or item.from_:
             if item.from_:
                 self._send_unavailable_from_all(owner, contact)
             self.router.deliver(presence("unsubscribed", owner, contact), owner_jid, to)
@@ -324,6 +352,15 @@ class PresencePlugin(Plugin):
     # -- inbound: to a local account, after the filter chain ------------------
 
     def inbound(self, stanza: domish.Element, sender: JID, to: JID) -> None:
+        if self.serial.busy(to.bare):
+            # A subscription change of this user is being stored: what the
+            # contact sent after it must not overtake it (RFC 6120 §10.1).
+            self.serial.run(to.bare, self._inbound, stanza, sender, to).addErrback(
+                self._read_failed)
+            return
+        self._inbound(stanza, sender, to)
+
+    def _inbound(self, stanza: domish.Element, sender: JID, to: JID) -> None:
         kind = stanza.getAttribute("type")
         if kind in SUBSCRIPTION_TYPES:
             self._inbound_subscription(stanza, kind, sender.bare, to.bare_jid())
@@ -354,7 +391,10 @@ class PresencePlugin(Plugin):
                 session.send_bytes(data)
 
     def _inbound_probe(self, sender: JID, owner: JID) -> None:
-        item = self.rosters.item(owner.bare, sender.bare)
+        self.rosters.item(owner.bare, sender.bare).addCallback(
+            self._probe_answer, sender, owner).addErrback(self._read_failed)
+
+    def _probe_answer(self, item, sender: JID, owner: JID) -> None:
         if item is None or not item.from_:
             return  # not entitled: say nothing (RFC 6121 §4.3.2)
         for session in self.router.resources_of(owner.bare).values():
@@ -363,17 +403,24 @@ class PresencePlugin(Plugin):
                 self.router.deliver(copy_to(last, sender.full), session.jid, sender)
 
     def _inbound_subscription(self, stanza, kind: str, contact: str, owner: JID) -> None:
-        self.router.user_exists(owner).addCallback(
-            self._inbound_subscription_checked, stanza, kind, contact, owner
-        ).addErrback(lambda f: log.failure("subscription handling failed", f))
+        def failed(failure) -> None:
+            if failure.check(StoreError):
+                # The contact asked for a change we could not record: say so.
+                self.router.bounce(stanza, store_failure(failure.value), None)
+            else:
+                log.failure("subscription handling failed", failure)
 
-    def _inbound_subscription_checked(self, exists: bool, stanza, kind, contact: str, owner: JID):
-        try:
-            self._inbound_subscription_apply(exists, stanza, kind, contact, owner)
-        except StoreError as e:
-            # The contact asked for a change we could not record: say so.
-            self.router.bounce(stanza, store_failure(e), None)
+        # In the owner's queue from the start (the account look-up too), so
+        # that what the contact sends next waits for it (see inbound).
+        self.serial.run(owner.bare, self._inbound_subscription_step, stanza, kind, contact,
+                        owner).addErrback(failed)
 
+    @defer.inlineCallbacks
+    def _inbound_subscription_step(self, stanza, kind: str, contact: str, owner: JID):
+        exists = yield self.router.user_exists(owner)
+        yield self._inbound_subscription_apply(exists, stanza, kind, contact, owner)
+
+    @defer.inlineCallbacks
     def _inbound_subscription_apply(self, exists: bool, stanza, kind, contact: str, owner: JID):
         bare = owner.bare
         if not exists:
@@ -381,7 +428,7 @@ class PresencePlugin(Plugin):
                 reply = presence("unsubscribed", bare, contact)
                 self.router.deliver_unfiltered(reply, owner, jidlib.parse(contact))
             return
-        item = self.rosters.item(bare, contact)
+        item = yield self.rosters.item(bare, contact)
         clean = presence(kind, contact, bare)
         if kind == "subscribe":
             _keep_content(stanza, clean)
@@ -392,38 +439,38 @@ class PresencePlugin(Plugin):
             if item is not None and item.get("approved"):
                 item["approved"] = False
                 item["subscription"] = with_from(item["subscription"], True)
-                self.roster.update(bare, contact, item)
+                yield self.roster.update(bare, contact, item)
                 self.router.deliver(presence("subscribed", bare, contact), owner, jidlib.parse(contact))
                 return
             # Remember the request (redelivered at login) and show it now.
-            self.pending.put(bare, contact, clean)
+            yield self.pending.put(bare, contact, clean)
             self._to_available(bare, clean)
         elif kind == "subscribed":
             if item is not None and item.get("ask"):
                 item = Item(item)
                 item["ask"] = None
                 item["subscription"] = with_to(item["subscription"], True)
-                self.roster.update(bare, contact, item)
+                yield self.roster.update(bare, contact, item)
                 self._to_available(bare, clean)
         elif kind == "unsubscribe":
             if item is not None and item.from_:
                 answered = ((self.pending.key(bare, contact),)
-                            if self.pending.has(bare, contact) else ())
+                            if (yield self.pending.has(bare, contact)) else ())
                 item = Item(item)
                 was_from = item.from_
                 item["subscription"] = with_from(item["subscription"], False)
-                self.roster.update(bare, contact, item, answered)
+                yield self.roster.update(bare, contact, item, answered)
                 self._to_available(bare, clean)
                 if was_from:
                     self._send_unavailable_from_all(bare, contact)
-            elif self.pending.pop(bare, contact):
+            elif (yield self.pending.pop(bare, contact)):
                 self._to_available(bare, clean)
         elif kind == "unsubscribed":
             if item is not None and (item.to or item.get("ask")):
                 item = Item(item)
                 item["ask"] = None
                 item["subscription"] = with_to(item["subscription"], False)
-                self.roster.update(bare, contact, item)
+                yield self.roster.update(bare, contact, item)
                 self._to_available(bare, clean)
 
 

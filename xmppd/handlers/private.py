@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+from twisted.internet import defer
 from twisted.words.xish import domish
 
 from xmppd.handlers.vcard import TooLarge, check_size
 from xmppd.plugin import Plugin, Request
+from xmppd.serial import Serial
 from xmppd.stanzas import StanzaError, serialize_fragment
 
 NS_PRIVATE = "jabber:iq:private"
@@ -41,6 +43,7 @@ class PrivatePlugin(Plugin):
         sec.reject_unknown()
         # (namespace, name) -> (get(owner) -> Element, set(owner, Element) -> None)
         self.virtual: dict[tuple[str, str], tuple[Callable, Callable]] = {}
+        self.serial = Serial()  # one owner's sets one after another (count, then write)
         self.handle_iq("get", NS_PRIVATE, "query", self.on_get)
         self.handle_iq("set", NS_PRIVATE, "query", self.on_set)
 
@@ -65,12 +68,14 @@ class PrivatePlugin(Plugin):
         if virtual is not None:
             query.addChild(virtual[0](owner))
             return query
-        stored = self.store.get(STORE, owner, f"{child.uri} {child.name}")
-        if stored is None:
-            query.addElement((child.uri, child.name))
-        else:
-            query.addRawXml(stored)
-        return query
+        def answer(stored: str | None) -> domish.Element:
+            if stored is None:
+                query.addElement((child.uri, child.name))
+            else:
+                query.addRawXml(stored)
+            return query
+
+        return self.store.get(STORE, owner, f"{child.uri} {child.name}").addCallback(answer)
 
     def on_set(self, request: Request):
         children = self._children(request)
@@ -93,13 +98,17 @@ class PrivatePlugin(Plugin):
                 raise StanzaError("not-acceptable", text=f"element larger than {self.max_bytes} bytes",
                                   echo=False)
             puts.append((STORE, owner, f"{child.uri} {child.name}", xml))
+        return self.serial.run(owner, self._store, owner, puts, virtual)
+
+    @defer.inlineCallbacks
+    def _store(self, owner: str, puts: list, virtual: list):
         if puts:
-            existing = {k for k, _ in self.store.items(STORE, owner)}
+            existing = {k for k, _ in (yield self.store.items(STORE, owner))}
             if len(existing | {p[2] for p in puts}) > self.max_entries and \
                     any(p[2] not in existing for p in puts):
                 raise StanzaError("resource-constraint", "cancel",
                                   text=f"at most {self.max_entries} private namespaces")
-            self.store.batch(puts=puts)
+            yield self.store.batch(puts=puts)
         for apply, child in virtual:
-            apply(owner, child)
+            yield apply(owner, child)  # None or a Deferred
         return None

@@ -29,10 +29,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.words.xish import domish
 
 from xmppd import jid as jidlib
 from xmppd.plugin import Plugin, Request
+from xmppd.serial import Serial
+from xmppd.storage import StoreError
+from xmppd.storefail import report as store_report
 from xmppd.stanzas import NS_CLIENT, StanzaError, escape_attr, escape_text
 
 NS_ROSTER = "jabber:iq:roster"
@@ -169,49 +173,95 @@ class Listing:
 
 
 class Rosters:
-    """In-memory rosters of online users over the store, written through."""
+    """In-memory rosters of online users over the store, written through.
+
+    Every method returns a Deferred (the store is asynchronous,
+    xmppd.storage); for a pinned (online) user reads come from memory and
+    fire at once.  A pin loads the roster in the background; a change
+    stored meanwhile makes that load stale, and it is started again.
+    """
 
     def __init__(self, store, limits: Limits | None = None) -> None:
         self.store = store
         self.limits = limits or Limits()
         self._cache: dict[str, Listing] = {}
+        self._loading: dict[str, object] = {}  # bare -> token of the load under way
+        self._versions: dict[str, int] = {}  # roster version of pinned users
 
-    def _load(self, bare: str) -> Listing:
-        return Listing({k: Item(v) for k, v in self.store.items(STORE, bare)})
+    def _load(self, bare: str) -> defer.Deferred:
+        return self.store.items(STORE, bare).addCallback(
+            lambda rows: Listing({k: Item(v) for k, v in rows}))
 
-    def listing(self, bare: str) -> Listing:
+    def listing(self, bare: str) -> defer.Deferred:
         cached = self._cache.get(bare)
-        return cached if cached is not None else self._load(bare)
+        return defer.succeed(cached) if cached is not None else self._load(bare)
 
-    def get(self, bare: str) -> dict[str, Item]:
+    def get(self, bare: str) -> defer.Deferred:
         cached = self._cache.get(bare)
         if cached is not None:
-            return cached.items
-        return {k: Item(v) for k, v in self.store.items(STORE, bare)}
+            return defer.succeed(cached.items)
+        return self.store.items(STORE, bare).addCallback(
+            lambda rows: {k: Item(v) for k, v in rows})
 
     def pin(self, bare: str) -> None:
-        if bare not in self._cache:
-            self._cache[bare] = self._load(bare)
+        if bare in self._cache or bare in self._loading:
+            return
+        token = self._loading[bare] = object()
+
+        def loaded(both: tuple) -> None:
+            if self._loading.get(bare) is token:
+                del self._loading[bare]
+                self._cache[bare], self._versions[bare] = both
+
+        def failed(failure) -> None:
+            if self._loading.get(bare) is token:
+                del self._loading[bare]  # reads go to the store until the next pin
+            failure.trap(StoreError)
+            store_report(failure.value)
+
+        self._load(bare).addCallback(
+            lambda listing: self.version(bare).addCallback(lambda v: (listing, v))
+        ).addCallbacks(loaded, failed)
 
     def unpin(self, bare: str) -> None:
         self._cache.pop(bare, None)
+        self._versions.pop(bare, None)
+        self._loading.pop(bare, None)
 
-    def item(self, bare: str, contact: str) -> Item | None:
+    def item(self, bare: str, contact: str) -> defer.Deferred:
+        cached = self._cache.get(bare)
+        if cached is not None:
+            return defer.succeed(cached.items.get(contact))
+        # One row, not the whole roster, for users without a session.
+        return self.store.get(STORE, bare, contact).addCallback(
+            lambda value: None if value is None else Item(value))
+
+    # Synchronous reads for the plugins not converted to the asynchronous
+    # store yet (PEP, MAM prefs): memory for online users, else the blocking
+    # store (docs/design.rst, "Storage").
+
+    def item_now(self, bare: str, contact: str) -> Item | None:
         cached = self._cache.get(bare)
         if cached is not None:
             return cached.items.get(contact)
-        # One row, not the whole roster, for users without a session.
-        value = self.store.get(STORE, bare, contact)
+        value = self.store.blocking.get(STORE, bare, contact)
         return None if value is None else Item(value)
 
-    def check(self, bare: str, contact: str, item: Item) -> None:
-        """Raise :class:`RosterFull` if storing ``item`` would exceed the limits.
+    def get_now(self, bare: str) -> dict[str, Item]:
+        cached = self._cache.get(bare)
+        if cached is not None:
+            return cached.items
+        return {k: Item(v) for k, v in self.store.blocking.items(STORE, bare)}
+
+    @defer.inlineCallbacks
+    def check(self, bare: str, contact: str, item: Item):
+        """Fail with :class:`RosterFull` if storing ``item`` would exceed the limits.
 
         Only growth is refused: a change that does not add an item or bytes
         (a subscription state moving on) always passes, even over a limit
         lowered since.
         """
-        listing = self.listing(bare)
+        listing = yield self.listing(bare)
         count, size = listing.cost_of(contact, item)
         limits = self.limits
         if count > limits.max_items and count > len(listing.items):
@@ -219,31 +269,45 @@ class Rosters:
         if size > limits.max_bytes and size > listing.size:
             raise RosterFull(f"roster full: at most {limits.max_bytes} bytes of items")
 
-    def save(self, bare: str, contact: str, item: Item, also_delete: tuple = ()) -> int:
-        """Store ``item``; returns the new roster version.
+    @defer.inlineCallbacks
+    def save(self, bare: str, contact: str, item: Item, also_delete: tuple = ()):
+        """Store ``item``; a Deferred of the new roster version.
 
         ``also_delete`` are ``(store, user, key)`` entries removed in the
         same transaction (a pending request the item now answers).
         """
-        version = self.store.get(SETTINGS, bare, VERSION_KEY, 0) + 1
-        self.store.batch(puts=[(STORE, bare, contact, dict(item)),
-                               (SETTINGS, bare, VERSION_KEY, version)],
-                         deletes=list(also_delete))
+        version = (yield self.store.get(SETTINGS, bare, VERSION_KEY, 0)) + 1
+        yield self.store.batch(puts=[(STORE, bare, contact, dict(item)),
+                                     (SETTINGS, bare, VERSION_KEY, version)],
+                               deletes=list(also_delete))
         cached = self._cache.get(bare)
         if cached is not None:
             cached.set(contact, item)
+            self._versions[bare] = version
+        self._reload_if_loading(bare)
         return version
 
-    def remove(self, bare: str, contact: str) -> int:
-        version = self.store.get(SETTINGS, bare, VERSION_KEY, 0) + 1
-        self.store.batch(puts=[(SETTINGS, bare, VERSION_KEY, version)],
-                         deletes=[(STORE, bare, contact)])
+    @defer.inlineCallbacks
+    def remove(self, bare: str, contact: str):
+        version = (yield self.store.get(SETTINGS, bare, VERSION_KEY, 0)) + 1
+        yield self.store.batch(puts=[(SETTINGS, bare, VERSION_KEY, version)],
+                               deletes=[(STORE, bare, contact)])
         cached = self._cache.get(bare)
         if cached is not None:
             cached.remove(contact)
+            self._versions[bare] = version
+        self._reload_if_loading(bare)
         return version
 
-    def version(self, bare: str) -> int:
+    def _reload_if_loading(self, bare: str) -> None:
+        """A load that began before this change may miss it: begin again."""
+        if self._loading.pop(bare, None) is not None:
+            self.pin(bare)
+
+    def version(self, bare: str) -> defer.Deferred:
+        cached = self._versions.get(bare)
+        if cached is not None:
+            return defer.succeed(cached)
         return self.store.get(SETTINGS, bare, VERSION_KEY, 0)
 
 
@@ -274,6 +338,9 @@ class RosterPlugin(Plugin):
         self.limits = Limits.from_section(sec)
         sec.reject_unknown()
         self.rosters = Rosters(self.store, self.limits)
+        # Read-modify-write steps on one owner's roster, in arrival order
+        # (shared with the presence plugin's subscription handling).
+        self.serial = Serial()
         self.handle_iq("get", NS_ROSTER, "query", self.on_get)
         self.handle_iq("set", NS_ROSTER, "query", self.on_set)
         self.router.on_bound.append(lambda s: self.rosters.pin(s.jid.bare))
@@ -293,13 +360,16 @@ class RosterPlugin(Plugin):
         bare = request.sender.bare
         if request.session is not None:
             request.session.state["roster_requested"] = True
-        version = self.rosters.version(bare)
-        asked = request.payload.getAttribute("ver")
+        return self._answer_get(bare, request.payload.getAttribute("ver"))
+
+    @defer.inlineCallbacks
+    def _answer_get(self, bare: str, asked: str | None):
+        version = yield self.rosters.version(bare)
         if asked is not None and asked == str(version):
             return None  # RFC 6121 §2.6.3: empty result, changes come as pushes
         query = domish.Element((NS_ROSTER, "query"))
         query["ver"] = str(version)
-        listing = self.rosters.listing(bare).xml()
+        listing = (yield self.rosters.listing(bare)).xml()
         if listing:
             query.addChild(domish.SerializedXML(listing))
         return query
@@ -320,23 +390,27 @@ class RosterPlugin(Plugin):
             raise StanzaError("jid-malformed") from None
         owner = request.sender.bare
         if el.getAttribute("subscription") == "remove":
-            self.remove_item(owner, contact)
-            return None
+            return self.serial.run(owner, self.remove_item, owner, contact).addCallback(
+                lambda _: None)
         limits = self.limits
         name = el.getAttribute("name")
         if name is not None and len(name.encode()) > limits.max_name_length:
             raise StanzaError("not-acceptable", text=f"name longer than {limits.max_name_length} bytes")
         groups = self._groups(el)
-        roster = self.rosters.get(owner)
+        return self.serial.run(owner, self._set_item, owner, contact, name, groups)
+
+    @defer.inlineCallbacks
+    def _set_item(self, owner: str, contact: str, name: str | None, groups: list[str]):
+        roster = yield self.rosters.get(owner)
         item = roster.get(contact)
         item = Item.new() if item is None else Item(item)
         item["name"] = name
         item["groups"] = groups
         try:
-            self.rosters.check(owner, contact, item)
+            yield self.rosters.check(owner, contact, item)
         except RosterFull as e:
             raise StanzaError("resource-constraint", "cancel", text=str(e)) from None
-        self.update(owner, contact, item)
+        yield self.update(owner, contact, item)
         return None
 
     def _groups(self, item: domish.Element) -> list[str]:
@@ -362,19 +436,23 @@ class RosterPlugin(Plugin):
 
     # -- API for the presence plugin ------------------------------------------
 
-    def update(self, owner: str, contact: str, item: Item, also_delete: tuple = ()) -> None:
-        version = self.rosters.save(owner, contact, item, also_delete)
-        self.push(owner, contact, item, version)
+    # Callers run these inside ``self.serial.run(owner, ...)`` (xmppd.serial).
 
-    def remove_item(self, owner: str, contact: str) -> None:
-        item = self.rosters.item(owner, contact)
+    def update(self, owner: str, contact: str, item: Item, also_delete: tuple = ()):
+        """Store, then push (a Deferred): nothing is pushed that was not stored."""
+        return self.rosters.save(owner, contact, item, also_delete).addCallback(
+            lambda version: self.push(owner, contact, item, version))
+
+    @defer.inlineCallbacks
+    def remove_item(self, owner: str, contact: str):
+        item = yield self.rosters.item(owner, contact)
         if item is None:
             raise StanzaError("item-not-found")
         # Stored first: if that fails, no unsubscription has gone out yet.
-        version = self.rosters.remove(owner, contact)
+        version = yield self.rosters.remove(owner, contact)
         self.push(owner, contact, None, version)
         for hook in self.on_remove:
-            hook(owner, contact, item)
+            yield hook(owner, contact, item)  # None or a Deferred
 
     def push(self, owner: str, contact: str, item: Item | None, version: int) -> None:
         """Roster push to every resource that asked for the roster."""

@@ -83,7 +83,9 @@ class VCardPlugin(Plugin):
         owner = request.sender.bare if request.to is None else request.to.bare
         if request.to is not None and request.to.user is None:
             raise StanzaError("service-unavailable")  # the server has no vCard
-        stored = self.store.get(STORE, owner, "vcard")
+        return self.store.get(STORE, owner, "vcard").addCallback(self._answer, owner)
+
+    def _answer(self, stored: str | None, owner: str) -> domish.Element:
         if stored is not None:
             try:
                 return parse_fragment(stored, self.limits)
@@ -104,7 +106,8 @@ class VCardPlugin(Plugin):
         if len(xml.encode("utf-8")) > self.max_size:
             raise StanzaError("not-acceptable", text=f"vCard larger than {self.max_size} bytes",
                               echo=False)
-        self.store.put(STORE, request.sender.bare, "vcard", xml)
-        for hook in self.on_stored:
-            hook(request.sender.bare, vcard)
-        return None
+        def stored(_) -> None:
+            for hook in self.on_stored:
+                hook(request.sender.bare, vcard)
+
+        return self.store.put(STORE, request.sender.bare, "vcard", xml).addCallback(stored)
