@@ -150,11 +150,9 @@ class ClusterNode:
             return
         if what == "roster":
             plugin = self.server.plugin("roster")
-            if plugin is not None and user in plugin.rosters._cache:
-                plugin.rosters._cache[user] = plugin.rosters._load(user)
+            if plugin is not None:
+                plugin.rosters.reload(user)
         elif what == "blocklist":
             plugin = self.server.plugin("urn:xmpp:blocking")
             if plugin is not None:
-                plugin._offline_cache.pop(user, None)
-                if user in plugin.lists:
-                    plugin.lists[user] = plugin._read(user)
+                plugin.reload(user)

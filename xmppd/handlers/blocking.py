@@ -262,6 +262,27 @@ class BlockingPlugin(Plugin):
 
             self._read(bare).addCallbacks(loaded, failed)
 
+    def reload(self, bare: str) -> None:
+        """Another node changed ``bare``'s blocklist (xmppd.cluster): read it again.
+
+        The cached copy of a user with no session is dropped; an online
+        user's list stays in force until the new one is read (the filter
+        never runs without a list for an online user).
+        """
+        self._offline_cache.pop(bare, None)
+        if bare not in self.lists:
+            return
+
+        def loaded(blocklist: Blocklist) -> None:
+            if bare in self.lists:
+                self.lists[bare] = blocklist
+
+        def failed(failure) -> None:
+            failure.trap(StoreError)
+            store_report(failure.value)
+
+        self._read(bare).addCallbacks(loaded, failed)
+
     def _closed(self, session) -> None:
         if not self.router.resources_of(session.jid.bare):
             self.lists.pop(session.jid.bare, None)

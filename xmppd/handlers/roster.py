@@ -223,6 +223,16 @@ class Rosters:
             lambda listing: self.version(bare).addCallback(lambda v: (listing, v))
         ).addCallbacks(loaded, failed)
 
+    def reload(self, bare: str) -> None:
+        """Another node changed ``bare``'s roster (xmppd.cluster): read it again.
+
+        Only a pinned (online) user's copy is kept; until the new copy is in,
+        reads go to the store.
+        """
+        if bare in self._cache or bare in self._loading:
+            self.unpin(bare)
+            self.pin(bare)
+
     def unpin(self, bare: str) -> None:
         self._cache.pop(bare, None)
         self._versions.pop(bare, None)
