@@ -40,6 +40,7 @@ from xmppd import jid as jidlib
 from xmppd.s2s.common import (
     NS_DIALBACK, NS_DIALBACK_FEATURE, NS_SASL, NS_SERVER, NS_TLS, STANZAS, ServerStream,
 )
+from xmppd.s2s.wire import WireParser
 from xmppd.stanzas import NS_CLIENT, NS_STREAMS
 from xmppd.stream import AUTHENTICATED, CLOSED, HEADER, NEGOTIATING
 from xmppd.logfilter import log_observer
@@ -55,6 +56,8 @@ class InboundStream(ServerStream):
 
     kind = "s2s in"
     factory: "InboundFactory"
+    # Messages keep their received bytes and build their children lazily.
+    PARSER = WireParser
 
     def __init__(self) -> None:
         super().__init__()
