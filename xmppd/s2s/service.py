@@ -179,6 +179,13 @@ class S2SService:
             sender = jidlib.parse(stanza.getAttribute("from") or "")
         except jidlib.InvalidJID:
             sender = None
+        if sender is not None:
+            link = self.links.get((sender.host, to.host))
+            if link is not None:
+                # A link exists only for a pair that passed the checks below
+                # (federates, refuse_domain: fixed at start-up).
+                link.send(stanza)
+                return
         if sender is None or not self.federates(sender.host):
             if sender is not None and sender.host in self.server.router.components:
                 # A private component: local users only, nothing leaves for it.
