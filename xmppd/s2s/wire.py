@@ -270,15 +270,19 @@ class WireParser(StreamParser):
                 uri for prefix, uri in self._decls.items() if prefix)
         safe = not self._top_decl and self._rename_from not in unsafe
         self._top_decl = False
-        plain = {}
-        for key, value in attrs.items():
+        plain = attrs  # expat's own fresh dict, used as it is when no name has a namespace
+        for key in attrs:
             if " " in key:
-                auri, _, aname = key.rpartition(" ")
-                plain[(auri, aname)] = value
-                if auri in unsafe:
-                    safe = False
-            else:
-                plain[key] = value
+                plain = {}
+                for key, value in attrs.items():
+                    if " " in key:
+                        auri, _, aname = key.rpartition(" ")
+                        plain[(auri, aname)] = value
+                        if auri in unsafe:
+                            safe = False
+                    else:
+                        plain[key] = value
+                break
         events: list = []
         self._events = events
         self._top = ReceivedStanza((self._rename_to, "message"), plain, events, self.limits,
