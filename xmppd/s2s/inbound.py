@@ -67,15 +67,29 @@ class InboundStream(ServerStream):
         self.how = ""  # "EXTERNAL" / "dialback"
         self.pending_dialback = 0
         self._counted: str | None = None
+        self._unauthenticated = False  # counted in [s2s] max_unauthenticated_inbound
 
     # -- life cycle -----------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.secure = self.tls_pending = self.factory.direct_tls
+        peer = self.transport.getPeer()
+        if not self.service.admit_unauthenticated(getattr(peer, "host", str(peer))):
+            # Before anything is read or a TLS handshake is paid for.
+            self.phase = CLOSED
+            self.transport.abortConnection()
+            return
+        self._unauthenticated = True
         super().connectionMade()
         self.service.inbound_streams.add(self)
 
+    def _authenticated_once(self) -> None:
+        if self._unauthenticated:
+            self._unauthenticated = False
+            self.service.release_unauthenticated()
+
     def connection_closed(self, previous: int, reason) -> None:
+        self._authenticated_once()
         self.service.inbound_streams.discard(self)
         if self._counted is not None:
             self.service.release_inbound(self._counted)
@@ -249,6 +263,7 @@ class InboundStream(ServerStream):
     def _authenticated(self) -> None:
         if self.phase != AUTHENTICATED:
             self.phase = AUTHENTICATED
+            self._authenticated_once()
             self.cancel_auth_timeout()
             # Dialback authenticates without a stream restart: the parser
             # this stream keeps gets the post-authentication limits now.
