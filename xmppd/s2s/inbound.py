@@ -49,6 +49,9 @@ log = Logger(observer=log_observer)
 
 #: Dialback requests one stream may have outstanding (each costs a look-up).
 MAX_PENDING_DIALBACK = 8
+#: Address pairs one stream remembers as checked (a conversation repeats its
+#: pair on every stanza; the memory is cleared when full, ~0.3 kB an entry).
+MAX_CHECKED_ADDRESSES = 512
 
 
 class InboundStream(ServerStream):
@@ -68,6 +71,8 @@ class InboundStream(ServerStream):
         self.pending_dialback = 0
         self._counted: str | None = None
         self._unauthenticated = False  # counted in [s2s] max_unauthenticated_inbound
+        # (from, to) attribute values that passed _stanza's checks -> parsed JIDs
+        self._checked: dict[tuple[str, str], tuple] = {}
 
     # -- life cycle -----------------------------------------------------------------
 
@@ -354,7 +359,14 @@ class InboundStream(ServerStream):
     # -- stanzas ---------------------------------------------------------------------------
 
     def _stanza(self, el: domish.Element) -> None:
-        sender_attr, to_attr = el.getAttribute("from"), el.getAttribute("to")
+        attrs = el.attributes
+        key = (attrs.get("from"), attrs.get("to"))
+        checked = self._checked.get(key)
+        if checked is not None:
+            # These addresses passed the checks below on this stream; its
+            # pairs only ever grow, so they still do.
+            return self.service.inbound(el, *checked)
+        sender_attr, to_attr = key
         if not sender_attr or not to_attr:
             return self.stream_error("improper-addressing", "stanzas need 'from' and 'to'")
         try:
@@ -377,6 +389,10 @@ class InboundStream(ServerStream):
                 # domain, which does not federate).
                 return self.stream_error("host-unknown", f"{to.host} is not served here")
             return self.stream_error("improper-addressing", f"{to.host} was not authenticated on this stream")
+        checked = self._checked
+        if len(checked) >= MAX_CHECKED_ADDRESSES:
+            checked.clear()
+        checked[key] = (sender, to)
         self.service.inbound(el, sender, to)
 
     def describe(self) -> dict:

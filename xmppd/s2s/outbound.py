@@ -285,7 +285,8 @@ class OutboundLink:
         self.connecting: OutboundStream | None = None  # stream being negotiated
         self.attempt: defer.Deferred | None = None
         self.last_failure: LinkFailed | None = None
-        self.last_used = service.server.clock.seconds()
+        self._seconds = service.server.clock.seconds
+        self.last_used = self._seconds()
         # Dialback keys other servers gave us, to check with this remote
         # domain's authoritative server: (stream id, key, Deferred).
         self.verify_waiting: list[tuple[str, str, defer.Deferred]] = []
@@ -298,7 +299,7 @@ class OutboundLink:
     # -- stanzas ------------------------------------------------------------------------
 
     def send(self, stanza: domish.Element) -> None:
-        self.last_used = self.service.server.clock.seconds()
+        self.last_used = self._seconds()
         stream = self.stream
         if stream is not None:
             if stream.phase != CLOSED:
