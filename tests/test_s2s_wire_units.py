@@ -134,3 +134,24 @@ def _client_parses(data: bytes) -> None:
     p.Parse(b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>"
             + data + b"</stream:stream>", True)
     assert names[1] == "jabber:client message"
+
+
+def test_a_stream_whose_messages_are_all_read_builds_them_at_once(monkeypatch):
+    """Where every message's children are read (XEP-0359...), laziness only costs: the
+    parser builds them at once for a while, then tries again."""
+    from xmppd.s2s import wire
+
+    monkeypatch.setattr(wire, "PROBE", 4)
+    monkeypatch.setattr(wire, "EAGER", 3)
+    kinds = []
+    parser = WireParser(lambda *a: None, lambda el: (kinds.append(type(el).__name__), el.children),
+                        lambda: None, Limits(65536), RENAME)
+    parser.feed(HEADER)
+    parser.feed(PLAIN * 12)
+    # 4 lazy (all read) -> the 5th decides: 3 built at once; then lazy again for 4, ...
+    assert kinds == ["ReceivedStanza"] * 4 + ["Element"] * 3 + ["ReceivedStanza"] * 4 + ["Element"]
+    unread = []
+    parser = WireParser(lambda *a: None, unread.append, lambda: None, Limits(65536), RENAME)
+    parser.feed(HEADER)
+    parser.feed(PLAIN * 12)
+    assert all(isinstance(el, ReceivedStanza) and el.wire() == PLAIN for el in unread)

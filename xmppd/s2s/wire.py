@@ -39,6 +39,11 @@ server checked):
 * it is not an empty-element tag (``<message/>``: nothing to save).
 
 Only messages: IQs and presence are read by the server's handlers anyway.
+Where messages are read anyway (XEP-0359 stamps every one), recording and
+then replaying the children costs more than building them: a stream that
+sees more than half of :data:`PROBE` lazy messages read builds the next
+:data:`EAGER` at once (plain elements, serialised as before), then tries
+again.
 """
 from __future__ import annotations
 
@@ -59,7 +64,7 @@ class ReceivedStanza(Forwardable):
     """
 
     def __init__(self, qname: tuple[str, str], attribs: dict, events: list,
-                 limits: Limits, rename: tuple[str | None, str | None]) -> None:
+                 limits: Limits, rename: tuple[str | None, str | None], stats: list) -> None:
         # domish.Element.__init__, minus the children list (a property here).
         self.localPrefixes = {}
         self.uri, self.name = qname
@@ -72,6 +77,7 @@ class ReceivedStanza(Forwardable):
         self._rename = rename
         self._wire: bytes | None = None
         self._attrs0: dict | None = None
+        self._stats = stats  # the parser's [made, built] (see WireParser._start_message)
 
     def _set_wire(self, data: bytes) -> None:
         self._wire = data
@@ -90,6 +96,7 @@ class ReceivedStanza(Forwardable):
         self._events = self._wire = self._attrs0 = None
 
     def _build(self) -> list:
+        self._stats[1] += 1
         events = self._events
         kids = self._kids = []
         self._events = self._wire = self._attrs0 = None
@@ -151,6 +158,12 @@ class _Replay(StreamParser):
 
 
 _END = 0  # an end-element event
+#: Every PROBE lazy messages, the parser looks at how many had their children
+#: built anyway (XEP-0359 stamps every message, carbons and offline storage
+#: read them): more than half, and the next EAGER messages are built at once
+#: like any stanza (recording the events first would only add to the cost).
+PROBE = 64
+EAGER = 1024
 #: Bytes kept between stanzas for a start tag split across reads (a typical
 #: message start tag is ~150 bytes; a longer split one is just serialised).
 _TAIL = 4096
@@ -175,6 +188,8 @@ class WireParser(StreamParser):
         self._message = f"{self._rename_from} message" if self._rename_from else None
         self._header_uris: frozenset[str] | None = None  # namespaces bound to prefixes by the header
         self._names_ok: dict[str, bool] = {}  # element name -> _name_ok(name)
+        self._stats = [0, 0]  # lazy messages made, of which children were built (see PROBE)
+        self._eager_left = 0  # messages still to build at once
 
     def _make_parser(self):
         p = super()._make_parser()
@@ -227,7 +242,7 @@ class WireParser(StreamParser):
             return
         top = self._top
         if top is None:
-            if self._depth != 1 or name != self._message:
+            if self._depth != 1 or name != self._message or self._eager():
                 if self._depth == 1:
                     self._top_decl = False
                 return self._start(name, attrs)
@@ -258,6 +273,19 @@ class WireParser(StreamParser):
             self._names_ok.clear()  # a peer inventing names: the cache stays small
         return name.rpartition(" ")[0] not in self._header_uris
 
+    def _eager(self) -> bool:
+        """Build this message at once (see PROBE)?"""
+        if self._eager_left:
+            self._eager_left -= 1
+            return True
+        stats = self._stats
+        if stats[0] >= PROBE:
+            self._stats = [0, 0]  # messages still out keep counting in the old list
+            if 2 * stats[1] > stats[0]:
+                self._eager_left = EAGER - 1
+                return True
+        return False
+
     def _start_message(self, name: str, attrs: dict) -> None:
         """A top-level ``<message>`` in the stream's default namespace: built lazily."""
         nodes = self._nodes = self._nodes + 1 + len(attrs)
@@ -283,10 +311,12 @@ class WireParser(StreamParser):
                     else:
                         plain[key] = value
                 break
+        stats = self._stats
+        stats[0] += 1
         events: list = []
         self._events = events
         self._top = ReceivedStanza((self._rename_to, "message"), plain, events, self.limits,
-                                   (self._rename_from, self._rename_to))
+                                   (self._rename_from, self._rename_to), stats)
         self._top_start = self._parser.CurrentByteIndex
         self._top_safe = safe
 
