@@ -91,6 +91,7 @@ class S2SService:
         # queue_timeout, as any queued stanza).
         self.connecting_links: set[OutboundLink] = set()
         self._waiting_links: deque[OutboundLink] = deque()
+        self._starting_waiting = False  # end_connecting's loop is running (no recursion)
         # (local, remote) -> (until, reason): recent failures, so that a
         # dead domain is not hammered with one attempt per stanza.
         self._failed: dict[tuple[str, str], tuple[float, str]] = {}
@@ -210,16 +211,22 @@ class S2SService:
         if link not in self.connecting_links:
             return
         self.connecting_links.discard(link)
-        waiting = self._waiting_links
-        while waiting and len(self.connecting_links) < self.config.max_connecting_domains:
-            nxt = waiting.popleft()
-            nxt.waiting_turn = False
-            if self.links.get((nxt.local, nxt.remote)) is not nxt:
-                continue
-            if len(nxt.queue) or nxt.verify_waiting:
-                nxt.start()
-            else:
-                self.link_idle(nxt)  # everything it held expired while it waited
+        if self._starting_waiting:
+            return  # a link that failed at once while this loop started it
+        self._starting_waiting = True
+        try:
+            waiting = self._waiting_links
+            while waiting and len(self.connecting_links) < self.config.max_connecting_domains:
+                nxt = waiting.popleft()
+                nxt.waiting_turn = False
+                if self.links.get((nxt.local, nxt.remote)) is not nxt:
+                    continue
+                if len(nxt.queue) or nxt.verify_waiting:
+                    nxt.start()
+                else:
+                    self.link_idle(nxt)  # everything it held expired while it waited
+        finally:
+            self._starting_waiting = False
 
     def release_inbound(self, domain: str) -> None:
         count = self._inbound_count.get(domain, 0) - 1
