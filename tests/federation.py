@@ -10,6 +10,8 @@ DNS or any other machine.
 from __future__ import annotations
 
 import re
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -121,3 +123,36 @@ class S2SPeer(TLSClient):
         self.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>")
         assert "<success" in self.read_until("<success[^>]*/>|</success>|</failure>")
         self.open()
+
+
+class SilentPeer:
+    """Accepts one connection, reads what comes for ``hold`` seconds, then closes it."""
+
+    def __init__(self, hold: float) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.received = b""
+        self.accepted_at: float | None = None  # time.monotonic() of the connection
+        self.closed_at: float | None = None
+        self.hold = hold
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.sock.accept()
+        self.accepted_at = time.monotonic()
+        conn.settimeout(0.1)
+        deadline = time.monotonic() + self.hold
+        while time.monotonic() < deadline:
+            try:
+                data = conn.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                break
+            self.received += data
+        conn.close()
+        self.closed_at = time.monotonic()
+        self.sock.close()

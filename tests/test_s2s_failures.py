@@ -16,41 +16,11 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 
 import pytest
 
-from tests.federation import Federation, S2SPeer, wait_for_log
-
-
-class SilentPeer:
-    """Accepts one connection, reads what comes for ``hold`` seconds, then closes it."""
-
-    def __init__(self, hold: float) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1)
-        self.port = self.sock.getsockname()[1]
-        self.received = b""
-        self.hold = hold
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        conn, _ = self.sock.accept()
-        conn.settimeout(0.1)
-        deadline = time.monotonic() + self.hold
-        while time.monotonic() < deadline:
-            try:
-                data = conn.recv(65536)
-            except socket.timeout:
-                continue
-            if not data:
-                break
-            self.received += data
-        conn.close()
-        self.sock.close()
+from tests.federation import Federation, S2SPeer, SilentPeer, wait_for_log
 
 
 def _udp_port_nobody_answers() -> int:

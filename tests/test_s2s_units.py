@@ -373,3 +373,41 @@ def test_per_domain_limits(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         configlib.from_dict({"s2s": {"domains": {"b.test": {"max_stanza_sise": 1}}}}, "test.toml")
     assert e.value.key == 's2s.domains.b.test.max_stanza_sise'
+
+
+def test_links_beyond_max_connecting_domains_wait_their_turn(server):
+    """[s2s] max_connecting_domains: one link at a time here; the others start as each
+    gives up, also when one that is started fails at once."""
+    from dataclasses import replace
+
+    from twisted.internet import defer
+
+    from xmppd.s2s.outbound import LinkFailed
+
+    srv, clock, alice = server
+    service = srv.s2s
+    service.config = replace(service.config, max_connecting_domains=1)
+    asked, pending = [], {}
+
+    class Resolver:
+        def targets(self, domain):
+            asked.append(domain)
+            if domain == "e.test":
+                return defer.fail(LinkFailed("e.test: no such domain"))
+            d = pending[domain] = defer.Deferred()
+            return d
+
+    service._resolver = Resolver()
+    for i, domain in enumerate(("c.test", "d.test", "e.test", "f.test")):
+        stanza = _from_alice(i)
+        stanza["to"] = f"x@{domain}"
+        service.send(stanza, jidlib.parse(f"x@{domain}"))
+    assert asked == ["c.test"] and len(service.connecting_links) == 1
+    pending["c.test"].errback(LinkFailed("c.test: refused"))
+    assert asked == ["c.test", "d.test"]
+    pending["d.test"].errback(LinkFailed("d.test: refused"))  # e fails at once, f starts
+    assert asked == ["c.test", "d.test", "e.test", "f.test"] and len(service.connecting_links) == 1
+    assert sorted(e["id"] for e in alice.got) == ["s0", "s1", "s2"]  # each once
+    pending["f.test"].errback(LinkFailed("f.test: refused"))
+    assert not service.connecting_links and not service.links
+    assert sorted(e["id"] for e in alice.got) == ["s0", "s1", "s2", "s3"]

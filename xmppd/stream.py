@@ -61,6 +61,8 @@ class XMPPStream(protocol.Protocol):
     ESTABLISHED = BOUND
     #: Namespace rename applied by the parser (see StreamParser), or None.
     RENAME_NS: tuple[str, str] | None = None
+    #: The parser class (inbound s2s streams use xmppd.s2s.wire.WireParser).
+    PARSER: type[StreamParser] = StreamParser
 
     def __init__(self) -> None:
         self.phase = HEADER
@@ -190,7 +192,7 @@ class XMPPStream(protocol.Protocol):
     def _new_parser(self) -> None:
         if self.parser is not None:
             self.parser.halt()
-        self.parser = StreamParser(self.stream_started, self.element, self.stream_ended,
+        self.parser = self.PARSER(self.stream_started, self.element, self.stream_ended,
                                    self.parser_limits(), self.RENAME_NS)
         self.header_sent = False
 

@@ -40,6 +40,7 @@ from xmppd import jid as jidlib
 from xmppd.s2s.common import (
     NS_DIALBACK, NS_DIALBACK_FEATURE, NS_SASL, NS_SERVER, NS_TLS, STANZAS, ServerStream,
 )
+from xmppd.s2s.wire import WireParser
 from xmppd.stanzas import NS_CLIENT, NS_STREAMS
 from xmppd.stream import AUTHENTICATED, CLOSED, HEADER, NEGOTIATING
 from xmppd.logfilter import log_observer
@@ -48,6 +49,9 @@ log = Logger(observer=log_observer)
 
 #: Dialback requests one stream may have outstanding (each costs a look-up).
 MAX_PENDING_DIALBACK = 8
+#: Address pairs one stream remembers as checked (a conversation repeats its
+#: pair on every stanza; the memory is cleared when full, ~0.3 kB an entry).
+MAX_CHECKED_ADDRESSES = 512
 
 
 class InboundStream(ServerStream):
@@ -55,6 +59,8 @@ class InboundStream(ServerStream):
 
     kind = "s2s in"
     factory: "InboundFactory"
+    # Messages keep their received bytes and build their children lazily.
+    PARSER = WireParser
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,15 +70,31 @@ class InboundStream(ServerStream):
         self.how = ""  # "EXTERNAL" / "dialback"
         self.pending_dialback = 0
         self._counted: str | None = None
+        self._unauthenticated = False  # counted in [s2s] max_unauthenticated_inbound
+        # (from, to) attribute values that passed _stanza's checks -> parsed JIDs
+        self._checked: dict[tuple[str, str], tuple] = {}
 
     # -- life cycle -----------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.secure = self.tls_pending = self.factory.direct_tls
+        peer = self.transport.getPeer()
+        if not self.service.admit_unauthenticated(getattr(peer, "host", str(peer))):
+            # Before anything is read or a TLS handshake is paid for.
+            self.phase = CLOSED
+            self.transport.abortConnection()
+            return
+        self._unauthenticated = True
         super().connectionMade()
         self.service.inbound_streams.add(self)
 
+    def _authenticated_once(self) -> None:
+        if self._unauthenticated:
+            self._unauthenticated = False
+            self.service.release_unauthenticated()
+
     def connection_closed(self, previous: int, reason) -> None:
+        self._authenticated_once()
         self.service.inbound_streams.discard(self)
         if self._counted is not None:
             self.service.release_inbound(self._counted)
@@ -246,6 +268,7 @@ class InboundStream(ServerStream):
     def _authenticated(self) -> None:
         if self.phase != AUTHENTICATED:
             self.phase = AUTHENTICATED
+            self._authenticated_once()
             self.cancel_auth_timeout()
             # Dialback authenticates without a stream restart: the parser
             # this stream keeps gets the post-authentication limits now.
@@ -336,7 +359,14 @@ class InboundStream(ServerStream):
     # -- stanzas ---------------------------------------------------------------------------
 
     def _stanza(self, el: domish.Element) -> None:
-        sender_attr, to_attr = el.getAttribute("from"), el.getAttribute("to")
+        attrs = el.attributes
+        key = (attrs.get("from"), attrs.get("to"))
+        checked = self._checked.get(key)
+        if checked is not None:
+            # These addresses passed the checks below on this stream; its
+            # pairs only ever grow, so they still do.
+            return self.service.inbound(el, *checked)
+        sender_attr, to_attr = key
         if not sender_attr or not to_attr:
             return self.stream_error("improper-addressing", "stanzas need 'from' and 'to'")
         try:
@@ -359,6 +389,10 @@ class InboundStream(ServerStream):
                 # domain, which does not federate).
                 return self.stream_error("host-unknown", f"{to.host} is not served here")
             return self.stream_error("improper-addressing", f"{to.host} was not authenticated on this stream")
+        checked = self._checked
+        if len(checked) >= MAX_CHECKED_ADDRESSES:
+            checked.clear()
+        checked[key] = (sender, to)
         self.service.inbound(el, sender, to)
 
     def describe(self) -> dict:

@@ -285,7 +285,8 @@ class OutboundLink:
         self.connecting: OutboundStream | None = None  # stream being negotiated
         self.attempt: defer.Deferred | None = None
         self.last_failure: LinkFailed | None = None
-        self.last_used = service.server.clock.seconds()
+        self._seconds = service.server.clock.seconds
+        self.last_used = self._seconds()
         # Dialback keys other servers gave us, to check with this remote
         # domain's authoritative server: (stream id, key, Deferred).
         self.verify_waiting: list[tuple[str, str, defer.Deferred]] = []
@@ -293,11 +294,12 @@ class OutboundLink:
         self.alive = self.last_used
         self.ping_id: str | None = None
         self.ping_sent = 0.0
+        self.waiting_turn = False  # in line for [s2s] max_connecting_domains
 
     # -- stanzas ------------------------------------------------------------------------
 
     def send(self, stanza: domish.Element) -> None:
-        self.last_used = self.service.server.clock.seconds()
+        self.last_used = self._seconds()
         stream = self.stream
         if stream is not None:
             if stream.phase != CLOSED:
@@ -328,6 +330,8 @@ class OutboundLink:
         """Set up a stream unless one exists or is on its way."""
         if self.stream is not None or self.attempt is not None or self.connecting is not None:
             return
+        if not self.service.begin_connecting(self):
+            return  # started by end_connecting when another link is done
         self.last_failure = None
         route = self.service.config.routes.get(self.remote)
         if route is not None:
@@ -378,6 +382,7 @@ class OutboundLink:
 
     def _attempt_failed(self, failure) -> None:
         self.attempt = None
+        self.service.end_connecting(self)
         if failure.check(LinkFailed):
             problem = failure.value
         else:
@@ -397,6 +402,7 @@ class OutboundLink:
 
     def stream_ready(self, stream: OutboundStream) -> None:
         self.connecting = None
+        self.service.end_connecting(self)
         self.stream = stream
         self.alive = self.service.server.clock.seconds()
         self.ping_id = None
@@ -406,6 +412,7 @@ class OutboundLink:
     def stream_lost(self, stream: OutboundStream, previous: int, reason) -> None:
         if stream is self.connecting:
             self.connecting = None
+            self.service.end_connecting(self)
             failure = self.last_failure or LinkFailed(
                 f"connection to {self.remote} lost during negotiation"
                 + (f" ({reason.getErrorMessage()})" if reason is not None else ""))

@@ -22,6 +22,7 @@ stanzas that cannot leave (``remote-server-not-found`` /
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -82,6 +83,15 @@ class S2SService:
         self.links: dict[tuple[str, str], OutboundLink] = {}
         self.inbound_streams: set = set()
         self._inbound_count: dict[str, int] = {}
+        # [s2s] max_unauthenticated_inbound: incoming streams not yet authenticated.
+        self.unauthenticated = 0
+        self._refusing = False  # refusals since the last admission (logged once)
+        # [s2s] max_connecting_domains: links resolving, connecting or
+        # negotiating; the others wait in line (their stanzas for at most
+        # queue_timeout, as any queued stanza).
+        self.connecting_links: set[OutboundLink] = set()
+        self._waiting_links: deque[OutboundLink] = deque()
+        self._starting_waiting = False  # end_connecting's loop is running (no recursion)
         # (local, remote) -> (until, reason): recent failures, so that a
         # dead domain is not hammered with one attempt per stanza.
         self._failed: dict[tuple[str, str], tuple[float, str]] = {}
@@ -164,6 +174,60 @@ class S2SService:
         self._inbound_count[domain] = count + 1
         return True
 
+    def admit_unauthenticated(self, peer: str) -> bool:
+        """One more incoming stream that has not authenticated; False over the cap."""
+        if self.unauthenticated >= self.config.max_unauthenticated_inbound:
+            if not self._refusing:
+                self._refusing = True
+                log.warn("s2s in {peer}: refused: {n} incoming connections are not authenticated yet"
+                         " ([s2s] max_unauthenticated_inbound); refusing more until one is",
+                         peer=peer, n=self.unauthenticated)
+            return False
+        self._refusing = False
+        self.unauthenticated += 1
+        return True
+
+    def release_unauthenticated(self) -> None:
+        self.unauthenticated -= 1
+
+    def begin_connecting(self, link: OutboundLink) -> bool:
+        """May ``link`` start resolving and connecting now?  If not, it waits its turn."""
+        if link in self.connecting_links:
+            return True
+        if len(self.connecting_links) < self.config.max_connecting_domains:
+            self.connecting_links.add(link)
+            return True
+        if not link.waiting_turn:
+            link.waiting_turn = True
+            if not self._waiting_links:
+                log.info("s2s out {local} -> {remote}: {n} remote domains are being connected"
+                         " ([s2s] max_connecting_domains); waiting for one", local=link.local,
+                         remote=link.remote, n=len(self.connecting_links))
+            self._waiting_links.append(link)
+        return False
+
+    def end_connecting(self, link: OutboundLink) -> None:
+        """``link`` is set up or gave up: the next waiting link (if any) starts."""
+        if link not in self.connecting_links:
+            return
+        self.connecting_links.discard(link)
+        if self._starting_waiting:
+            return  # a link that failed at once while this loop started it
+        self._starting_waiting = True
+        try:
+            waiting = self._waiting_links
+            while waiting and len(self.connecting_links) < self.config.max_connecting_domains:
+                nxt = waiting.popleft()
+                nxt.waiting_turn = False
+                if self.links.get((nxt.local, nxt.remote)) is not nxt:
+                    continue
+                if len(nxt.queue) or nxt.verify_waiting:
+                    nxt.start()
+                else:
+                    self.link_idle(nxt)  # everything it held expired while it waited
+        finally:
+            self._starting_waiting = False
+
     def release_inbound(self, domain: str) -> None:
         count = self._inbound_count.get(domain, 0) - 1
         if count > 0:
@@ -179,6 +243,13 @@ class S2SService:
             sender = jidlib.parse(stanza.getAttribute("from") or "")
         except jidlib.InvalidJID:
             sender = None
+        if sender is not None:
+            link = self.links.get((sender.host, to.host))
+            if link is not None:
+                # A link exists only for a pair that passed the checks below
+                # (federates, refuse_domain: fixed at start-up).
+                link.send(stanza)
+                return
         if sender is None or not self.federates(sender.host):
             if sender is not None and sender.host in self.server.router.components:
                 # A private component: local users only, nothing leaves for it.
@@ -319,6 +390,8 @@ class S2SService:
         """A link without a stream: drop it when nothing waits on it."""
         if link.stream is not None or link.connecting is not None or link.attempt is not None:
             return
+        if link.waiting_turn:
+            return  # in line for a connection slot (end_connecting decides)
         if link.verify_waiting:
             for _sid, _key, d in link.verify_waiting:
                 if not d.called:

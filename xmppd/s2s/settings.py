@@ -65,6 +65,8 @@ class S2SConfig:
     queue_max_stanzas: int = 1000
     queue_timeout: float = 60.0
     max_connections_per_domain: int = 4
+    max_connecting_domains: int = 100
+    max_unauthenticated_inbound: int = 200
     max_stanza_size: int = 262144
     max_stanza_nodes: int = DEFAULT_MAX_NODES
     max_depth: int = DEFAULT_MAX_DEPTH
@@ -169,6 +171,8 @@ def parse(sec, endpoints, tcp_overlap, max_depth) -> S2SConfig:
         queue_max_stanzas=sec.int("queue_max_stanzas", 1000, minimum=1),
         queue_timeout=sec.number("queue_timeout", 60.0, minimum=1),
         max_connections_per_domain=sec.int("max_connections_per_domain", 4, minimum=1),
+        max_connecting_domains=sec.int("max_connecting_domains", 100, minimum=1),
+        max_unauthenticated_inbound=sec.int("max_unauthenticated_inbound", 200, minimum=1),
         max_stanza_size=sec.int("max_stanza_size", 262144, minimum=4096),
         max_stanza_nodes=sec.int("max_stanza_nodes", DEFAULT_MAX_NODES, minimum=64),
         max_depth=max_depth(sec),
