@@ -37,7 +37,7 @@ from twisted.words.xish import domish
 
 from OpenSSL import SSL
 
-from xmppd import channelbinding, sasl
+from xmppd import channelbinding, fastio, sasl
 from xmppd import jid as jidlib
 from xmppd.backlog import OutboundBacklog
 from xmppd.certs import ClientCertificate, client_certificate
@@ -121,6 +121,8 @@ class C2SStream(XMPPStream):
         if not self.factory.admit(self.peer):
             self._refusal = "policy-violation"
             log.warn("c2s {peer}: too many connections from this address", peer=self.peer)
+        elif self.secure:
+            fastio.install(self.transport)
         super().connectionMade()
 
     def connection_closed(self, previous: int, reason) -> None:
@@ -394,7 +396,10 @@ class C2SStream(XMPPStream):
         self.send = lambda element: send_bytes(serialize(element))
 
     def _starttls(self) -> None:
+        was_secure = self.secure
         self.answer_starttls(self.host, lambda: self.server.certs.starttls_options(self.host))
+        if self.secure and not was_secure:
+            fastio.install(self.transport)
 
     # -- SASL --------------------------------------------------------------------
 

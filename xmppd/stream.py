@@ -36,6 +36,7 @@ from twisted.words.xish import domish
 from zope.interface import implementer
 
 from xmppd.backlog import OutboundBacklog
+from xmppd.fastio import TURN, flush_all
 from xmppd.stanzas import NS_STREAM_ERRORS, serialize
 from xmppd.xmlparser import Limits, StreamParser, XMLStreamError
 from xmppd.logfilter import log_observer
@@ -198,6 +199,10 @@ class XMPPStream(protocol.Protocol):
         if self.phase == CLOSED:
             return
         self.last_active = self.server.clock.seconds()
+        # Output this read causes (on any connection) is flushed when the
+        # outermost read returns, not a reactor turn later (xmppd.fastio).
+        turn = TURN
+        turn.depth += 1
         try:
             self.parser.feed(data)
         except XMLStreamError as e:
@@ -206,6 +211,10 @@ class XMPPStream(protocol.Protocol):
         except Exception:
             log.failure("{kind} {peer}: internal error", kind=self.kind, peer=self.peer)
             self.stream_error("internal-server-error")
+        finally:
+            turn.depth -= 1
+            if not turn.depth and turn.dirty:
+                flush_all()
 
     # -- output ---------------------------------------------------------------------
 
