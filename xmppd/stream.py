@@ -27,6 +27,7 @@ Their settings object (``stream_settings()``) must have ``auth_timeout``,
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import protocol
@@ -118,9 +119,8 @@ class XMPPStream(protocol.Protocol):
         """connectionLost after the common cleanup; ``previous`` is the phase it was in."""
 
     def new_stream_id(self) -> str:
-        import uuid
-
-        return uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, as uuid4().hex gave, without the UUID object.
+        return os.urandom(16).hex()
 
     # -- connection life cycle ----------------------------------------------------
 
