@@ -11,15 +11,16 @@ clients thus took three reactor iterations, one timer (a heap push and pop)
 and two ``epoll_ctl`` calls besides its ``recv`` and ``send``.
 
 Two changes, both keeping what Twisted guarantees (order of bytes, one TLS
-record per turn and connection under load, flow control):
+record per read and connection under load, flow control), made by one small
+object per connection (:class:`TLSOutput`):
 
-* :class:`TurnAggregator` replaces the per-connection aggregator.  Writes of
-  one turn are still joined into one ``SSL_write``; they are flushed when the
-  stream whose input caused them has finished its ``dataReceived``
-  (:func:`reading`), and only output produced outside any read (a timer, a
+* it replaces the per-connection aggregator.  Writes are still joined into
+  one ``SSL_write``; they are flushed when the stream read that caused them
+  returns (:class:`xmppd.stream.XMPPStream` counts its reads in
+  :data:`TURN`), and only output produced outside any read (a timer, a
   storage callback) waits for one shared ``callLater(0)`` for all
-  connections.
-* :func:`eager_write` sends at once when the TCP transport has nothing
+  connections;
+* it sends the ciphertext at once when the TCP transport has nothing
   buffered, the way asyncio does; whatever the kernel does not take (and any
   error) goes to Twisted's buffered path, which then behaves as before.
 
@@ -49,7 +50,7 @@ class _Turn:
 
     def __init__(self) -> None:
         self.depth = 0
-        self.dirty: list[TurnAggregator] = []
+        self.dirty: list[TLSOutput] = []
         self.scheduled: Any = None
         self.clock: Any = None
 
@@ -81,20 +82,41 @@ def _schedule() -> None:
         TURN.scheduled = clock.callLater(0, flush_all)
 
 
-class TurnAggregator:
-    """Drop-in for Twisted's ``_AggregateSmallWrites`` (``write``, ``flush``, ``close``)."""
+class TLSOutput:
+    """One client TLS connection's output: both changes of the module in one object.
 
-    __slots__ = ("_write", "_buffer", "_size", "_queued")
+    As Twisted's ``_AggregateSmallWrites`` (``write``, ``flush``, ``close``)
+    it collects the plaintext of a turn for one ``SSL_write``; :meth:`send`
+    is the ciphertext side, the TCP connection's ``write`` that sends at
+    once when nothing is buffered.  ``buffered_write`` is the transport's own
+    write (Twisted's buffering, writability polling, producer pausing and
+    error handling), used for whatever the kernel does not take at once, and
+    for everything once the stream is closing (:func:`closing`): the last
+    stanzas and TLS's close_notify then leave in one send.
+    """
 
-    def __init__(self, write: Callable[[bytes], object]) -> None:
-        self._write = write
-        self._buffer: list[bytes] = []
+    __slots__ = ("_tls_write", "_buffer", "_size", "_queued", "_conn", "_buffered_write",
+                 "closing")
+
+    def __init__(self, tls_write: Callable[[bytes], object], conn: Any,
+                 buffered_write: Callable[[bytes], object]) -> None:
+        self._tls_write = tls_write
+        self._buffer: list[bytes] | None = None  # only while something waits
         self._size = 0
         self._queued = False
+        self._conn = conn
+        self._buffered_write = buffered_write
+        self.closing = False
+
+    # -- plaintext, before TLS -------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self._buffer.append(bytes(data))
-        self._size += len(data)
+        if self._buffer is None:
+            self._buffer = [bytes(data)]
+            self._size = len(data)
+        else:
+            self._buffer.append(bytes(data))
+            self._size += len(data)
         if self._size > MAX_BUFFER:
             self.flush()
             return
@@ -106,54 +128,28 @@ class TurnAggregator:
 
     def flush(self) -> None:
         self._queued = False
-        if self._buffer:
-            data = b"".join(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-            self._buffer = []
+        buffer = self._buffer
+        if buffer:
+            self._buffer = None
             self._size = 0
-            self._write(data)
+            self._tls_write(b"".join(buffer) if len(buffer) > 1 else buffer[0])
 
     def close(self) -> None:
         self.flush()
 
+    # -- ciphertext, to the socket ------------------------------------------------
 
-class reading:
-    """``with reading():`` around a stream's ``dataReceived``: output it causes is
-    flushed when the outermost read returns, without a timer."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        TURN.depth += 1
-
-    def __exit__(self, *_exc) -> None:
-        TURN.depth -= 1
-        if not TURN.depth and TURN.dirty:
-            flush_all()
-
-
-READING = reading()
-
-
-def eager_write(conn: Any, buffered_write: Callable[[bytes], object]) -> Callable[[bytes], None]:
-    """A ``write`` for TCP connection ``conn`` that sends at once when nothing is buffered.
-
-    ``buffered_write`` is the transport's own write (Twisted's buffering,
-    writability polling, producer pausing and error handling), used for
-    whatever is not sent right away.
-    """
-    write_some = conn.writeSomeData
-
-    def write(data: bytes) -> None:
-        if (conn.connected and not conn.disconnecting and not conn._writeDisconnected
-                and not conn._tempDataLen and conn.offset == len(conn.dataBuffer)):
-            sent = write_some(data)
+    def send(self, data: bytes) -> None:
+        conn = self._conn
+        if (not self.closing and conn.connected and not conn.disconnecting
+                and not conn._writeDisconnected and not conn._tempDataLen
+                and conn.offset == len(conn.dataBuffer)):
+            sent = conn.writeSomeData(data)
             if type(sent) is int:  # noqa: E721 -- an exception object means an error
                 if sent == len(data):
                     return
                 data = data[sent:]
-        buffered_write(data)
-
-    return write
+        self._buffered_write(data)
 
 
 def install(transport: Any) -> bool:
@@ -188,8 +184,17 @@ def install(transport: Any) -> bool:
         return False
     if getattr(old, "_scheduled", None) is not None:
         old._scheduled.cancel()
-    agg = TurnAggregator(old._write)
-    tls._aggregator = agg
-    tls.write = agg.write
-    lower.write = eager_write(conn, lower.write)
+    out = TLSOutput(old._write, conn, lower.write)
+    lower.write = out.send
+    tls._aggregator = out
+    tls.write = out.write
     return True
+
+
+def closing(transport: Any) -> None:
+    """The stream is about to close ``transport``: buffer from now on, so that
+    the last output and TLS's close_notify leave in one send."""
+    tls = transport if hasattr(transport, "_aggregator") else getattr(transport, "protocol", None)
+    out = getattr(tls, "_aggregator", None)
+    if out.__class__ is TLSOutput:
+        out.closing = True

@@ -37,7 +37,7 @@ from twisted.words.xish import domish
 from zope.interface import implementer
 
 from xmppd.backlog import OutboundBacklog
-from xmppd.fastio import TURN, flush_all
+from xmppd.fastio import TURN, closing, flush_all
 from xmppd.stanzas import NS_STREAM_ERRORS, serialize
 from xmppd.xmlparser import Limits, StreamParser, XMLStreamError
 from xmppd.logfilter import log_observer
@@ -376,6 +376,8 @@ class XMPPStream(protocol.Protocol):
             # close_notify and a TCP one from closing after its last write.
             self._producing = False
             self.transport.unregisterProducer()
+        # The last output and TLS's close_notify leave in one send.
+        closing(self.transport)
         self.transport.loseConnection()
         # A peer that never reads (or never answers close_notify) would keep
         # the connection forever: bound the close in time.
