@@ -95,11 +95,12 @@ class TLSOutput:
     stanzas and TLS's close_notify then leave in one send.
     """
 
-    __slots__ = ("_tls_write", "_buffer", "_size", "_queued", "_conn", "_buffered_write",
-                 "closing")
+    __slots__ = ("_tls", "_tls_write", "_buffer", "_size", "_queued", "_conn",
+                 "_buffered_write", "closing")
 
-    def __init__(self, tls_write: Callable[[bytes], object], conn: Any,
+    def __init__(self, tls: Any, tls_write: Callable[[bytes], object], conn: Any,
                  buffered_write: Callable[[bytes], object]) -> None:
+        self._tls = tls
         self._tls_write = tls_write
         self._buffer: list[bytes] | None = None  # only while something waits
         self._size = 0
@@ -107,6 +108,20 @@ class TLSOutput:
         self._conn = conn
         self._buffered_write = buffered_write
         self.closing = False
+
+    # -- input ---------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """The TLS layer's ``dataReceived``, counted as one read: the TLS records
+        of one TCP read (a client may send one per stanza) flush once."""
+        turn = TURN
+        turn.depth += 1
+        try:
+            type(self._tls).dataReceived(self._tls, data)
+        finally:
+            turn.depth -= 1
+            if not turn.depth and turn.dirty:
+                flush_all()
 
     # -- plaintext, before TLS -------------------------------------------------
 
@@ -184,10 +199,11 @@ def install(transport: Any) -> bool:
         return False
     if getattr(old, "_scheduled", None) is not None:
         old._scheduled.cancel()
-    out = TLSOutput(old._write, conn, lower.write)
+    out = TLSOutput(tls, old._write, conn, lower.write)
     lower.write = out.send
     tls._aggregator = out
     tls.write = out.write
+    tls.dataReceived = out.data_received
     return True
 
 
