@@ -15,9 +15,11 @@ record per read and connection under load, flow control), made by one small
 object per connection (:class:`TLSOutput`):
 
 * it replaces the per-connection aggregator.  Writes are still joined into
-  one ``SSL_write``; they are flushed when the stream read that caused them
-  returns (:class:`xmppd.stream.XMPPStream` counts its reads in
-  :data:`TURN`), and only output produced outside any read (a timer, a
+  one ``SSL_write``; they are flushed when the TCP read that caused them
+  returns (:meth:`TLSOutput.data_received` and
+  :meth:`xmppd.stream.XMPPStream.dataReceived` count reads in :data:`TURN`;
+  a client's TLS records of one read flush once), and only output produced
+  outside any read (a timer, a
   storage callback) waits for one shared ``callLater(0)`` for all
   connections;
 * it sends the ciphertext at once when the TCP transport has nothing
