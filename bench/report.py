@@ -42,6 +42,12 @@ METRICS = [
     ("sm_messages.cpu_vs_phase2", "6. CPU per msg with SM relative to phase 2", "x", "lower"),
     ("sm_idle.levels.1000.rss_kb_per_conn", "6. RSS per idle SM connection, 1,000 conns", "kB", "lower"),
     ("sm_idle.levels.10000.rss_kb_per_conn", "6. RSS per idle SM connection, 10,000 conns", "kB", "lower"),
+    ("rss_kb_at_start", "0. RSS before any connection", "kB", "lower"),
+    ("light.storm.cpu_ms_per_login", "7. server CPU per login, 50 in parallel (roster, presence, ping)", "CPU-ms", "lower"),
+    ("light.storm.cpu_ms_per_logout", "7. server CPU per logout", "CPU-ms", "lower"),
+    ("light.fixed_rate.cpu_us_per_msg", "7. server CPU per msg @ 500 msg/s, 50 pairs", "CPU-µs", "lower"),
+    ("light.fixed_rate.lat_p50_ms", "7. latency p50 @ 500 msg/s, 50 pairs", "ms", "lower"),
+    ("light.fixed_rate.lat_p99_ms", "7. latency p99 @ 500 msg/s, 50 pairs", "ms", "lower"),
 ]
 
 NOTE_UNSUSTAINED = ("† the server did not keep up with the fixed rate in at least one "
@@ -62,6 +68,8 @@ LOSSES = [
     ("blocking.saturation.lost", "5. msgs lost (saturation)"),
     ("blocking.fixed_rate.lost", "5. msgs lost (fixed rate)"),
     ("sm_messages.saturation.lost", "6. msgs lost with SM (saturation)"),
+    ("light.storm.failed", "7. failed logins (storm)"),
+    ("light.fixed_rate.lost", "7. msgs lost (500 msg/s)"),
 ]
 
 

@@ -49,12 +49,17 @@ PROFILES = {
     # ~2-3 minutes per target on 2 cores
     "quick": dict(reps=1, logins=1000, concurrency=100, pairs=50, window=10, warmup=2.0,
                   measure=5.0, latency_rate=500, latency_secs=5.0, idle=[1000],
-                  roster_users=100, contacts=50, blocklist=1000),
+                  roster_users=100, contacts=50, blocklist=1000,
+                  storm_logins=500, light_secs=5.0),
     # the RESULTS.md numbers
     "full": dict(reps=3, logins=2000, concurrency=100, pairs=200, window=10, warmup=3.0,
                  measure=15.0, latency_rate=1000, latency_secs=15.0, idle=[1000, 10000],
-                 roster_users=500, contacts=50, blocklist=1000),
+                 roster_users=500, contacts=50, blocklist=1000,
+                 storm_logins=1000, light_secs=15.0),
 }
+# Phase 7 (issue 20), the same in both profiles: a login storm of this many in
+# parallel, and a fixed rate over this many pairs.
+LIGHT = dict(storm_concurrency=50, light_pairs=50, light_rate=500)
 
 
 def log(*a):
@@ -552,10 +557,11 @@ class Bench:
             "window": d,
         }
 
-    async def fixed_rate(self, pairs):
-        """Open loop at ``latency_rate`` msgs/s; each body carries its send time."""
+    async def fixed_rate(self, pairs, rate: int | None = None, secs: float | None = None):
+        """Open loop at ``rate`` (default ``latency_rate``) msgs/s; each body carries its send time."""
         p = self.p
-        rate, secs = p["latency_rate"], p["latency_secs"]
+        rate = rate or p["latency_rate"]
+        secs = secs or p["latency_secs"]
         conns = [c for ab in pairs for c in ab]
         await self.quiesce()
         await self.machine_quiet()
@@ -624,6 +630,65 @@ class Bench:
         except BaseException:
             await self.close_all(conns)
             raise
+
+    # -- phase 7 (issue 20): light load, login storm, logout ---------------------
+    async def phase_light(self):
+        """What a mostly idle server sees: a login storm (``storm_concurrency`` in
+        parallel, each as a client does it: STARTTLS, SCRAM, bind, roster get,
+        initial presence, ping), the logout of all of them (``</stream:stream>``
+        and close), and messages at a fixed ``light_rate`` over ``light_pairs``
+        pairs.  Server CPU per login, per logout and per message."""
+        p = self.p
+        n = p["storm_logins"]
+        users = [f"u{i}" for i in range(1, n + 1)]
+        await self.quiesce()
+        await self.machine_quiet()
+        s0 = self.sample()
+        t0 = time.monotonic()
+        conns, failures, durs = await self.login_many(users, p["storm_concurrency"],
+                                                      roster_get=True)
+        t1 = time.monotonic()
+        await self.quiesce()
+        s1 = self.sample()
+        ok = len(durs)
+        for c in conns:
+            if c is not None:
+                c.close()
+        await asyncio.sleep(0.2)
+        await self.quiesce()
+        s2 = self.sample()
+        login, logout = self.delta(s0, s1), self.delta(s1, s2)
+        durs.sort()
+        # schedstat (ns) rather than clock ticks: 500 logouts are ~10 ticks
+        lcpu = login["server_cpu_exact_s"] or login["server_cpu_s"]
+        ocpu = logout["server_cpu_exact_s"] or logout["server_cpu_s"]
+        out = {
+            "storm": {
+                "logins": ok, "failed": sum(failures.values()), "failures": failures,
+                "concurrency": p["storm_concurrency"],
+                "logins_per_s_overall": round(ok / (t1 - t0), 1) if ok else 0,
+                "cpu_ms_per_login": round(lcpu / ok * 1000, 3) if ok else None,
+                "cpu_ms_per_logout": round(ocpu / ok * 1000, 4) if ok else None,
+                "login_ms_p50": round(pct(durs, 50) * 1000, 1) if durs else None,
+                "login_ms_p99": round(pct(durs, 99) * 1000, 1) if durs else None,
+                "window_login": login, "window_logout": logout,
+            },
+        }
+        users = [f"u{i}" for i in range(1, 2 * p["light_pairs"] + 1)]
+        conns, failures, _ = await self.login_many(users, p["storm_concurrency"])
+        try:
+            pairs = self.setup_pairs(conns)
+            await self.verify_routing(pairs)
+            fix = await self.fixed_rate(pairs, p["light_rate"], p["light_secs"])
+            n_msgs = fix["delivered"]
+            cpu = fix["window"]["server_cpu_exact_s"] or fix["window"]["server_cpu_s"]
+            fix["cpu_us_per_msg"] = round(cpu / n_msgs * 1e6, 1) if n_msgs else None
+            fix["pairs"] = len(pairs)
+            fix["login_failures"] = failures
+            out["fixed_rate"] = fix
+        finally:
+            await self.close_all(conns)
+        return out
 
     # -- phase 5: blocking --------------------------------------------------------
     def block_iq(self, idx: int) -> bytes:
@@ -784,7 +849,8 @@ async def run_target(name: str, args, p: dict, certs: dict, workroot: Path, cpu_
     port = free_port_pair()
     t = cls(workroot / name, port, DOMAIN, certs, PASSWORD, cpu_server)
     res = {"version": cls.version(), "port": port, "setup": {}, "reps": []}
-    n_accounts = max(p["logins"], 2 * p["pairs"], max(p["idle"]), 20)
+    n_accounts = max(p["logins"], 2 * p["pairs"], max(p["idle"]), p["storm_logins"],
+                     2 * p["light_pairs"], 20)
     log(f"[{name}] {res['version']} on {HOST}:{port}, dir {t.dir}")
     t.prepare()
     b = Bench(t, p, args)
@@ -831,30 +897,42 @@ async def run_target(name: str, args, p: dict, certs: dict, workroot: Path, cpu_
                 t.start()
                 await b.wait_ready()
                 await b.quiesce()
-                log(f"[{name}] rep {rep}: phase 1 logins")
+                # before any connection (issue 20); the bench config, not the default one
+                r["rss_kb_at_start"] = b.sample().rss
+                log(f"[{name}] rep {rep}: RSS at start {r['rss_kb_at_start']} kB; phase 1 logins")
                 r["logins"] = await b.phase_logins()
                 log(f"    {r['logins']['logins_per_s']} logins/s, "
                     f"{r['logins']['cpu_s_per_1000_logins']} CPU-s/1000, failed {r['logins']['failed']}")
-                log(f"[{name}] rep {rep}: phase 2 messages")
-                r["messages"], conns, pairs = await b.phase_messages()
-                sat, fix = r["messages"]["saturation"], r["messages"]["fixed_rate"]
-                log(f"    {sat['msgs_per_s']} msg/s, {sat['cpu_s_per_10k_msgs']} CPU-s/10k, "
-                    f"lost {sat['lost']}; @{fix['rate']}/s p50 {fix['lat_p50_ms']} ms "
-                    f"p99 {fix['lat_p99_ms']} ms lost {fix['lost']}")
-                if getattr(t, "metrics_port", None):
-                    r["metrics_scrape"] = scrape_stanza_counts(t.metrics_port)
-                    log(f"    metrics page: {r['metrics_scrape']}")
-                try:
-                    if not args.skip_blocking:
-                        log(f"[{name}] rep {rep}: phase 5 blocking")
-                        r["blocking"] = await b.phase_blocking(conns, pairs, r["messages"])
-                        bl = r["blocking"]
-                        log(f"    {bl['saturation']['msgs_per_s']} msg/s "
-                            f"({bl.get('throughput_vs_phase2')}x), "
-                            f"{bl['saturation']['cpu_s_per_10k_msgs']} CPU-s/10k "
-                            f"({bl.get('cpu_vs_phase2')}x), p99 {bl['fixed_rate']['lat_p99_ms']} ms")
-                finally:
-                    await b.close_all(conns)
+                if not args.skip_light:
+                    log(f"[{name}] rep {rep}: phase 7 light load (login storm, logout, "
+                        f"{p['light_rate']} msg/s)")
+                    r["light"] = await b.phase_light()
+                    st, lf = r["light"]["storm"], r["light"]["fixed_rate"]
+                    log(f"    {st['cpu_ms_per_login']} CPU-ms/login, {st['cpu_ms_per_logout']} "
+                        f"CPU-ms/logout, failed {st['failed']}; @{lf['rate']}/s "
+                        f"{lf['cpu_us_per_msg']} CPU-us/msg p99 {lf['lat_p99_ms']} ms "
+                        f"lost {lf['lost']}")
+                if not args.only_light:
+                    log(f"[{name}] rep {rep}: phase 2 messages")
+                    r["messages"], conns, pairs = await b.phase_messages()
+                    sat, fix = r["messages"]["saturation"], r["messages"]["fixed_rate"]
+                    log(f"    {sat['msgs_per_s']} msg/s, {sat['cpu_s_per_10k_msgs']} CPU-s/10k, "
+                        f"lost {sat['lost']}; @{fix['rate']}/s p50 {fix['lat_p50_ms']} ms "
+                        f"p99 {fix['lat_p99_ms']} ms lost {fix['lost']}")
+                    if getattr(t, "metrics_port", None):
+                        r["metrics_scrape"] = scrape_stanza_counts(t.metrics_port)
+                        log(f"    metrics page: {r['metrics_scrape']}")
+                    try:
+                        if not args.skip_blocking:
+                            log(f"[{name}] rep {rep}: phase 5 blocking")
+                            r["blocking"] = await b.phase_blocking(conns, pairs, r["messages"])
+                            bl = r["blocking"]
+                            log(f"    {bl['saturation']['msgs_per_s']} msg/s "
+                                f"({bl.get('throughput_vs_phase2')}x), "
+                                f"{bl['saturation']['cpu_s_per_10k_msgs']} CPU-s/10k "
+                                f"({bl.get('cpu_vs_phase2')}x), p99 {bl['fixed_rate']['lat_p99_ms']} ms")
+                    finally:
+                        await b.close_all(conns)
                 if not args.skip_sm and getattr(t, "stream_management", False):
                     log(f"[{name}] rep {rep}: phase 6 messages with stream management")
                     r["sm_messages"], conns, _ = await b.phase_messages(sm=True)
@@ -933,6 +1011,11 @@ def main(argv=None):
     ap.add_argument("--skip-sm", action="store_true",
                     help="no phase 6 (messages and idle memory with XEP-0198 stream management)")
     ap.add_argument("--skip-idle", action="store_true")
+    ap.add_argument("--skip-light", action="store_true",
+                    help="no phase 7 (issue 20: login storm of 50 in parallel, logout, "
+                         "500 msg/s over 50 pairs)")
+    ap.add_argument("--only-light", action="store_true",
+                    help="phase 7 only (skips phases 2-6; phase 1 still runs)")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the server to CPU 0 and the load generator to CPU 1")
     ap.add_argument("--compare", help="earlier results JSON whose targets fill the peer columns "
@@ -964,6 +1047,10 @@ def main(argv=None):
     elif args.no_idle_10k:
         p["idle"] = [x for x in p["idle"] if x <= 1000] or [1000]
     p["profile"] = "quick" if args.quick else "full"
+    p.update(LIGHT)
+    if args.only_light:
+        args.skip_presence = args.skip_blocking = args.skip_sm = args.skip_idle = True
+        args.skip_light = False
 
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     targets_mod.Xmppd.metrics = args.xmppd_metrics

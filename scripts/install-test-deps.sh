@@ -5,12 +5,13 @@
 # real peers) Prosody 0.12 and ejabberd 23.01; for the cluster tests redis-server.  The test fixtures start
 # private instances of these in temporary directories on free loopback ports;
 # the system services are never used, never started and left disabled.
+# strace counts the daemon's system calls per message (test_c2s_light_load.py).
 #
 # Idempotent: packages already installed are not touched, and apt is not even
 # called when nothing is missing.  Run as root on Debian 12 (make test does).
 set -eu
 
-PACKAGES="postgresql slapd ldap-utils prosody ejabberd openssl util-linux systemd redis-server"
+PACKAGES="postgresql slapd ldap-utils prosody ejabberd openssl util-linux systemd redis-server strace"
 # Daemons whose packaged services must not run (tests start their own).
 SERVICES="prosody ejabberd redis-server"
 

@@ -3,7 +3,7 @@
 Python's ``ssl`` has no ``tls-exporter`` and limited client-certificate
 control; this client negotiates STARTTLS with pyOpenSSL and carries its own
 small SCRAM client (RFC 5802, written independently of the server's code
-path, which uses scramp) so channel bindings can be tested end to end.
+path, xmppd.scram) so channel bindings can be tested end to end.
 """
 from __future__ import annotations
 

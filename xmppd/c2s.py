@@ -37,7 +37,7 @@ from twisted.words.xish import domish
 
 from OpenSSL import SSL
 
-from xmppd import channelbinding, sasl
+from xmppd import channelbinding, fastio, sasl
 from xmppd import jid as jidlib
 from xmppd.backlog import OutboundBacklog
 from xmppd.certs import ClientCertificate, client_certificate
@@ -47,6 +47,8 @@ from xmppd.stanzas import (
     NS_STREAMS,
     StanzaError,
     error_reply,
+    escape_attr,
+    escape_text,
     iq_result,
     serialize,
 )
@@ -65,6 +67,9 @@ NS_SESSION = "urn:ietf:params:xml:ns:xmpp-session"
 NS_SASL_CB = "urn:xmpp:sasl-cb:0"
 _XML_LANG = ("http://www.w3.org/XML/1998/namespace", "lang")
 _STANZAS = frozenset(("message", "presence", "iq"))
+_STARTTLS = f"<starttls xmlns='{NS_TLS}'/>"
+_STARTTLS_REQUIRED = f"<starttls xmlns='{NS_TLS}'><required/></starttls>"
+_BIND_AND_SESSION = f"<bind xmlns='{NS_BIND}'/><session xmlns='{NS_SESSION}'><optional/></session>"
 
 # Connection phases (shared with every stream kind).
 __all__ = ["C2SStream", "C2SFactory", "parser_limits", "HEADER", "NEGOTIATING",
@@ -121,6 +126,8 @@ class C2SStream(XMPPStream):
         if not self.factory.admit(self.peer):
             self._refusal = "policy-violation"
             log.warn("c2s {peer}: too many connections from this address", peer=self.peer)
+        elif self.secure:
+            fastio.install(self.transport)
         super().connectionMade()
 
     def connection_closed(self, previous: int, reason) -> None:
@@ -246,38 +253,40 @@ class C2SStream(XMPPStream):
         return self.host is not None and self.server.config.client_cert(self.host).mode == "required"
 
     def _send_features(self) -> None:
-        features = domish.Element((NS_STREAMS, "features"))
+        # Written as text: once per stream (re)start, three times per login,
+        # and domish's general serializer cost more than the rest of it.
+        out = ["<stream:features>"]
         if self.phase == AUTHENTICATED:
-            features.addElement((NS_BIND, "bind"))
-            features.addElement((NS_SESSION, "session")).addElement("optional")
+            out.append(_BIND_AND_SESSION)
             for feature in self.server.c2s_features:
                 child = feature(self)
                 if child is not None:
-                    features.addChild(child)
+                    out.append(child.toXml())
         else:
+            tls_required = self._tls_required()
             if not self.secure:
-                starttls = features.addElement((NS_TLS, "starttls"))
-                if self._tls_required():
-                    starttls.addElement("required")
-            names = self._mechanisms() if not self._tls_required() else []
+                out.append(_STARTTLS_REQUIRED if tls_required else _STARTTLS)
+            names = self._mechanisms() if not tls_required else []
             if names:  # RFC 6120 §6.4.1: never an empty <mechanisms/>
-                mechs = features.addElement((NS_SASL, "mechanisms"))
-                for name in names:
-                    mechs.addElement("mechanism", content=name)
-            if not self._tls_required():
+                out.append(f"<mechanisms xmlns='{NS_SASL}'>")
+                out.extend(f"<mechanism>{escape_text(name)}</mechanism>" for name in names)
+                out.append("</mechanisms>")
+            if not tls_required:
                 binding_types = self._binding_types()
                 if binding_types:
                     # XEP-0440: which channel bindings -PLUS can use here.
-                    cb = features.addElement((NS_SASL_CB, "sasl-channel-binding"))
-                    for t in binding_types:
-                        cb.addElement("channel-binding")["type"] = t
+                    out.append(f"<sasl-channel-binding xmlns='{NS_SASL_CB}'>")
+                    out.extend(f"<channel-binding type='{escape_attr(t)}'/>" for t in binding_types)
+                    out.append("</sasl-channel-binding>")
                 register = self.server.plugin("register")
                 feature = register.stream_feature(self.host) if register is not None else None
                 if feature is not None:
-                    features.addChild(feature)
-        self.transport.write(
-            features.toXml(prefixes={NS_STREAMS: "stream"}, prefixesInScope=["stream"]).encode()
-        )
+                    out.append(feature.toXml())
+        if len(out) == 1:
+            self.transport.write(b"<stream:features/>")
+            return
+        out.append("</stream:features>")
+        self.transport.write("".join(out).encode())
 
     def _tls_connection(self):
         """The pyOpenSSL connection of this stream, or None before TLS."""
@@ -394,7 +403,10 @@ class C2SStream(XMPPStream):
         self.send = lambda element: send_bytes(serialize(element))
 
     def _starttls(self) -> None:
+        was_secure = self.secure
         self.answer_starttls(self.host, lambda: self.server.certs.starttls_options(self.host))
+        if self.secure and not was_secure:
+            fastio.install(self.transport)
 
     # -- SASL --------------------------------------------------------------------
 

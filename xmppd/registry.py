@@ -17,7 +17,6 @@ A package cannot replace a built-in plugin by registering its name.
 from __future__ import annotations
 
 import importlib
-from importlib import metadata
 
 from xmppd.config import ConfigError
 
@@ -26,6 +25,8 @@ ENTRY_POINT_GROUP = "xmppd.plugins"
 
 def known_plugins() -> dict[str, object]:
     """Name -> ``"module:Class"`` (built-in) or an entry point (other packages)."""
+    from importlib import metadata
+
     from xmppd.handlers import BUILTIN_PLUGINS
 
     known: dict[str, object] = {}
@@ -37,8 +38,14 @@ def known_plugins() -> dict[str, object]:
 
 def load_plugin(name: str, path: str = "<defaults>"):
     """A new instance of the plugin registered as ``name`` (ConfigError naming ``sm.plugins``)."""
-    known = known_plugins()
-    target = known.get(name)
+    from xmppd.handlers import BUILTIN_PLUGINS
+
+    # A built-in name needs no look-up of installed packages' entry points
+    # (importlib.metadata scans every distribution; issue 20): built-ins win anyway.
+    target = BUILTIN_PLUGINS.get(name)
+    if target is None:
+        known = known_plugins()
+        target = known.get(name)
     if target is None:
         raise ConfigError(path, "sm.plugins", name,
                           "unknown plugin; known: " + ", ".join(sorted(known)))

@@ -4,21 +4,18 @@ Each mechanism is a small state machine driven by the c2s stream with the
 decoded payloads of ``<auth/>`` and ``<response/>``; it answers with a
 :class:`Challenge` or :class:`Success` (through a Deferred, since connectors
 are networked) or raises :class:`SASLFailure` with the RFC 6120 §6.5
-condition.  SCRAM is delegated to ``scramp``; we only parse the client-first
-message ourselves to learn the username (and, for -PLUS, the channel-binding
-type) before fetching credentials, because ``scramp`` wants them synchronously.
+condition.  SCRAM runs on :mod:`xmppd.scram` from the stored keys; the
+client-first message is parsed first to learn the username (and, for -PLUS,
+the channel-binding type), then the credentials are fetched.
 EXTERNAL (XEP-0178) takes the identity from the TLS client certificate that
 ``xmppd.certs`` verified during the handshake.
 """
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import scramp.core
-from scramp import ScramException, ScramMechanism
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -31,17 +28,13 @@ from xmppd.auth.base import (
     UserExists,
 )
 from xmppd.logfilter import log_observer
+from xmppd.scram import ScramError, ScramServer, dummy_credentials
 
 log = Logger(observer=log_observer)
 
-# scramp refuses ``tls-exporter`` only because Python's ssl cannot compute it
-# (its README says so); it treats the binding data as opaque bytes.  Our TLS
-# is pyOpenSSL, which can (xmppd.channelbinding), so we allow the name here,
-# in this one place.  scramp is pinned (setup.cfg) and the -PLUS tests
-# exercise every binding type against independent clients.
-if "tls-exporter" not in scramp.core.CbName.SUPPORTED_TYPES:
-    scramp.core.CbName.SUPPORTED_TYPES = scramp.core.CbName.SUPPORTED_TYPES | {"tls-exporter"}
-    scramp.core.CbName.UNSUPPORTED_TYPES = frozenset()
+#: Iterations announced for an account that does not exist (the default of
+#: ``[auth] scram_iterations``): such an exchange must look like any other.
+UNKNOWN_USER_ITERATIONS = 4096
 
 
 class SASLFailure(Exception):
@@ -197,7 +190,7 @@ def parse_client_first(message: str) -> tuple[str, str, str, str]:
 
 
 class Scram(Mechanism):
-    """SCRAM-SHA-1 / SCRAM-SHA-256 (RFC 5802, RFC 7677) on top of ``scramp``."""
+    """SCRAM-SHA-1 / SCRAM-SHA-256 (RFC 5802, RFC 7677) on :mod:`xmppd.scram`."""
 
     plus = False
 
@@ -246,32 +239,28 @@ class Scram(Mechanism):
         return None
 
     def _first(self, creds: ScramCredentials | None, message: str, binding):
-        mech = ScramMechanism(self.hash_name)
         if creds is None:
             # Run the exchange with throw-away keys so that unknown users and
             # wrong passwords look the same on the wire.
             self._unknown_user = True
-            salt, stored, server, iters = mech.make_auth_info(os.urandom(16).hex(), 4096)
-            creds = ScramCredentials(salt, stored, server, iters)
-        info = (creds.salt, creds.stored_key, creds.server_key, creds.iterations)
-        self._server = mech.make_server(lambda _u: info, channel_binding=binding)
+            creds = ScramCredentials(*dummy_credentials(self.hash_name, UNKNOWN_USER_ITERATIONS))
+        self._server = ScramServer(self.hash_name, creds.salt, creds.stored_key,
+                                   creds.server_key, creds.iterations, binding)
         try:
-            self._server.set_client_first(message)
-            return Challenge(self._server.get_server_first().encode("utf-8"))
-        except ScramException as e:
+            return Challenge(self._server.first(message).encode("utf-8"))
+        except ScramError as e:
             raise SASLFailure("malformed-request", str(e)) from None
 
     def respond(self, data: bytes) -> defer.Deferred:
         if self._server is None:
             return defer.fail(SASLFailure("malformed-request"))
         try:
-            self._server.set_client_final(data.decode("utf-8"))
-        except (ScramException, UnicodeDecodeError) as e:
+            final = self._server.final(data.decode("utf-8"))
+        except (ScramError, UnicodeDecodeError) as e:
             return defer.fail(SASLFailure("not-authorized", str(e)))
         if self._unknown_user:
             return defer.fail(SASLFailure("not-authorized"))
-        final = self._server.get_server_final().encode("utf-8")
-        return defer.succeed(Success(self.username, final))
+        return defer.succeed(Success(self.username, final.encode("utf-8")))
 
 
 class ScramPlus(Scram):

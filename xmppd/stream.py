@@ -27,6 +27,7 @@ Their settings object (``stream_settings()``) must have ``auth_timeout``,
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import protocol
@@ -36,6 +37,7 @@ from twisted.words.xish import domish
 from zope.interface import implementer
 
 from xmppd.backlog import OutboundBacklog
+from xmppd.fastio import TURN, closing, flush_all
 from xmppd.stanzas import NS_STREAM_ERRORS, serialize
 from xmppd.xmlparser import Limits, StreamParser, XMLStreamError
 from xmppd.logfilter import log_observer
@@ -119,9 +121,8 @@ class XMPPStream(protocol.Protocol):
         """connectionLost after the common cleanup; ``previous`` is the phase it was in."""
 
     def new_stream_id(self) -> str:
-        import uuid
-
-        return uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, as uuid4().hex gave, without the UUID object.
+        return os.urandom(16).hex()
 
     # -- connection life cycle ----------------------------------------------------
 
@@ -200,6 +201,10 @@ class XMPPStream(protocol.Protocol):
         if self.phase == CLOSED:
             return
         self.last_active = self.server.clock.seconds()
+        # Output this read causes (on any connection) is flushed when the
+        # outermost read returns, not a reactor turn later (xmppd.fastio).
+        turn = TURN
+        turn.depth += 1
         try:
             self.parser.feed(data)
         except XMLStreamError as e:
@@ -208,6 +213,10 @@ class XMPPStream(protocol.Protocol):
         except Exception:
             log.failure("{kind} {peer}: internal error", kind=self.kind, peer=self.peer)
             self.stream_error("internal-server-error")
+        finally:
+            turn.depth -= 1
+            if not turn.depth and turn.dirty:
+                flush_all()
 
     # -- output ---------------------------------------------------------------------
 
@@ -369,6 +378,8 @@ class XMPPStream(protocol.Protocol):
             # close_notify and a TCP one from closing after its last write.
             self._producing = False
             self.transport.unregisterProducer()
+        # The last output and TLS's close_notify leave in one send.
+        closing(self.transport)
         self.transport.loseConnection()
         # A peer that never reads (or never answers close_notify) would keep
         # the connection forever: bound the close in time.

@@ -31,8 +31,6 @@ import json
 import os
 import re
 
-from scramp import ScramMechanism
-
 from xmppd.auth.base import ScramCredentials
 
 ENCODINGS = ("plain", "md5", "sha256", "sha512", "bcrypt", "scram")
@@ -115,6 +113,8 @@ def check_password_length(password: str) -> str | None:
 
 def make_scram(password: str, iterations: int) -> dict:
     """SCRAM-SHA-1 and -256 credentials, as the JSON the ``scram`` encoding stores."""
+    from scramp import ScramMechanism  # only where credentials are made (not at login)
+
     out = {}
     for mech in SCRAM_MECHANISMS:
         salt, stored_key, server_key, i = ScramMechanism(mech).make_auth_info(
@@ -137,6 +137,8 @@ def parse_scram(stored: str) -> dict[str, ScramCredentials]:
 
 
 def derive_scram(password: str, mechanism: str, salt: bytes, iterations: int) -> ScramCredentials:
+    from scramp import ScramMechanism
+
     salt, stored_key, server_key, i = ScramMechanism(mechanism).make_auth_info(
         password, iteration_count=iterations, salt=salt
     )
