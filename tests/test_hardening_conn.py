@@ -246,8 +246,9 @@ def test_overflow_inside_a_delivery_loop_closes_after_it():
     from xmppd.storage import MemoryStore
 
     clock = Clock()
+    store = MemoryStore()  # the server sees it through the asynchronous face
     server = Server(config.from_dict({"c2s": {"max_outbound_bytes": 65536}}),
-                    store=MemoryStore(), clock=clock, certs=object())
+                    store=store, clock=clock, certs=object())
     server.connector_for("localhost").add_user("u", "localhost", "pw")
     factory = C2SFactory(server)
     sessions = []
@@ -272,7 +273,7 @@ def test_overflow_inside_a_delivery_loop_closes_after_it():
     clock.advance(0)
     assert all(s.phase == CLOSED for s in sessions)
     assert all(b"<policy-violation" in s.transport.value() for s in sessions)
-    stored = server.store.items("offline", "u@localhost")
+    stored = store.items("offline", "u@localhost")
     # each resource held all three; both gave them back (the duplicates are
     # the price of two stalled resources, not a loss)
     assert [re.search(r"id='(m\d)'", xml).group(1) for _k, xml in stored] == ["m0", "m1", "m2"] * 2
