@@ -27,6 +27,8 @@ import os
 import sqlite3
 import threading
 import urllib.parse
+from collections import Counter
+from operator import itemgetter
 from typing import Callable, NamedTuple
 
 from zope.interface import Interface, implementer
@@ -221,6 +223,7 @@ class SQLiteMessageLog:
         self._counts: dict[int, int] = {}
         self._jids: dict[str, int] = {}  # bare JID -> id, bounded
         self._prefixes: dict[str, int] = {}  # id prefix -> number
+        self._others: dict[str, tuple] = {}  # full JID -> (bare JID's number, resource)
         self._checkpointer: sqlite3.Connection | None = None
 
     def _open_schema(self) -> None:
@@ -261,6 +264,7 @@ class SQLiteMessageLog:
             number = row[0]
         if len(self._jids) >= JID_CACHE:
             self._jids.clear()
+            self._others.clear()  # holds numbers of the same JIDs
         self._jids[jid] = number
         return number
 
@@ -355,6 +359,7 @@ class SQLiteMessageLog:
                 # What was counted or numbered in the failed transaction is gone.
                 self._counts.clear()
                 self._jids.clear()
+                self._others.clear()
                 self._prefixes.clear()
                 raise StoreError.from_sqlite(self.path, operation, user, e) from None
 
@@ -386,33 +391,38 @@ class SQLiteMessageLog:
             self._release(db, victims)
         return len(victims)
 
+    def _other(self, db, with_full: str) -> tuple:
+        """(wid, resource) of the other party's full JID, cached (bounded)."""
+        slash = with_full.find("/")
+        if slash < 0:
+            other = (self._jid(db, with_full, True), None)
+        else:
+            other = (self._jid(db, with_full[:slash], True), with_full[slash + 1:])
+        if len(self._others) >= JID_CACHE:
+            self._others.clear()
+        self._others[with_full] = other
+        return other
+
     def append(self, rows: list, max_per_user: int = 0) -> dict:
         if not rows:
             return {}
 
         def work(db):
-            jid, prefixes = self._jid, self._prefixes
-            values, messages, added, names = [], [], {}, {}
+            # Per row, on the reactor: a few dict look-ups and one tuple.
+            jids, others, prefixes = self._jids, self._others, self._prefixes
+            values, messages = [], []
             shared = message = None
-            top = 0
             for seq, user, with_full, ident, direction, stanza in rows:
-                uid = jid(db, user, True)
-                slash = with_full.find("/")
-                if slash < 0:
-                    wid, res = jid(db, with_full, True), None
-                else:
-                    wid, res = jid(db, with_full[:slash], True), with_full[slash + 1:]
+                uid = jids.get(user) or self._jid(db, user, True)
+                wid, res = others.get(with_full) or self._other(db, with_full)
                 tail = f"{seq:x}"
-                cut = len(ident) - len(tail)
-                if cut < 0 or not ident.endswith(tail):
-                    raise sqlite3.IntegrityError(f"archive id {ident!r} does not end with seq {tail}")
-                prefix = ident[:cut]
-                pfx = prefixes.get(prefix)
-                if pfx is None:
-                    pfx = self._prefix(db, prefix)
+                if not ident.endswith(tail):
+                    raise sqlite3.IntegrityError(f"archive id {ident!r} does not end with {tail}")
+                prefix = ident[:len(ident) - len(tail)]
+                pfx = prefixes.get(prefix) or self._prefix(db, prefix)
                 if stanza is shared and message[1] == 1:
-                    # The same delivered message, archived for the other party:
-                    # stored once (the plugin appends both rows in a row).
+                    # The same delivered message, archived for the other party
+                    # (the plugin appends both rows one after the other): stored once.
                     message[1] = 2
                     message[3] = uid
                     message[4] = seq
@@ -421,10 +431,7 @@ class SQLiteMessageLog:
                     messages.append(message)
                     shared = stanza
                 values.append((uid, seq, wid, res, pfx, direction, message[0]))
-                if seq > top:
-                    top = seq
-                added[uid] = added.get(uid, 0) + 1
-                names[uid] = user
+            added = Counter(map(itemgetter(0), values))
             counts = {}
             if max_per_user > 0:
                 # Counted before the insert: a first count of a big archive is
@@ -432,20 +439,24 @@ class SQLiteMessageLog:
                 counts = {u: self._count(db, u) for u in added}
             db.executemany("INSERT INTO msgs VALUES (?,?,?,?,?,?)", messages)
             db.executemany("INSERT INTO archive VALUES (?,?,?,?,?,?,?)", values)
-            db.execute("UPDATE meta SET value=max(value, ?) WHERE key='last_seq'", (top,))
+            db.execute("UPDATE meta SET value=max(value, ?) WHERE key='last_seq'",
+                       (max(map(itemgetter(1), values)),))
             dropped = {}
             for uid, n in counts.items():
                 total = n + added[uid]
                 excess = total - max_per_user
                 if excess > 0:
                     self._delete_oldest(db, uid, excess)
-                    dropped[names[uid]] = excess
+                    dropped[uid] = excess
                     total = max_per_user
                 counts[uid] = total
             if max_per_user <= 0:
                 for uid, n in added.items():
                     if uid in self._counts:
                         counts[uid] = self._counts[uid] + n
+            if dropped:
+                names = {jids.get(r[1]) or self._jid(db, r[1], False): r[1] for r in rows}
+                dropped = {names[uid]: n for uid, n in dropped.items()}
             return counts, dropped
 
         counts, dropped = self._write("append archive", rows[0][1], work)
