@@ -752,8 +752,9 @@ class LogWorker:
         if due <= 0 and not self._checkpointing:
             self._checkpoint()
         elif self._checkpoint_call is None:
-            # No later commit may come: checkpoint on a timer then.
-            self._checkpoint_call = self.clock.callLater(max(due, self.flush_interval),
+            # In case no later commit comes: a timer, one flush_interval after
+            # the commit that would have started it.
+            self._checkpoint_call = self.clock.callLater(max(due, 0) + self.flush_interval,
                                                          self._checkpoint)
 
     def _checkpoint(self) -> None:
@@ -764,6 +765,12 @@ class LogWorker:
         if self._checkpointing or self.closed:
             return
         self._last_checkpoint = self.clock.seconds()
+        self._checkpointing = True
+        self._run_checkpoint()
+
+    def _run_checkpoint(self) -> None:
+        """The log's checkpoint (the fsyncs) on a thread of its own; then
+        :meth:`_checkpoint_done` on the reactor."""
         from twisted.internet import reactor
         from twisted.internet.threads import deferToThreadPool
         from twisted.python.threadpool import ThreadPool
@@ -771,20 +778,20 @@ class LogWorker:
         if self._pool is None:
             self._pool = ThreadPool(1, 1, name="mam-checkpoint")
             self._pool.start()
-        self._checkpointing = True
-
-        def done(result):
-            self._checkpointing = False
-            if self._postponed:
-                self.flush()
-            return result
 
         def failed(failure):
             if self.on_failure is not None:
                 self.on_failure(failure.value, 0)
 
-        deferToThreadPool(reactor, self._pool, self.log.checkpoint).addBoth(done).addErrback(
-            failed)
+        deferToThreadPool(reactor, self._pool, self.log.checkpoint).addBoth(
+            self._checkpoint_done).addErrback(failed)
+
+    def _checkpoint_done(self, result):
+        """On the reactor: a flush held back for this checkpoint happens now."""
+        self._checkpointing = False
+        if self._postponed:
+            self.flush()
+        return result
 
     # -- other calls ---------------------------------------------------------------
 
