@@ -184,8 +184,9 @@ class SQLiteMessageLog:
     WITHOUT ROWID table keyed ``(uid, seq)``: a user's page is one range of
     the primary key, a conversation one range of the ``(uid, wid)`` index,
     with no separate per-user index to maintain.  A message between two
-    local users (archived twice) is written once: about 40 % fewer bytes
-    and B-tree inserts per message than one full row per archive.  The
+    local users (archived twice) is written once, with two small rows: five
+    B-tree inserts instead of six and about half the bytes of schema 1's
+    two full rows with two indexes each (bench/RESULTS.md).  The
     archive id is not stored: it is ``<prefix><seq in hex>`` (the XEP-0359
     id the message was delivered with) and rows keep a reference to their
     prefix.  ``msgs.refs`` counts the rows that point to a message; it is
@@ -652,8 +653,9 @@ class LogWorker:
     ``flush_interval`` on the reactor thread, which costs CPU only (no
     fsync: see :class:`SQLiteMessageLog`).  Queries and deletes go through
     :meth:`run`, after a flush, so they see every row archived before them.
-    Every ``checkpoint_interval`` seconds after a write, the log's
-    :meth:`~IMessageLog.checkpoint` (the fsyncs) runs on a thread of its own.
+    Right after the first write ``checkpoint_interval`` seconds after the
+    last checkpoint, the log's :meth:`~IMessageLog.checkpoint` (the fsyncs)
+    runs on a thread of its own (see :meth:`_wrote`).
 
     Why not write from a thread: measured (bench/RESULTS.md), a writer
     thread makes ``executemany`` hand the GIL to and fro for every row, and
@@ -661,7 +663,8 @@ class LogWorker:
     message; a batch on the reactor costs a few microseconds a row.
 
     What a crash loses: ``kill -9``, the rows still buffered (at most
-    ``flush_interval`` seconds of messages); a power loss, also what was
+    ``2 x flush_interval`` seconds of messages: a flush waits once for a
+    running checkpoint, see :meth:`_timer`); a power loss, also what was
     committed since the last checkpoint.  A clean stop writes and
     checkpoints everything (:meth:`close`).  The buffer holds at most
     ``max_buffer`` rows: beyond that rows are dropped, counted and logged.

@@ -24,8 +24,10 @@ Write path
     Rows are buffered and written in one transaction per ``flush_interval``
     (:class:`xmppd.msglog.LogWorker`, ``archive.sqlite3``, no fsync on the
     reactor: checkpoints run on a thread).  Per message the reactor pays a
-    dict look-up for the preferences, the sender's stanza-id and a row in
-    the buffer (the delivered bytes are reused).  Queries and deletes flush
+    dict look-up for the preferences, the sender's stanza-id (prebuilt XML)
+    and a row in the buffer: the delivered bytes are reused, and both rows
+    of a message between local users carry the same bytes object, which the
+    archive stores once.  Queries and deletes flush
     first, so they see everything archived before them; deletes run in
     chunks of ``delete_chunk`` rows, one per reactor turn.
 
