@@ -249,25 +249,3 @@ def test_worker_checkpoints_right_after_a_commit(monkeypatch):
     w.append(row(8))
     advance(2)  # no further commit: a timer checkpoints the last one
     assert started == [0.2, 1.2, 6.4, 7.6]
-
-
-def test_worker_holds_a_flush_back_once_for_a_running_checkpoint():
-    from twisted.internet.task import Clock
-
-    clock = Clock()
-    log = MemoryMessageLog()
-    w = LogWorker(log, clock, flush_interval=0.2, checkpoint_interval=0)
-    w._checkpointing = True  # a checkpoint is running on its thread
-    w.append(row(1))
-    clock.advance(0.2)
-    assert log.query(LogQuery("a@x")) == []  # held back
-    w._checkpoint_done(None)  # it finished: the rows are written at once
-    assert seqs(log.query(LogQuery("a@x"))) == [1]
-    w._checkpointing = True
-    w.append(row(2))
-    clock.advance(0.2)
-    assert seqs(log.query(LogQuery("a@x"))) == [1]
-    clock.advance(0.2)  # a checkpoint that takes longer: written anyway, 2 x flush_interval
-    assert seqs(log.query(LogQuery("a@x"))) == [1, 2]
-    w._checkpoint_done(None)
-    assert w.pending == []

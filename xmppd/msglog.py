@@ -663,8 +663,7 @@ class LogWorker:
     message; a batch on the reactor costs a few microseconds a row.
 
     What a crash loses: ``kill -9``, the rows still buffered (at most
-    ``2 x flush_interval`` seconds of messages: a flush waits once for a
-    running checkpoint, see :meth:`_timer`); a power loss, also what was
+    ``flush_interval`` seconds of messages); a power loss, also what was
     committed since the last checkpoint.  A clean stop writes and
     checkpoints everything (:meth:`close`).  The buffer holds at most
     ``max_buffer`` rows: beyond that rows are dropped, counted and logged.
@@ -691,7 +690,6 @@ class LogWorker:
         self._checkpoint_call = None
         self._checkpointing = False
         self._last_checkpoint = float("-inf")
-        self._postponed = False
         self._pool = None
         self.closed = False
 
@@ -709,13 +707,6 @@ class LogWorker:
 
     def _timer(self) -> None:
         self._call = None
-        if self._checkpointing and not self._postponed:
-            # A commit now would make the running checkpoint incomplete, and
-            # SQLite restarts the WAL only after a complete one: wait for it,
-            # once (rows then wait at most 2 x flush_interval).
-            self._postponed = True
-            self._call = self.clock.callLater(self.flush_interval, self._timer)
-            return
         self.flush()
 
     def flush(self) -> dict:
@@ -724,7 +715,6 @@ class LogWorker:
             if self._call.active():
                 self._call.cancel()
             self._call = None
-        self._postponed = False
         rows, self.pending = self.pending, []
         if not rows:
             return {}
@@ -790,10 +780,7 @@ class LogWorker:
             self._checkpoint_done).addErrback(failed)
 
     def _checkpoint_done(self, result):
-        """On the reactor: a flush held back for this checkpoint happens now."""
         self._checkpointing = False
-        if self._postponed:
-            self.flush()
         return result
 
     # -- other calls ---------------------------------------------------------------
