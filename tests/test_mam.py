@@ -503,3 +503,41 @@ def test_quota_keeps_the_newest(rd):
     assert log.count("archive of quo1@localhost is full (10 messages)") == 1
     a.close()
     b.close()
+
+
+def test_kill_9_keeps_what_was_written_and_a_sound_file(tmp_path):
+    """A crash loses at most the rows of one flush_interval; committed ones stay,
+    the file passes SQLite's integrity check, and a message between two local
+    users is stored once for both archives."""
+    from xmppd.msglog import LogQuery, SQLiteMessageLog
+
+    d = Daemon(tmp_path, plugins=PLUGINS, extra=EXTRA.replace("flush_interval = 0.05",
+                                                              "flush_interval = 0.05\n"
+                                                              "checkpoint_interval = 0.1"))
+    for u in ("ann", "ben"):
+        d.adduser(f"{u}@localhost", PW)
+    d.start()
+    try:
+        a, b = raw(d, "ann"), raw(d, "ben")
+        for i in range(20):
+            send(a, "ben@localhost", f"crash-{i}", f"c{i}")
+        b.read_until("crash-19")
+        time.sleep(0.3)  # several flush intervals: all of it committed
+        d.proc.kill()
+        d.proc.wait()
+    finally:
+        d.stop()
+    db = sqlite3.connect(f"file:{d.data_dir}/archive.sqlite3?mode=ro", uri=True)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT count(*) FROM msgs").fetchone()[0] == 20  # once for both
+    finally:
+        db.close()
+    log = SQLiteMessageLog(d.data_dir, create=False)
+    try:
+        for user in ("ann@localhost", "ben@localhost"):
+            rows = log.query(LogQuery(user, limit=50))
+            assert [r.stanza.count(b"crash-") for r in rows] == [1] * 20
+            assert b"<body>crash-0</body>" in rows[0].stanza
+    finally:
+        log.close()
