@@ -541,3 +541,20 @@ def test_kill_9_keeps_what_was_written_and_a_sound_file(tmp_path):
             assert b"<body>crash-0</body>" in rows[0].stanza
     finally:
         log.close()
+
+
+def test_start_up_refuses_an_archive_of_the_first_layout(tmp_path):
+    """Schema 1 (never released) is not misread: one line, and the file is left alone."""
+    d = Daemon(tmp_path, plugins=PLUGINS, extra=EXTRA)
+    d.data_dir.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(d.data_dir / "archive.sqlite3")
+    db.execute("CREATE TABLE archive (seq INTEGER PRIMARY KEY, uid INTEGER NOT NULL)")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError):
+        d.start()
+    d.stop()
+    lines = [line for line in d.logtext().splitlines() if "archive" in line]
+    assert lines == [f"xmppd: {d.data_dir}/archive.sqlite3: open archive: written with archive"
+                     " schema 1, this xmppd reads schema 2: move the file away (it is not"
+                     " converted)"]
