@@ -11,9 +11,9 @@ over a discarding transport; one sends the other chat messages through
 twice (sender and recipient): the worst case.  The archive's writes run on
 the reactor thread, in the daemon as here: one transaction per ``--batch``
 messages (what one ``flush_interval`` collects under load) is inside the
-timed CPU.  The checkpoint thread's fsyncs are not (the clock is not
-advanced; they are I/O wait, not CPU, in the daemon).  The pairs alternate; the fastest
-repetition of each is kept.
+timed CPU.  The checkpoint thread's work is not (one checkpoint runs at
+the first write, in the warm-up; the clock is not advanced after that).
+The servers alternate; the fastest repetition of each is kept.
 
     PYTHONPATH=. .venv/bin/python bench/mam_cost.py [--messages N] [--reps R] [--batch B]
 """

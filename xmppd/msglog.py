@@ -13,7 +13,8 @@ strictly increasing values (``max(now, last + 1)``, see
 (``start``/``end`` become ``seq`` bounds, no time index needed), and points
 to a row: archive ids are the XEP-0359 stanza ids, ``<process prefix><seq
 in hex>``, so an id is resolved by its primary key and checked against the
-stored id, with no id index either.  A clock that steps back makes the
+id rebuilt from the row (its prefix is stored as a number), with no id
+column or index.  A clock that steps back makes the
 archive times run up to that much ahead for a while; order stays right.
 
 The calls are synchronous and cheap (no fsync: checkpoints run on a thread
