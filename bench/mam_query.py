@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Server time of MAM page queries on a 1,000,000-message archive (issue 16).
 
-Not a test.  Fills ``archive.sqlite3`` in a temporary directory directly by
+Not a test.  Fills ``archive.sqlite3`` (schema 2: ``msgs`` and ``archive``,
+see :class:`xmppd.msglog.SQLiteMessageLog`) in a temporary directory directly by
 SQL (one user, 1,000,000 messages with 100 correspondents, a second user
 with 100,000), then runs queries through the plugin's own handler
 (``MAMPlugin.on_query``: form and RSM parsing, the SQLite reads, the result
@@ -44,16 +45,22 @@ def fill(data_dir: str, rows: int) -> None:
     db.execute("INSERT INTO jids (id, jid) VALUES (1, 'big@localhost'), (2, 'small@localhost')")
     db.executemany("INSERT INTO jids (id, jid) VALUES (?, ?)",
                    [(10 + i, f"friend{i}@remote.example") for i in range(100)])
+    db.execute("INSERT INTO prefixes (id, prefix) VALUES (1, ?)", (PREFIX,))
     body = "x" * 60
     for uid, n, offset in ((1, rows, 0), (2, rows // 10, 1)):
         db.execute(
             "WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c WHERE x < ?) "
-            "INSERT INTO archive SELECT ? + x * ? + ?, ?, 10 + x % 100, 'phone', "
-            f"'{PREFIX}' || printf('%x', ? + x * ? + ?), x % 2, "
+            "INSERT INTO msgs SELECT ? + x * ? + ?, 1, ?, NULL, NULL, "
             "CAST('<message xmlns=''jabber:client'' type=''chat'' id=''m' || x || "
             "''' to=''big@localhost'' from=''friend' || (x % 100) || '@remote.example/phone''>"
             f"<body>{body} ' || x || '</body></message>' AS BLOB) FROM c",
-            (n - 1, BASE_SEQ, STEP, offset, uid, BASE_SEQ, STEP, offset))
+            (n - 1, BASE_SEQ, STEP, offset, uid))
+        db.execute(
+            "WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c WHERE x < ?) "
+            "INSERT INTO archive SELECT ?, ? + x * ? + ?, 10 + x % 100, 'phone', 1, x % 2,"
+            " ? + x * ? + ? FROM c",
+            (n - 1, uid, BASE_SEQ, STEP, offset, BASE_SEQ, STEP, offset))
+    db.execute("UPDATE meta SET value=(SELECT max(seq) FROM msgs) WHERE key='last_seq'")
     db.commit()
     db.close()
 

@@ -503,3 +503,58 @@ def test_quota_keeps_the_newest(rd):
     assert log.count("archive of quo1@localhost is full (10 messages)") == 1
     a.close()
     b.close()
+
+
+def test_kill_9_keeps_what_was_written_and_a_sound_file(tmp_path):
+    """A crash loses at most the rows of one flush_interval; committed ones stay,
+    the file passes SQLite's integrity check, and a message between two local
+    users is stored once for both archives."""
+    from xmppd.msglog import LogQuery, SQLiteMessageLog
+
+    d = Daemon(tmp_path, plugins=PLUGINS, extra=EXTRA.replace("flush_interval = 0.05",
+                                                              "flush_interval = 0.05\n"
+                                                              "checkpoint_interval = 0.1"))
+    for u in ("ann", "ben"):
+        d.adduser(f"{u}@localhost", PW)
+    d.start()
+    try:
+        a, b = raw(d, "ann"), raw(d, "ben")
+        for i in range(20):
+            send(a, "ben@localhost", f"crash-{i}", f"c{i}")
+        b.read_until("crash-19")
+        time.sleep(0.3)  # several flush intervals: all of it committed
+        d.proc.kill()
+        d.proc.wait()
+    finally:
+        d.stop()
+    db = sqlite3.connect(f"file:{d.data_dir}/archive.sqlite3?mode=ro", uri=True)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT count(*) FROM msgs").fetchone()[0] == 20  # once for both
+    finally:
+        db.close()
+    log = SQLiteMessageLog(d.data_dir, create=False)
+    try:
+        for user in ("ann@localhost", "ben@localhost"):
+            rows = log.query(LogQuery(user, limit=50))
+            assert [r.stanza.count(b"crash-") for r in rows] == [1] * 20
+            assert b"<body>crash-0</body>" in rows[0].stanza
+    finally:
+        log.close()
+
+
+def test_start_up_refuses_an_archive_of_the_first_layout(tmp_path):
+    """Schema 1 (never released) is not misread: one line, and the file is left alone."""
+    d = Daemon(tmp_path, plugins=PLUGINS, extra=EXTRA)
+    d.data_dir.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(d.data_dir / "archive.sqlite3")
+    db.execute("CREATE TABLE archive (seq INTEGER PRIMARY KEY, uid INTEGER NOT NULL)")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError):
+        d.start()
+    d.stop()
+    lines = [line for line in d.logtext().splitlines() if "archive" in line]
+    assert lines == [f"xmppd: {d.data_dir}/archive.sqlite3: open archive: written with archive"
+                     " schema 1, this xmppd reads schema 2: move the file away (it is not"
+                     " converted)"]

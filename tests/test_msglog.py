@@ -152,3 +152,108 @@ def test_delete_in_chunks(msglog):
     assert msglog.delete_user("a@x", before=12, limit=100) == 4
     assert seqs(msglog.query(LogQuery("a@x", limit=1))) == [12]
     msglog.checkpoint()
+
+
+# -- the SQLite layout (schema 2): one stored message per delivery -------------------
+
+def stored_messages(log) -> int:
+    return log._db.execute("SELECT count(*) FROM msgs").fetchone()[0]
+
+
+def pair(seq, data=None):
+    """What the plugin appends for a message a@x -> b@x: one bytes object, two rows."""
+    data = data or f"<message n='{seq}'/>".encode()
+    return [(seq, "a@x", "b@x/phone", f"p-{seq:x}", OUTGOING, data),
+            (seq + 1, "b@x", "a@x/laptop", f"p-{seq + 1:x}", INCOMING, data)]
+
+
+def test_sqlite_stores_a_local_message_once(tmp_path):
+    log = SQLiteMessageLog(str(tmp_path))
+    log.append(pair(10) + pair(20) + [row(30)])
+    assert stored_messages(log) == 3  # two pairs and a single row
+    a, b = log.query(LogQuery("a@x")), log.query(LogQuery("b@x"))
+    assert [(r.seq, r.id, r.with_full, r.direction) for r in b] == [
+        (11, "p-b", "a@x/laptop", INCOMING), (21, "p-15", "a@x/laptop", INCOMING)]
+    assert a[0].stanza == b[0].stanza == b"<message n='10'/>"
+    assert log.last_seq() == 30
+    # one party's deletion keeps the other's copy; the message goes with the last row
+    assert log.delete_user("a@x", before=15) == 1
+    assert stored_messages(log) == 3 and log.get("b@x", [11])[0].stanza == b"<message n='10'/>"
+    assert log.delete_user("b@x", before=15) == 1
+    assert stored_messages(log) == 2
+    # expiry takes every row of a message
+    assert log.expire(before=25, limit=1) == 2
+    assert stored_messages(log) == 1 and log.query(LogQuery("b@x")) == []
+    # the quota releases what it drops
+    log.append(pair(40) + pair(50), max_per_user=1)
+    assert stored_messages(log) == 1 and seqs(log.query(LogQuery("a@x"))) == [50]
+    log.close()
+    log = SQLiteMessageLog(str(tmp_path))  # the high-water mark survives deletions
+    assert log.last_seq() == 51
+    log.close()
+
+
+def test_sqlite_refuses_an_archive_of_another_schema(tmp_path):
+    import sqlite3
+
+    from xmppd.msglog import OldArchive
+
+    db = sqlite3.connect(tmp_path / "archive.sqlite3")
+    db.execute("CREATE TABLE archive (seq INTEGER PRIMARY KEY, uid INTEGER NOT NULL,"
+               " wid INTEGER NOT NULL, with_res TEXT, id TEXT NOT NULL, dir INTEGER NOT NULL,"
+               " stanza BLOB NOT NULL)")  # the first layout
+    db.execute("INSERT INTO archive VALUES (1, 1, 2, NULL, 'p-1', 0, x'00')")
+    db.commit()
+    db.close()
+    for create in (True, False):
+        with pytest.raises(OldArchive) as e:
+            SQLiteMessageLog(str(tmp_path), create=create)
+        assert "schema 1, this xmppd reads schema 2: move the file away" in str(e.value)
+    db = sqlite3.connect(tmp_path / "archive.sqlite3")
+    assert db.execute("SELECT count(*) FROM archive").fetchone()[0] == 1  # left as it was
+    db.close()
+
+
+def test_sqlite_refuses_ids_that_do_not_end_with_their_seq(tmp_path):
+    from xmppd.storage import StoreError
+
+    log = SQLiteMessageLog(str(tmp_path))
+    with pytest.raises(StoreError):
+        log.append([(5, "a@x", "b@y", "p-6", INCOMING, b"<message/>")])
+    log.close()
+
+
+# -- the worker: checkpoints that complete, so the WAL restarts -----------------------
+
+def test_worker_checkpoints_right_after_a_commit(monkeypatch):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    w = LogWorker(MemoryMessageLog(), clock, flush_interval=0.2, checkpoint_interval=1.0)
+    started = []
+
+    def run_checkpoint():  # instead of the thread: record, and done at once
+        started.append(round(clock.seconds(), 1))
+        w._checkpoint_done(None)
+
+    monkeypatch.setattr(w, "_run_checkpoint", run_checkpoint)
+
+    def advance(seconds):
+        for _ in range(round(seconds / 0.2)):
+            clock.advance(0.2)
+
+    w.append(row(1))
+    advance(0.2)
+    assert started == [0.2]  # none before: at once after the first commit
+    for s in (2, 3, 4, 5, 6):
+        w.append(row(s))
+        advance(0.2)
+    assert started == [0.2, 1.2]  # then after the first commit a second later
+    advance(5)
+    assert started == [0.2, 1.2]  # nothing written since
+    w.append(row(7))
+    advance(0.2)
+    assert started == [0.2, 1.2, 6.4]
+    w.append(row(8))
+    advance(2)  # no further commit: a timer checkpoints the last one
+    assert started == [0.2, 1.2, 6.4, 7.6]

@@ -383,3 +383,24 @@ def test_text_split_by_expat_and_feed_slices_is_one_node():
     assert str(msg.body) == body
     x = msg.x
     assert [c if isinstance(c, str) else c.name for c in x.children] == ["a", "y", "b"]
+
+
+def test_prebuilt_element_serializes_like_the_element_it_stands_for():
+    """XEP-0359 ids are Prebuilt: written from their cached XML, found like any child."""
+    from twisted.words.xish import domish
+
+    from xmppd.stanzas import NS_CLIENT, Prebuilt, serialize
+
+    NS_SID = "urn:xmpp:sid:0"
+    plain, fast = domish.Element((NS_CLIENT, "message")), domish.Element((NS_CLIENT, "message"))
+    for msg in (plain, fast):
+        msg["to"] = "bob@localhost"
+        msg.addElement("body", content="hi")
+    sid = plain.addElement((NS_SID, "stanza-id"))
+    sid["by"], sid["id"] = "bob@localhost", "Ab-12f"
+    fast.addChild(Prebuilt(NS_SID, "stanza-id", {"by": "bob@localhost", "id": "Ab-12f"},
+                           f"<stanza-id xmlns='{NS_SID}' by='bob@localhost' id='Ab-12f'/>"))
+    assert serialize(fast) == serialize(plain)
+    assert fast.toXml() == plain.toXml()  # domish's own serializer sees a plain element
+    (found,) = [c for c in fast.elements() if c.name == "stanza-id" and c.uri == NS_SID]
+    assert found.getAttribute("by") == "bob@localhost" and found["id"] == "Ab-12f"

@@ -13,7 +13,8 @@ strictly increasing values (``max(now, last + 1)``, see
 (``start``/``end`` become ``seq`` bounds, no time index needed), and points
 to a row: archive ids are the XEP-0359 stanza ids, ``<process prefix><seq
 in hex>``, so an id is resolved by its primary key and checked against the
-stored id, with no id index either.  A clock that steps back makes the
+id rebuilt from the row (its prefix is stored as a number), with no id
+column or index.  A clock that steps back makes the
 archive times run up to that much ahead for a while; order stays right.
 
 The calls are synchronous and cheap (no fsync: checkpoints run on a thread
@@ -27,6 +28,8 @@ import os
 import sqlite3
 import threading
 import urllib.parse
+from collections import Counter
+from operator import itemgetter
 from typing import Callable, NamedTuple
 
 from zope.interface import Interface, implementer
@@ -34,7 +37,7 @@ from zope.interface import Interface, implementer
 from xmppd.storage import StoreError, StoreNotFound
 
 __all__ = ["Row", "LogQuery", "IMessageLog", "SQLiteMessageLog", "MemoryMessageLog",
-           "Sequence", "LogWorker", "seq_of_id"]
+           "Sequence", "LogWorker", "seq_of_id", "OldArchive"]
 
 INCOMING, OUTGOING = 0, 1
 
@@ -115,8 +118,16 @@ class IMessageLog(Interface):
 
 
 _COLUMNS = ("a.seq, ?, CASE WHEN a.with_res IS NULL THEN j.jid ELSE j.jid || '/' || a.with_res END,"
-            " a.id, a.dir, a.stanza")
+            " p.prefix || printf('%x', a.seq), a.dir, m.stanza")
+_FROM = ("archive a JOIN jids j ON j.id=a.wid JOIN prefixes p ON p.id=a.pfx"
+         " JOIN msgs m ON m.seq=a.msg")
 JID_CACHE = 100_000
+# The WAL file is cut back to this size when a checkpoint has emptied it.
+WAL_SIZE_LIMIT = 64 << 20
+# Page cache of the writing connection (KiB): the pages that a batch touches
+# (the end of every active user's range) stay in memory between batches.
+CACHE_KIB = 8192
+SCHEMA = 2  # the on-disk layout this code reads and writes (meta table, key 'schema')
 
 
 def _where(q: LogQuery, uid: int, wid: int | None) -> tuple[str, list]:
@@ -136,6 +147,26 @@ def _where(q: LogQuery, uid: int, wid: int | None) -> tuple[str, list]:
     return " AND ".join(clauses), args
 
 
+_CREATE = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE jids (id INTEGER PRIMARY KEY, jid TEXT NOT NULL UNIQUE)",
+    "CREATE TABLE prefixes (id INTEGER PRIMARY KEY, prefix TEXT NOT NULL UNIQUE)",
+    # One stored message, shared by the (at most two) archive rows that
+    # point to it: (uid, seq) is the first, (uid2, seq2) the second.
+    "CREATE TABLE msgs (seq INTEGER PRIMARY KEY, refs INTEGER NOT NULL, uid INTEGER NOT NULL,"
+    " uid2 INTEGER, seq2 INTEGER, stanza BLOB NOT NULL)",
+    "CREATE TABLE archive (uid INTEGER NOT NULL, seq INTEGER NOT NULL, wid INTEGER NOT NULL,"
+    " with_res TEXT, pfx INTEGER NOT NULL, dir INTEGER NOT NULL, msg INTEGER NOT NULL,"
+    " PRIMARY KEY (uid, seq)) WITHOUT ROWID",
+    "CREATE INDEX archive_with ON archive(uid, wid)",
+    f"INSERT INTO meta VALUES ('schema', {SCHEMA}), ('last_seq', 0)",
+)
+
+
+class OldArchive(StoreError):
+    """The archive file has a layout this version does not read."""
+
+
 @implementer(IMessageLog)
 class SQLiteMessageLog:
     """The archive in ``<data_dir>/archive.sqlite3`` (WAL, synchronous=NORMAL).
@@ -146,12 +177,23 @@ class SQLiteMessageLog:
     a power loss what was committed since the last checkpoint); automatic
     checkpoints are off and :meth:`checkpoint` (WAL fsync, copy, database
     fsync) runs on a thread of its own connection, so no fsync is ever
-    made on the reactor.  The table is ordered by ``seq`` (retention deletes a prefix of
-    it); the indexes ``(uid)`` and ``(uid, wid)`` carry the rowid, so a page
-    is one index range in ``seq`` order whatever the archive's size.  Bare
-    JIDs (the archive's owner, the other party) are numbered in a ``jids``
-    table: integer index keys cost about a third less per archived row than
-    the JID strings did (bench/RESULTS.md).
+    made on the reactor.
+
+    Layout (schema 2, bench/RESULTS.md "archive write path"): a message is
+    stored once in ``msgs`` (keyed by the ``seq`` of its first archive row)
+    and each archive that holds it has a small row in ``archive``, a
+    WITHOUT ROWID table keyed ``(uid, seq)``: a user's page is one range of
+    the primary key, a conversation one range of the ``(uid, wid)`` index,
+    with no separate per-user index to maintain.  A message between two
+    local users (archived twice) is written once, with two small rows: five
+    B-tree inserts instead of six and about half the bytes of schema 1's
+    two full rows with two indexes each (bench/RESULTS.md).  The
+    archive id is not stored: it is ``<prefix><seq in hex>`` (the XEP-0359
+    id the message was delivered with) and rows keep a reference to their
+    prefix.  ``msgs.refs`` counts the rows that point to a message; it is
+    deleted with the last of them.  Bare JIDs are numbered in ``jids``.
+    ``meta`` holds the schema version (a file of another version is
+    refused, never misread) and the highest ``seq`` ever stored.
     """
 
     FILENAME = "archive.sqlite3"
@@ -171,15 +213,10 @@ class SQLiteMessageLog:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.execute("CREATE TABLE IF NOT EXISTS jids ("
-                             " id INTEGER PRIMARY KEY, jid TEXT NOT NULL UNIQUE)")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS archive ("
-                " seq INTEGER PRIMARY KEY, uid INTEGER NOT NULL, wid INTEGER NOT NULL,"
-                " with_res TEXT, id TEXT NOT NULL, dir INTEGER NOT NULL, stanza BLOB NOT NULL)")
-            self._db.execute("CREATE INDEX IF NOT EXISTS archive_user ON archive(uid)")
-            self._db.execute("CREATE INDEX IF NOT EXISTS archive_with ON archive(uid, wid)")
+            self._open_schema()
         except (OSError, sqlite3.Error) as e:
             raise StoreError(self.path, "open archive", str(e)) from e
         self._lock = threading.Lock()
@@ -187,7 +224,34 @@ class SQLiteMessageLog:
         # every write and delete made through this object.
         self._counts: dict[int, int] = {}
         self._jids: dict[str, int] = {}  # bare JID -> id, bounded
+        self._prefixes: dict[str, int] = {}  # id prefix -> number
+        self._others: dict[str, tuple] = {}  # full JID -> (bare JID's number, resource)
         self._checkpointer: sqlite3.Connection | None = None
+
+    def _open_schema(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                for statement in _CREATE:
+                    db.execute(statement)
+                version = SCHEMA
+            elif "meta" not in tables:
+                version = 1  # the first archive layout (one full row per archive)
+            else:
+                row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+                version = row[0] if row else None
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            db.close()
+            raise
+        if version != SCHEMA:
+            db.close()
+            raise OldArchive(self.path, "open archive",
+                             f"written with archive schema {version}, this xmppd reads schema "
+                             f"{SCHEMA}: move the file away (it is not converted)")
 
     def _jid(self, db, jid: str, create: bool) -> int | None:
         known = self._jids.get(jid)
@@ -202,7 +266,15 @@ class SQLiteMessageLog:
             number = row[0]
         if len(self._jids) >= JID_CACHE:
             self._jids.clear()
+            self._others.clear()  # holds numbers of the same JIDs
         self._jids[jid] = number
+        return number
+
+    def _prefix(self, db, prefix: str) -> int:
+        row = db.execute("SELECT id FROM prefixes WHERE prefix=?", (prefix,)).fetchone()
+        number = (row[0] if row is not None else
+                  db.execute("INSERT INTO prefixes (prefix) VALUES (?)", (prefix,)).lastrowid)
+        self._prefixes[prefix] = number
         return number
 
     # -- reads ---------------------------------------------------------------
@@ -216,7 +288,7 @@ class SQLiteMessageLog:
 
     def last_seq(self) -> int:
         return self._read("read archive", "", lambda db: db.execute(
-            "SELECT max(seq) FROM archive").fetchone()[0] or 0)
+            "SELECT value FROM meta WHERE key='last_seq'").fetchone()[0])
 
     def _ids(self, db, q: LogQuery):
         """(uid, wid) of a query; None when one of them was never archived."""
@@ -238,7 +310,7 @@ class SQLiteMessageLog:
             where, args = _where(q, *ids)
             order = "DESC" if q.reverse else "ASC"
             return db.execute(
-                f"SELECT {_COLUMNS} FROM archive a JOIN jids j ON j.id=a.wid WHERE {where}"
+                f"SELECT {_COLUMNS} FROM {_FROM} WHERE {where}"
                 f" ORDER BY a.seq {order} LIMIT ?", (q.user, *args, q.limit)).fetchall()
 
         return [Row(*r) for r in self._read("query archive", q.user, work)]
@@ -265,9 +337,8 @@ class SQLiteMessageLog:
                 return []
             marks = ",".join("?" * len(seqs))
             return db.execute(
-                f"SELECT {_COLUMNS} FROM archive a JOIN jids j ON j.id=a.wid"
-                f" WHERE a.seq IN ({marks}) AND a.uid=? ORDER BY a.seq",
-                (user, *seqs, uid)).fetchall()
+                f"SELECT {_COLUMNS} FROM {_FROM} WHERE a.uid=? AND a.seq IN ({marks})"
+                " ORDER BY a.seq", (user, uid, *seqs)).fetchall()
 
         return [Row(*r) for r in self._read("read archive", user, work)]
 
@@ -290,6 +361,8 @@ class SQLiteMessageLog:
                 # What was counted or numbered in the failed transaction is gone.
                 self._counts.clear()
                 self._jids.clear()
+                self._others.clear()
+                self._prefixes.clear()
                 raise StoreError.from_sqlite(self.path, operation, user, e) from None
 
     def _count(self, db, uid: int) -> int:
@@ -298,43 +371,94 @@ class SQLiteMessageLog:
             n = db.execute("SELECT count(*) FROM archive WHERE uid=?", (uid,)).fetchone()[0]
         return n
 
+    @staticmethod
+    def _release(db, victims: list) -> None:
+        """The rows ``(uid, seq, msg)`` were deleted: drop the messages no row points to."""
+        refs: dict[int, int] = {}
+        for _uid, _seq, msg in victims:
+            refs[msg] = refs.get(msg, 0) + 1
+        db.executemany("UPDATE msgs SET refs=refs-? WHERE seq=?", [(n, m) for m, n in refs.items()])
+        db.executemany("DELETE FROM msgs WHERE seq=? AND refs<=0", [(m,) for m in refs])
+
+    def _delete_oldest(self, db, uid: int, n: int, before: int | None = None) -> int:
+        """Delete ``uid``'s ``n`` oldest rows (below ``before`` if given)."""
+        if before is None:
+            victims = db.execute("SELECT uid, seq, msg FROM archive WHERE uid=? ORDER BY seq"
+                                 " LIMIT ?", (uid, n)).fetchall()
+        else:
+            victims = db.execute("SELECT uid, seq, msg FROM archive WHERE uid=? AND seq<?"
+                                 " ORDER BY seq LIMIT ?", (uid, before, n)).fetchall()
+        if victims:
+            db.execute("DELETE FROM archive WHERE uid=? AND seq<=?", (uid, victims[-1][1]))
+            self._release(db, victims)
+        return len(victims)
+
+    def _other(self, db, with_full: str) -> tuple:
+        """(wid, resource) of the other party's full JID, cached (bounded)."""
+        slash = with_full.find("/")
+        if slash < 0:
+            other = (self._jid(db, with_full, True), None)
+        else:
+            other = (self._jid(db, with_full[:slash], True), with_full[slash + 1:])
+        if len(self._others) >= JID_CACHE:
+            self._others.clear()
+        self._others[with_full] = other
+        return other
+
     def append(self, rows: list, max_per_user: int = 0) -> dict:
         if not rows:
             return {}
 
         def work(db):
-            jid = self._jid
-            values, added, names = [], {}, {}
+            # Per row, on the reactor: a few dict look-ups and one tuple.
+            jids, others, prefixes = self._jids, self._others, self._prefixes
+            values, messages = [], []
+            shared = message = None
             for seq, user, with_full, ident, direction, stanza in rows:
-                uid = jid(db, user, True)
-                slash = with_full.find("/")
-                if slash < 0:
-                    wid, res = jid(db, with_full, True), None
+                uid = jids.get(user) or self._jid(db, user, True)
+                wid, res = others.get(with_full) or self._other(db, with_full)
+                tail = f"{seq:x}"
+                if not ident.endswith(tail):
+                    raise sqlite3.IntegrityError(f"archive id {ident!r} does not end with {tail}")
+                prefix = ident[:len(ident) - len(tail)]
+                pfx = prefixes.get(prefix) or self._prefix(db, prefix)
+                if stanza is shared and message[1] == 1:
+                    # The same delivered message, archived for the other party
+                    # (the plugin appends both rows one after the other): stored once.
+                    message[1] = 2
+                    message[3] = uid
+                    message[4] = seq
                 else:
-                    wid, res = jid(db, with_full[:slash], True), with_full[slash + 1:]
-                values.append((seq, uid, wid, res, ident, direction, stanza))
-                added[uid] = added.get(uid, 0) + 1
-                names[uid] = user
+                    message = [seq, 1, uid, None, None, stanza]
+                    messages.append(message)
+                    shared = stanza
+                values.append((uid, seq, wid, res, pfx, direction, message[0]))
+            added = Counter(map(itemgetter(0), values))
             counts = {}
             if max_per_user > 0:
                 # Counted before the insert: a first count of a big archive is
                 # one index range scan, once per user per process.
                 counts = {u: self._count(db, u) for u in added}
+            db.executemany("INSERT INTO msgs VALUES (?,?,?,?,?,?)", messages)
             db.executemany("INSERT INTO archive VALUES (?,?,?,?,?,?,?)", values)
+            db.execute("UPDATE meta SET value=max(value, ?) WHERE key='last_seq'",
+                       (max(map(itemgetter(1), values)),))
             dropped = {}
             for uid, n in counts.items():
                 total = n + added[uid]
                 excess = total - max_per_user
                 if excess > 0:
-                    db.execute("DELETE FROM archive WHERE seq IN (SELECT seq FROM archive"
-                               " WHERE uid=? ORDER BY seq LIMIT ?)", (uid, excess))
-                    dropped[names[uid]] = excess
+                    self._delete_oldest(db, uid, excess)
+                    dropped[uid] = excess
                     total = max_per_user
                 counts[uid] = total
             if max_per_user <= 0:
                 for uid, n in added.items():
                     if uid in self._counts:
                         counts[uid] = self._counts[uid] + n
+            if dropped:
+                names = {jids.get(r[1]) or self._jid(db, r[1], False): r[1] for r in rows}
+                dropped = {names[uid]: n for uid, n in dropped.items()}
             return counts, dropped
 
         counts, dropped = self._write("append archive", rows[0][1], work)
@@ -346,29 +470,39 @@ class SQLiteMessageLog:
             uid = self._jid(db, user, False)
             if uid is None:
                 return 0, None
-            where, args = ("uid=?", (uid,)) if before is None else ("uid=? AND seq<?", (uid, before))
-            if limit is None:
-                return db.execute(f"DELETE FROM archive WHERE {where}", args).rowcount, uid
-            return db.execute(f"DELETE FROM archive WHERE seq IN (SELECT seq FROM archive WHERE"
-                              f" {where} ORDER BY seq LIMIT ?)", (*args, limit)).rowcount, uid
+            return self._delete_oldest(db, uid, -1 if limit is None else limit, before), uid
 
         n, uid = self._write("delete archive", user, work)
         self._counts.pop(uid, None)
         return n
 
     def expire(self, before: int, limit: int) -> int:
+        """The oldest messages first, each with all its archive rows: stops at
+        the first message that reaches ``limit`` rows (so it deletes at most
+        ``limit + 1``, and at least ``limit`` unless nothing is left)."""
         def work(db):
-            rows = db.execute("SELECT seq, uid FROM archive WHERE seq<? ORDER BY seq LIMIT ?",
-                              (before, limit)).fetchall()
-            if rows:
-                db.execute("DELETE FROM archive WHERE seq<=?", (rows[-1][0],))
-            return rows
+            doomed, total = [], 0
+            for seq, refs, uid, uid2, seq2 in db.execute(
+                    "SELECT seq, refs, uid, uid2, seq2 FROM msgs WHERE seq<? ORDER BY seq LIMIT ?",
+                    (before, limit)).fetchall():
+                doomed.append((seq, uid, uid2, seq2))
+                total += refs
+                if total >= limit:
+                    break
+            gone = []
+            for seq, uid, uid2, seq2 in doomed:
+                for key in ((uid, seq), (uid2, seq2)) if uid2 is not None else ((uid, seq),):
+                    if db.execute("DELETE FROM archive WHERE uid=? AND seq=?", key).rowcount:
+                        gone.append(key[0])
+            if doomed:
+                db.execute("DELETE FROM msgs WHERE seq<=?", (doomed[-1][0],))
+            return gone
 
-        rows = self._write("expire archive", "", work)
-        for _seq, uid in rows:
+        gone = self._write("expire archive", "", work)
+        for uid in gone:
             if uid in self._counts:
                 self._counts[uid] -= 1
-        return len(rows)
+        return len(gone)
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database, with the fsyncs (own connection, any thread)."""
@@ -520,8 +654,9 @@ class LogWorker:
     ``flush_interval`` on the reactor thread, which costs CPU only (no
     fsync: see :class:`SQLiteMessageLog`).  Queries and deletes go through
     :meth:`run`, after a flush, so they see every row archived before them.
-    Every ``checkpoint_interval`` seconds after a write, the log's
-    :meth:`~IMessageLog.checkpoint` (the fsyncs) runs on a thread of its own.
+    Right after the first write ``checkpoint_interval`` seconds after the
+    last checkpoint, the log's :meth:`~IMessageLog.checkpoint` (the fsyncs)
+    runs on a thread of its own (see :meth:`_wrote`).
 
     Why not write from a thread: measured (bench/RESULTS.md), a writer
     thread makes ``executemany`` hand the GIL to and fro for every row, and
@@ -555,6 +690,7 @@ class LogWorker:
         self._call = None
         self._checkpoint_call = None
         self._checkpointing = False
+        self._last_checkpoint = float("-inf")
         self._pool = None
         self.closed = False
 
@@ -595,14 +731,40 @@ class LogWorker:
         return dropped
 
     def _wrote(self) -> None:
-        if self._checkpoint_call is None and not self.closed and self.checkpoint_interval > 0:
-            self._checkpoint_call = self.clock.callLater(self.checkpoint_interval,
+        """After a commit: checkpoint now if the last one is ``checkpoint_interval`` old.
+
+        Right after a commit, so that the checkpoint has a whole
+        ``flush_interval`` to finish before the next one: a checkpoint that
+        copies everything lets the next commit restart the WAL from its
+        start.  One that overlaps a commit leaves the WAL growing, and every
+        page read then searches a longer WAL index (measured: a 190 MB WAL
+        in the saturation benchmark, bench/RESULTS.md).
+        """
+        if self.closed or self.checkpoint_interval <= 0:
+            return
+        due = self._last_checkpoint + self.checkpoint_interval - self.clock.seconds()
+        if due <= 0 and not self._checkpointing:
+            self._checkpoint()
+        elif self._checkpoint_call is None:
+            # In case no later commit comes: a timer, one flush_interval after
+            # the commit that would have started it.
+            self._checkpoint_call = self.clock.callLater(max(due, 0) + self.flush_interval,
                                                          self._checkpoint)
 
     def _checkpoint(self) -> None:
-        self._checkpoint_call = None
+        if self._checkpoint_call is not None:
+            if self._checkpoint_call.active():
+                self._checkpoint_call.cancel()
+            self._checkpoint_call = None
         if self._checkpointing or self.closed:
             return
+        self._last_checkpoint = self.clock.seconds()
+        self._checkpointing = True
+        self._run_checkpoint()
+
+    def _run_checkpoint(self) -> None:
+        """The log's checkpoint (the fsyncs) on a thread of its own; then
+        :meth:`_checkpoint_done` on the reactor."""
         from twisted.internet import reactor
         from twisted.internet.threads import deferToThreadPool
         from twisted.python.threadpool import ThreadPool
@@ -610,18 +772,17 @@ class LogWorker:
         if self._pool is None:
             self._pool = ThreadPool(1, 1, name="mam-checkpoint")
             self._pool.start()
-        self._checkpointing = True
-
-        def done(result):
-            self._checkpointing = False
-            return result
 
         def failed(failure):
             if self.on_failure is not None:
                 self.on_failure(failure.value, 0)
 
-        deferToThreadPool(reactor, self._pool, self.log.checkpoint).addBoth(done).addErrback(
-            failed)
+        deferToThreadPool(reactor, self._pool, self.log.checkpoint).addBoth(
+            self._checkpoint_done).addErrback(failed)
+
+    def _checkpoint_done(self, result):
+        self._checkpointing = False
+        return result
 
     # -- other calls ---------------------------------------------------------------
 

@@ -24,8 +24,10 @@ Write path
     Rows are buffered and written in one transaction per ``flush_interval``
     (:class:`xmppd.msglog.LogWorker`, ``archive.sqlite3``, no fsync on the
     reactor: checkpoints run on a thread).  Per message the reactor pays a
-    dict look-up for the preferences, the sender's stanza-id and a row in
-    the buffer (the delivered bytes are reused).  Queries and deletes flush
+    dict look-up for the preferences, the sender's stanza-id (prebuilt XML)
+    and a row in the buffer: the delivered bytes are reused, and both rows
+    of a message between local users carry the same bytes object, which the
+    archive stores once.  Queries and deletes flush
     first, so they see everything archived before them; deletes run in
     chunks of ``delete_chunk`` rows, one per reactor turn.
 
@@ -332,22 +334,25 @@ class MAMPlugin(Plugin):
                 in_user = None
             if out_user is None and in_user is None:
                 return inner(stanza, sender, to, session)
-            out_id = stamp(stanza, out_user) if out_user is not None else None
+            if out_user is not None:
+                out_id = stamp(stanza, out_user)
+                out_seq = sid.number
             inner(stanza, sender, to, session)
             rows = []
             done, data = router.last_serialized
             if done is not stanza:
                 data = serialize(stanza)
+            # One bytes object for both rows: the archive stores it once.
             data = b"<message xmlns='jabber:client'" + data[8:]
-            if out_id is not None:
-                rows.append((int(out_id[cut:], 16), out_user, to.full, out_id, OUTGOING, data))
+            if out_user is not None:
+                rows.append((out_seq, out_user, to.full, out_id, OUTGOING, data))
             if in_user is not None:
-                stamped, in_id = sid.last
+                stamped, in_id, in_seq = sid.last
                 if stamped is not stanza:
                     in_id = _id_by(stanza, in_user)
+                    in_seq = int(in_id[cut:], 16) if in_id is not None else 0
                 if in_id is not None:
-                    rows.append((int(in_id[cut:], 16), in_user, sender.full, in_id, INCOMING,
-                                 data))
+                    rows.append((in_seq, in_user, sender.full, in_id, INCOMING, data))
             if not rows:
                 return
             if to_local and in_user is not None and to.bare not in sessions:

@@ -22,6 +22,7 @@ from itertools import count
 from twisted.words.xish import domish
 
 from xmppd.plugin import Plugin
+from xmppd.stanzas import Prebuilt, escape_attr
 
 NS_SID = "urn:xmpp:sid:0"
 
@@ -34,9 +35,10 @@ class StanzaIdPlugin(Plugin):
     def setup(self) -> None:
         self._prefix = base64.urlsafe_b64encode(os.urandom(9)).decode() + "-"
         self._counter = count(1)
-        # (message, id) of the last recipient stamp: read by the archive
+        self.number = 0  # the number in the last id made
+        # (message, id, number) of the last recipient stamp: read by the archive
         # (xmppd.handlers.mam) after delivery instead of searching the children.
-        self.last: tuple = (None, "")
+        self.last: tuple = (None, "", 0)
         hosts = self.router.hosts
         inner = self.router.deliver_unfiltered
         stamp = self.stamp
@@ -44,7 +46,7 @@ class StanzaIdPlugin(Plugin):
         def deliver_unfiltered(stanza, sender, to, session=None):
             if (stanza.name == "message" and to.user is not None and to.host in hosts
                     and stanza.getAttribute("type") != "error"):
-                self.last = (stanza, stamp(stanza, to.bare))
+                self.last = (stanza, stamp(stanza, to.bare), self.number)
             inner(stanza, sender, to, session)
 
         self.router.deliver_unfiltered = deliver_unfiltered
@@ -59,16 +61,27 @@ class StanzaIdPlugin(Plugin):
         self._counter = sequence
 
     def new_id(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+        self.number = number = next(self._counter)
+        return f"{self._prefix}{number:x}"
 
     def stamp(self, stanza: domish.Element, by: str) -> str:
-        """Remove forged ids claiming ``by``, then add ours; returns our id."""
+        """Remove forged ids claiming ``by``, then add ours; returns our id.
+
+        The number in the id is left in :attr:`number` (the archive's
+        ``seq``).  Ours is a :class:`~xmppd.stanzas.Prebuilt` element: its
+        XML is made here once, not at every serialisation.
+        """
         children = stanza.children
-        for child in list(children):
+        for child in children:
             if (isinstance(child, domish.Element) and child.name == "stanza-id"
                     and child.uri == NS_SID and child.getAttribute("by") == by):
-                children.remove(child)
-        sid = stanza.addElement((NS_SID, "stanza-id"))
-        sid["by"] = by
-        sid["id"] = ident = self.new_id()
+                children[:] = [c for c in children if not (
+                    isinstance(c, domish.Element) and c.name == "stanza-id" and c.uri == NS_SID
+                    and c.getAttribute("by") == by)]
+                break
+        ident = self.new_id()
+        sid = Prebuilt(NS_SID, "stanza-id", {"by": by, "id": ident},
+                       f"<stanza-id xmlns='{NS_SID}' by='{escape_attr(by)}' id='{ident}'/>")
+        sid.parent = stanza
+        children.append(sid)
         return ident
