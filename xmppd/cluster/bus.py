@@ -4,9 +4,9 @@ Each node subscribes to its own channel (stanzas for its sessions, requests
 to close one) and to the cluster channel (registry changes, cache
 invalidations, node departures).  A message is one JSON header line, a
 newline, and for stanzas the stanza's serialisation: the bytes the sending
-node would have written to a socket, re-parsed on arrival under the live
+node would have written to a socket, parsed on arrival under the live
 stream's limits (:func:`xmppd.xmlparser.parse_fragment`), so nothing reaches
-a client that a client could not have sent.
+a client that a client could not have sent, and then written as they came.
 
 Why pub/sub and not streams: a stanza for a session is only useful while
 that session exists, pub/sub costs Redis one fan-out and no storage, and
@@ -114,11 +114,14 @@ class Bus:
             self._fallback(to, body, "session gone")
             return
         try:
-            element = parse_fragment(body.decode("utf-8"), self.limits)
+            parse_fragment(body.decode("utf-8"), self.limits)
         except (XMLStreamError, UnicodeDecodeError) as e:
             log.warn("cluster: stanza for {to} dropped: {error}", to=to.full, error=e)
             return
-        target.send(element)
+        # Checked, and serialised by a node of this cluster: written as it
+        # came (send_bytes is the router's own path, through the session's
+        # output layers), not serialised a second time.
+        target.send_bytes(body)
 
     def _fallback(self, to, data: bytes, why: str) -> None:
         """A stanza nobody delivered: the path it takes with no session."""

@@ -1,6 +1,8 @@
 """The node's two connections to Redis: commands, and pub/sub.
 
-txredisapi's protocols speak RESP without blocking the reactor; the
+Commands go through txredisapi's protocol; the pub/sub connection is read
+by :mod:`xmppd.cluster.resp` (txredisapi's costs two reactor turns per
+message).  Both speak RESP without blocking the reactor; the
 connections are managed here rather than by its reconnecting pools so that
 the node knows exactly when it is cut off: while either connection is down
 the link is *down* (``up`` False), commands fail at once instead of queueing
@@ -18,6 +20,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import Logger
 
+from xmppd.cluster.resp import Subscriber
 from xmppd.logfilter import log_observer
 
 log = Logger(observer=log_observer)
@@ -35,19 +38,11 @@ class _NoFactory:
         log.error("cluster: Redis refused the connection: {why}", why=why)
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):
-    def __init__(self, on_message: Callable[[bytes, bytes], None], **kw: Any) -> None:
-        super().__init__(charset=None, **kw)
-        self.on_message = on_message
-
-    def messageReceived(self, pattern, channel, message) -> None:
-        self.on_message(channel, message)
-
-
 class RedisLink:
     def __init__(self, reactor, host: str, port: int, db: int, password: str | None,
                  channels: list[str], on_message: Callable[[bytes, bytes], None],
-                 on_up: Callable[[], None], on_down: Callable[[], None], retry: float) -> None:
+                 on_up: Callable[[], None], on_down: Callable[[], None], retry: float,
+                 max_message: int) -> None:
         self.reactor = reactor
         self.endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=max(1, int(retry * 2)))
         self.where = f"{host}:{port}/{db}"
@@ -58,9 +53,10 @@ class RedisLink:
         self.on_up = on_up
         self.on_down = on_down
         self.retry = retry
+        self.max_message = max_message  # the longest bus message accepted
         self.up = False
         self.cmd: txredisapi.RedisProtocol | None = None
-        self.sub: _Subscriber | None = None
+        self.sub: Subscriber | None = None
         self._connecting = False
         self._stopped = False
         self._outage_logged = False
@@ -90,11 +86,10 @@ class RedisLink:
             cmd.factory = _NoFactory()
             yield connectProtocol(self.endpoint, cmd)
             yield cmd.whenConnected()
-            sub = _Subscriber(self.on_message, dbid=self.db, password=self.password)
-            sub.factory = _NoFactory()
+            # Pub/sub channels are not per database: no SELECT.
+            sub = Subscriber(self.channels, self.password, self.on_message, self.max_message)
             yield connectProtocol(self.endpoint, sub)
             yield sub.whenConnected()
-            yield sub.subscribe(self.channels)
         except Exception as e:
             for conn in (cmd, sub):
                 if conn is not None and conn.transport is not None:

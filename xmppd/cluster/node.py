@@ -35,7 +35,9 @@ class ClusterNode:
         self.link = RedisLink(
             server.clock, settings.host, settings.port, settings.db, settings.password,
             [node_channel(self.name), ALL], self._received, self._up, self._down,
-            retry=min(settings.heartbeat, 1.0))
+            retry=min(settings.heartbeat, 1.0),
+            # a stanza, its JSON header, and a registry record's presence
+            max_message=c2s.max_stanza_size + 65536)
         self.bus = Bus(self.name, self.link, server.router, limits, self._event)
         self.registry = Registry(self.name, self.link, self.bus, server, settings.heartbeat,
                                  settings.expiry, limits)
