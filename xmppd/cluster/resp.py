@@ -1,23 +1,26 @@
-"""The pub/sub connection to Redis: a small RESP2 reader of our own.
+"""The node's two Redis connections: a small RESP2 client of our own.
 
-Why not txredisapi's ``SubscriberProtocol``: after every bulk string it
-parses, its line reader pauses the transport and resumes it from a
-``callLater(0)`` (``setLineMode(extra=...)``), so each message on the bus
-costs two reactor turns and four ``epoll_ctl`` calls, and a burst of
-messages is never handled in one read.  Under load that made a message
-crossing nodes cost ~6x a local one (bench/RESULTS.md, cluster phase).
-This reader takes whatever one read brings and hands every complete
-message over in that same turn.
+Why not txredisapi (used before): after every bulk string it parses, its
+line reader pauses the transport and resumes it from a ``callLater(0)``
+(``setLineMode(extra=...)``), so each message on the bus cost two reactor
+turns and four ``epoll_ctl`` calls and a burst of messages was never
+handled in one read; and each command cost ~5 us of argument encoding and
+a Deferred.  Under load a message crossing nodes cost ~13x a local one
+(bench/RESULTS.md, cluster phase).  These protocols take whatever one read
+brings and handle every complete reply in that same turn; a PUBLISH is one
+``bytes`` join and a callback in a deque.
 
-It only has to understand what a subscribed connection receives (RESP2
-arrays of bulk strings and integers: ``subscribe`` confirmations and
-``message`` pushes) and the reply to AUTH.  A bulk string longer than
-``max_bulk`` (a stanza is bounded by ``[c2s] max_stanza_size``) closes the
-connection: Redis is trusted, but nothing is buffered without a bound.
+:class:`Subscriber` understands what a subscribed connection receives
+(arrays of bulk strings and integers: ``subscribe`` confirmations and
+``message`` pushes); :class:`Commands` any RESP2 reply, in order.  A bulk
+string longer than ``max_bulk`` (a stanza is bounded by ``[c2s]
+max_stanza_size``) closes the connection: Redis is trusted, but nothing is
+buffered without a bound.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections import deque
+from typing import Any, Callable
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -31,12 +34,12 @@ class RESPError(Exception):
     """An error reply (``-ERR ...``) or a stream we cannot read."""
 
 
-def command(*args: bytes | str) -> bytes:
-    """One command in RESP2 (an array of bulk strings)."""
+def command(*args: bytes | str | int | float) -> bytes:
+    """One command in RESP2 (an array of bulk strings; numbers in decimal)."""
     out = [b"*%d\r\n" % len(args)]
     for a in args:
-        if isinstance(a, str):
-            a = a.encode()
+        if not isinstance(a, bytes):
+            a = str(a).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(a), a))
     return b"".join(out)
 
@@ -157,3 +160,107 @@ class Subscriber(protocol.Protocol):
         self.buf.clear()
         if self.transport is not None:
             self.transport.loseConnection()
+
+
+def _text(value):
+    """Bulk strings as str (UTF-8), recursively, as the registry expects them."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [_text(v) for v in value]
+    return value
+
+
+class Commands(protocol.Protocol):
+    """Commands and their replies, in order (Redis answers in order).
+
+    ``whenConnected()`` fires once AUTH (with a password) and SELECT were
+    accepted; ``whenDisconnected()`` when the connection is gone, after
+    every command still waiting failed with ``ConnectionError``.
+    """
+
+    def __init__(self, db: int, password: str | None, max_bulk: int) -> None:
+        self.db = db
+        self.password = password
+        self.max_bulk = max_bulk
+        self.buf = bytearray()
+        self.transport = None
+        self.waiting: deque[Callable[[Any], None]] = deque()
+        self._ready: defer.Deferred = defer.Deferred()
+        self._gone: defer.Deferred = defer.Deferred()
+
+    def whenConnected(self) -> defer.Deferred:
+        return self._ready
+
+    def whenDisconnected(self) -> defer.Deferred:
+        return self._gone
+
+    def connectionMade(self) -> None:
+        def check(reply) -> None:
+            if isinstance(reply, RESPError):
+                raise RESPError(f"Redis refused: {reply}")
+
+        if self.password is not None:
+            self.send(command("AUTH", self.password), check)
+
+        def selected(reply) -> None:
+            check(reply)
+            self._ready.callback(self)
+        self.send(command("SELECT", str(self.db)), selected)
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        waiting, self.waiting = self.waiting, deque()
+        gone = ConnectionError("Redis connection lost")
+        for callback in waiting:
+            try:
+                callback(gone)
+            except Exception:
+                pass
+        if not self._ready.called:
+            self._ready.errback(reason)
+        self._gone.callback(self)
+
+    def send(self, data: bytes, callback: Callable[[Any], None]) -> None:
+        """Write one encoded command; ``callback(reply)`` gets its reply (an
+        exception instance for an error reply or a lost connection)."""
+        self.waiting.append(callback)
+        self.transport.write(data)
+
+    def execute(self, *args: bytes | str | int | float) -> defer.Deferred:
+        """One command; its reply with bulk strings as str, errors as failures."""
+        d: defer.Deferred = defer.Deferred()
+
+        def reply(value) -> None:
+            if isinstance(value, Exception):
+                d.errback(value)
+            else:
+                d.callback(_text(value))
+        self.send(command(*args), reply)
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        try:
+            while pos < len(buf):
+                value, pos = parse(buf, pos, self.max_bulk)
+                if value is _INCOMPLETE:
+                    break
+                if not self.waiting:
+                    raise RESPError("a reply to no command")
+                callback = self.waiting.popleft()
+                try:
+                    callback(value)
+                except RESPError:
+                    raise
+                except Exception:
+                    log.failure("cluster: handling a Redis reply failed")
+        except (RESPError, ValueError) as e:
+            log.error("cluster: Redis command connection: {why}", why=str(e))
+            if not self._ready.called:
+                self._ready.errback(RESPError(str(e)))
+            self.buf.clear()
+            self.transport.loseConnection()
+            return
+        del buf[:pos]
