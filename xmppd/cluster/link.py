@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import Logger
 
-from xmppd.cluster.resp import Commands, Subscriber, command
+from xmppd.cluster.resp import Commands, Subscriber, publish_command
 from xmppd.logfilter import log_observer
 
 log = Logger(observer=log_observer)
@@ -66,7 +66,7 @@ class RedisLink:
         self._connecting = True
         cmd = sub = None
         try:
-            cmd = Commands(self.db, self.password, self.max_message)
+            cmd = Commands(self.db, self.password, self.max_message, self.reactor)
             yield connectProtocol(self.endpoint, cmd)
             yield cmd.whenConnected()
             # Pub/sub channels are not per database: no SELECT.
@@ -142,4 +142,4 @@ class RedisLink:
         if not self.up or self.cmd is None:
             done(ConnectionError("Redis link down"))
             return
-        self.cmd.send(command(b"PUBLISH", channel, payload), done)
+        self.cmd.send(publish_command(channel, payload), done)

@@ -30,6 +30,12 @@ from xmppd.logfilter import log_observer
 log = Logger(observer=log_observer)
 
 
+def publish_command(channel: bytes, payload: bytes) -> bytes:
+    """PUBLISH channel payload, in RESP2 (the hot path: one format)."""
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(channel), channel, len(payload), payload)
+
+
 class RESPError(Exception):
     """An error reply (``-ERR ...``) or a stream we cannot read."""
 
@@ -45,6 +51,9 @@ def command(*args: bytes | str | int | float) -> bytes:
 
 
 _INCOMPLETE = object()
+#: How every message push starts: an array of 3, the bulk string "message".
+COLON = ord(":")
+MESSAGE = b"*3\r\n$7\r\nmessage\r\n"
 
 
 def parse(buf: bytearray | bytes, pos: int, max_bulk: int, depth: int = 0):
@@ -127,8 +136,20 @@ class Subscriber(protocol.Protocol):
         buf = self.buf
         buf += data
         pos = 0
+        end = len(buf)
         try:
-            while pos < len(buf):
+            while pos < end:
+                if buf.startswith(MESSAGE, pos):
+                    # The hot path: a message push, read without the general parser.
+                    message = self._message(buf, pos + len(MESSAGE))
+                    if message is None:
+                        break
+                    channel, payload, pos = message
+                    try:
+                        self.on_message(channel, payload)
+                    except Exception:
+                        log.failure("cluster: bus message from {channel} failed", channel=channel)
+                    continue
                 value, pos = parse(buf, pos, self.max_bulk)
                 if value is _INCOMPLETE:
                     break
@@ -137,6 +158,27 @@ class Subscriber(protocol.Protocol):
             self._fail(str(e))
             return
         del buf[:pos]
+
+    def _message(self, buf: bytearray, pos: int):
+        """(channel, payload, next position) of a push whose head was read, or None if cut."""
+        out = []
+        for _ in range(2):
+            if buf[pos:pos + 1] != b"$":
+                raise RESPError("malformed message push")
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                if len(buf) - pos > 32:
+                    raise RESPError("malformed message push")
+                return None
+            n = int(buf[pos + 1:eol])
+            if not 0 <= n <= self.max_bulk:
+                raise RESPError(f"bulk string of {n} bytes (limit {self.max_bulk})")
+            start = eol + 2
+            if len(buf) < start + n + 2:
+                return None
+            out.append(bytes(buf[start:start + n]))
+            pos = start + n + 2
+        return out[0], out[1], pos
 
     def _reply(self, value) -> None:
         if isinstance(value, list) and len(value) == 3 and value[0] == b"message":
@@ -179,7 +221,11 @@ class Commands(protocol.Protocol):
     every command still waiting failed with ``ConnectionError``.
     """
 
-    def __init__(self, db: int, password: str | None, max_bulk: int) -> None:
+    def __init__(self, db: int, password: str | None, max_bulk: int, clock=None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self._out: list[bytes] = []
         self.db = db
         self.password = password
         self.max_bulk = max_bulk
@@ -221,10 +267,20 @@ class Commands(protocol.Protocol):
         self._gone.callback(self)
 
     def send(self, data: bytes, callback: Callable[[Any], None]) -> None:
-        """Write one encoded command; ``callback(reply)`` gets its reply (an
-        exception instance for an error reply or a lost connection)."""
+        """Queue one encoded command; ``callback(reply)`` gets its reply (an
+        exception instance for an error reply or a lost connection).
+
+        The commands of one reactor turn go out in one write (a burst of
+        stanzas for other nodes is one pipeline of PUBLISH)."""
         self.waiting.append(callback)
-        self.transport.write(data)
+        if not self._out:
+            self.clock.callLater(0, self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and out:
+            self.transport.write(b"".join(out))
 
     def execute(self, *args: bytes | str | int | float) -> defer.Deferred:
         """One command; its reply with bulk strings as str, errors as failures."""
@@ -243,10 +299,17 @@ class Commands(protocol.Protocol):
         buf += data
         pos = 0
         try:
-            while pos < len(buf):
-                value, pos = parse(buf, pos, self.max_bulk)
-                if value is _INCOMPLETE:
-                    break
+            end = len(buf)
+            while pos < end:
+                if buf[pos] == COLON:  # the hot path: PUBLISH answers an integer
+                    eol = buf.find(b"\r\n", pos)
+                    if eol < 0:
+                        break
+                    value, pos = int(buf[pos + 1:eol]), eol + 2
+                else:
+                    value, pos = parse(buf, pos, self.max_bulk)
+                    if value is _INCOMPLETE:
+                        break
                 if not self.waiting:
                     raise RESPError("a reply to no command")
                 callback = self.waiting.popleft()
