@@ -163,6 +163,8 @@ class Subscriber(protocol.Protocol):
         """(channel, payload, next position) of a push whose head was read, or None if cut."""
         out = []
         for _ in range(2):
+            if pos >= len(buf):
+                return None
             if buf[pos:pos + 1] != b"$":
                 raise RESPError("malformed message push")
             eol = buf.find(b"\r\n", pos)
