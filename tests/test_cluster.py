@@ -210,6 +210,32 @@ def test_admin_sessions_and_kick_cluster_wide(nodes):
     assert "policy-violation" in c.read_all(timeout=5).decode()
 
 
+def test_cluster_changes_on_reload_need_a_restart_and_keep_the_running_link(nodes):
+    node = nodes[0]
+    original = node.config_path.read_text()
+    changed = (original.replace(f"heartbeat = {HEARTBEAT}", "heartbeat = 0.5")
+               .replace('node = "n1"', 'node = "renamed"')
+               .replace("redis = \"redis://127.0.0.1:", "redis = \"redis://127.0.0.2:"))
+    assert changed.count("renamed") == 1 and "127.0.0.2" in changed
+    try:
+        node.config_path.write_text(changed)
+        out = node.ctl("reload").stdout
+        assert re.search(r"need a restart \(running values kept\): .*cluster\.heartbeat, "
+                         r"cluster\.node, cluster\.redis", out), out
+        # The running node, link and name stay: chat across nodes goes on.
+        a = login(node, "alice", "reload")
+        b = login(nodes[1], "bob", "reload")
+        settle()
+        a.send("<message to='bob@localhost/reload' type='chat' id='rl'><body>still n1</body></message>")
+        expect(b, "still n1")
+        assert "alice@localhost/reload" in nodes[1].ctl("sessions").stdout
+        assert "renamed" not in nodes[1].ctl("sessions").stdout
+        a.close(), b.close()
+    finally:
+        node.config_path.write_text(original)
+        node.ctl("reload")
+
+
 # -- failures (last: they kill a node and stop Redis) ------------------------------------
 
 

@@ -45,6 +45,10 @@ _C2S_RESTART = ("listen", "listen_tls", "tls", "max_stanza_size", "max_stanza_no
 _SECTIONS = ("acl", "limits", "domain-filter")
 _HOST_KEYS = ("admins", "domain-filter")
 _DF_RESTART = ("poll_interval",)
+# Tables that need a restart, reported key by key: a node's Redis link, its
+# name and timings, and the store directory are fixed for the process's life
+# (docs/cluster.rst), and "cluster.redis" says more to an operator than "cluster".
+_PER_KEY_RESTART = ("cluster", "storage")
 
 
 @dataclass
@@ -107,6 +111,8 @@ def _restart_keys(old: Config, new: Config) -> list[str]:
         a, b = _table(old.sections.get(name)), _table(new.sections.get(name))
         if name == "domain-filter":
             out += [f"{name}.{k}" for k in _DF_RESTART if a.get(k) != b.get(k)]
+        elif name in _PER_KEY_RESTART:
+            out += [f"{name}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif name not in _SECTIONS and a != b:
             out.append(name)
     return out
