@@ -46,7 +46,9 @@ class ClusterNode:
         router.on_closed.append(self.registry.closed)
         presence = server.plugin("presence")
         if presence is not None:
-            presence.on_broadcast.append(lambda s, _stanza, _kind: self.registry.changed(s))
+            presence.on_broadcast.append(
+                lambda s, _stanza, kind: self.registry.changed(s, kind != "unavailable"))
+            presence.on_directed.append(lambda s, _stanza, _kind: self.registry.directed(s))
         self._wrap_invalidations()
         server.login_gate = self._login_gate
 
