@@ -40,7 +40,8 @@ RELOADABLE = (
 # size the XML parsers (offline storage and vCards parse what was accepted
 # under them, so they must not change under stored data).
 _C2S_RESTART = ("listen", "listen_tls", "tls", "max_stanza_size", "max_stanza_nodes",
-                "max_depth", "max_preauth_stanza_size", "max_preauth_stanza_nodes")
+                "max_depth", "max_preauth_stanza_size", "max_preauth_stanza_nodes",
+                "reuse_port")
 # Top-level tables applied by a reload; every other changed table needs a restart.
 _SECTIONS = ("acl", "limits", "domain-filter")
 _HOST_KEYS = ("admins", "domain-filter")
