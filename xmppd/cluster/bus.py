@@ -29,7 +29,7 @@ the node), and XEP-0198 is the client's answer to that.  See docs/cluster.rst.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.logger import Logger
 
