@@ -273,6 +273,7 @@ def test_kill9_node_contacts_see_unavailable_once_messages_go_offline(nodes):
     # of hers that never sent broadcast presence: after the kill their
     # targets hear unavailable too, from the survivor that announces her.
     leo = login(nodes[1], "leo", "dir")
+    settle()  # judy's node has heard of leo's session
     judy.send("<presence to='leo@localhost/dir'/>")
     expect(leo, "<presence[^>]*from='judy@localhost/r'")
     quiet = RawClient(nodes[2].port)

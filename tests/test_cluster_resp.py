@@ -108,3 +108,24 @@ def test_commands_pipelined_per_turn_replies_in_order_and_lost_connection():
     cmd.send(publish_command(b"ch", b"late"), lost.append)
     cmd.connectionLost(None)
     assert isinstance(lost[0], ConnectionError)
+
+
+def test_commands_lost_inside_a_reply_callback_stop_reading():
+    """A reply's callback may end the connection at once (the last reply before a
+    shutdown runs the reactor's disconnectAll): the replies after it are not
+    taken for replies to no command, and later commands fail at once."""
+    clock = Clock()
+    cmd = Commands(0, None, 1000, clock)
+    transport = StringTransport()
+    cmd.makeConnection(transport)
+    clock.advance(0)
+    cmd.dataReceived(b"+OK\r\n")
+    got = []
+    cmd.send(publish_command(b"ch", b"1"), lambda r: (got.append(r), cmd.connectionLost(None)))
+    cmd.send(publish_command(b"ch", b"2"), got.append)
+    clock.advance(0)
+    cmd.dataReceived(b":1\r\n:1\r\n")
+    assert got[0] == 1 and isinstance(got[1], ConnectionError) and len(got) == 2
+    assert not transport.disconnecting  # no "reply to no command" failure
+    cmd.send(publish_command(b"ch", b"3"), got.append)
+    assert isinstance(got[2], ConnectionError)

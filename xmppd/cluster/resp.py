@@ -116,6 +116,7 @@ class Subscriber(protocol.Protocol):
         self._auth = password is not None
         self._ready: defer.Deferred = defer.Deferred()
         self._gone: defer.Deferred = defer.Deferred()
+        self.closed = False  # as Commands.closed
 
     def whenConnected(self) -> defer.Deferred:
         return self._ready
@@ -128,6 +129,7 @@ class Subscriber(protocol.Protocol):
         self.transport.write(out + command("SUBSCRIBE", *self.channels))
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.closed = True
         if not self._ready.called:
             self._ready.errback(reason)
         self._gone.callback(self)
@@ -138,7 +140,7 @@ class Subscriber(protocol.Protocol):
         pos = 0
         end = len(buf)
         try:
-            while pos < end:
+            while pos < end and not self.closed:
                 if buf.startswith(MESSAGE, pos):
                     # The hot path: a message push, read without the general parser.
                     message = self._message(buf, pos + len(MESSAGE))
@@ -234,6 +236,9 @@ class Commands(protocol.Protocol):
         self.buf = bytearray()
         self.transport = None
         self.waiting: deque[Callable[[Any], None]] = deque()
+        # Set by connectionLost, which a reply's callback can cause at once
+        # (the last reply before a shutdown runs the reactor's disconnectAll).
+        self.closed = False
         self._ready: defer.Deferred = defer.Deferred()
         self._gone: defer.Deferred = defer.Deferred()
 
@@ -257,6 +262,7 @@ class Commands(protocol.Protocol):
         self.send(command("SELECT", str(self.db)), selected)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.closed = True
         waiting, self.waiting = self.waiting, deque()
         gone = ConnectionError("Redis connection lost")
         for callback in waiting:
@@ -274,6 +280,9 @@ class Commands(protocol.Protocol):
 
         The commands of one reactor turn go out in one write (a burst of
         stanzas for other nodes is one pipeline of PUBLISH)."""
+        if self.closed:
+            callback(ConnectionError("Redis connection lost"))
+            return
         self.waiting.append(callback)
         if not self._out:
             self.clock.callLater(0, self._flush)
@@ -302,7 +311,7 @@ class Commands(protocol.Protocol):
         pos = 0
         try:
             end = len(buf)
-            while pos < end:
+            while pos < end and not self.closed:
                 if buf[pos] == COLON:  # the hot path: PUBLISH answers an integer
                     eol = buf.find(b"\r\n", pos)
                     if eol < 0:
