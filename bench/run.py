@@ -1033,6 +1033,14 @@ def main(argv=None):
     ap.add_argument("--s2s", action="store_true",
                     help="the s2s phase only (bench/s2s.py): two servers of each target "
                          "federating, against a c2s baseline on one of them")
+    ap.add_argument("--cluster", action="store_true",
+                    help="the cluster phase only (bench/cluster.py): two xmppd nodes on one "
+                         "Redis (same-node, cross-node and mixed pairs) against a stand-alone node")
+    ap.add_argument("--cluster-windows", default="solo,same,cross,mixed",
+                    help="with --cluster: the windows to run (e.g. cross, to profile it alone)")
+    ap.add_argument("--sched-batch", action="store_true",
+                    help="with --cluster: run every server process under SCHED_BATCH (no "
+                         "wake-up preemption between the processes sharing the server CPU)")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
 
@@ -1092,9 +1100,16 @@ def main(argv=None):
     }
     log(f"profile {p['profile']}, reps {p['reps']}, pinning: {p['pinning']}, "
         f"workdir {workroot}")
-    kind = "s2s" if args.s2s else "run"
+    kind = "s2s" if args.s2s else "cluster" if args.cluster else "run"
     if args.s2s:
         import s2s
+    if args.cluster:
+        import cluster
+        p["cluster_windows"] = [w for w in args.cluster_windows.split(",") if w]
+        p["sched_batch"] = args.sched_batch
+        names = []
+        result["targets"]["xmppd-cluster"] = asyncio.run(
+            cluster.run_cluster(args, p, certs, workroot, cpu_server))
     try:
         for n in names:
             ok, why = targets_mod.TARGETS[n].available()
@@ -1119,6 +1134,8 @@ def main(argv=None):
     jpath.write_text(json.dumps(result, indent=1, default=str))
     if args.s2s:
         md = s2s.markdown(result)
+    elif args.cluster:
+        md = cluster.markdown(result)
     else:
         compare = json.loads(Path(args.compare).read_text()) if args.compare else None
         md = report.markdown(result, compare)

@@ -58,6 +58,17 @@ class S2S:
     routes: dict[str, int]   # remote domain -> its s2s port on 127.0.0.1
 
 
+@dataclass
+class Cluster:
+    """An xmppd node's part in the cluster phase: one store directory shared by
+    every node (and the stand-alone baseline), and, for a node, the Redis it
+    shares with the others and its node name (None: stand-alone on the store)."""
+
+    store: Path
+    redis_url: str | None = None
+    node: str | None = None
+
+
 # Prosody 0.12 cannot be told to send s2s for a domain to a fixed address:
 # mod_s2s always resolves it with net.resolvers.service (DNS SRV, then A/AAAA,
 # against /etc/resolv.conf's servers).  This plugin, written for xmppd's
@@ -95,6 +106,10 @@ class Target:
     provisioning = "ibr"
     run_as: str | None = None
     s2s: S2S | None = None   # set by the s2s phase (bench/s2s.py) before prepare()
+    cluster: "Cluster | None" = None  # set by the cluster phase (bench/cluster.py), xmppd only
+    # SCHED_BATCH: no wake-up preemption (the cluster phase, where several
+    # server processes share the pinned core: bench/cluster.py says why)
+    sched_batch = False
 
     def __init__(self, workdir: Path, port: int, domain: str, cert: dict,
                  password: str, cpu: set[int] | None):
@@ -139,10 +154,13 @@ class Target:
         full_env.update(env)
         self.logf = open(self.dir / "server.out", "ab")
         cpu = self.cpu
+        batch = self.sched_batch
 
         def pre():
             if cpu:
                 os.sched_setaffinity(0, cpu)
+            if batch:
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
         kw = {}
         if self.run_as:
@@ -274,7 +292,7 @@ plugins = ["roster", "presence", "disco", "ping", "urn:xmpp:blocking", "urn:xmpp
 """ + (f"""
 [metrics]
 listen = "tcp:{self.metrics_port}:interface=127.0.0.1"
-""" if self.metrics else "") + self._s2s_config())
+""" if self.metrics else "") + self._s2s_config() + self._cluster_config())
 
     # --xmppd-mam: the message archive on (XEP-0359 ids + XEP-0313, issue 16)
     mam = False
@@ -295,6 +313,15 @@ ca_system = false
 
 [s2s.routes]
 {routes}"""
+
+    def _cluster_config(self) -> str:
+        c = self.cluster
+        if c is None:
+            return ""
+        out = f'\n[storage]\ndir = "{c.store}"\n'
+        if c.redis_url:
+            out += f'\n[cluster]\nredis = "{c.redis_url}"\nnode = "{c.node}"\n'
+        return out
 
     def _env(self):
         pp = os.environ.get("PYTHONPATH")

@@ -21,8 +21,9 @@ PW = "pw-secret"
 USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan", "judy",
          "kim", "leo"]
 PLUGINS = ["roster", "presence", "disco", "ping", "offline", "urn:xmpp:blocking",
-           "urn:xmpp:sid:0", "urn:xmpp:carbons:2"]
+           "urn:xmpp:sid:0", "urn:xmpp:carbons:2", "urn:xmpp:sm:3"]
 CARBONS = "urn:xmpp:carbons:2"
+SM = "urn:xmpp:sm:3"
 HEARTBEAT, EXPIRY = 0.3, 1.5
 
 
@@ -210,7 +211,57 @@ def test_admin_sessions_and_kick_cluster_wide(nodes):
     assert "policy-violation" in c.read_all(timeout=5).decode()
 
 
+def test_cluster_changes_on_reload_need_a_restart_and_keep_the_running_link(nodes):
+    node = nodes[0]
+    original = node.config_path.read_text()
+    changed = (original.replace(f"heartbeat = {HEARTBEAT}", "heartbeat = 0.5")
+               .replace('node = "n1"', 'node = "renamed"')
+               .replace("redis = \"redis://127.0.0.1:", "redis = \"redis://127.0.0.2:"))
+    assert changed.count("renamed") == 1 and "127.0.0.2" in changed
+    try:
+        node.config_path.write_text(changed)
+        out = node.ctl("reload").stdout
+        assert re.search(r"need a restart \(running values kept\): .*cluster\.heartbeat, "
+                         r"cluster\.node, cluster\.redis", out), out
+        # The running node, link and name stay: chat across nodes goes on.
+        a = login(node, "alice", "reload")
+        b = login(nodes[1], "bob", "reload")
+        settle()
+        a.send("<message to='bob@localhost/reload' type='chat' id='rl'><body>still n1</body></message>")
+        expect(b, "still n1")
+        assert "alice@localhost/reload" in nodes[1].ctl("sessions").stdout
+        assert "renamed" not in nodes[1].ctl("sessions").stdout
+        a.close(), b.close()
+    finally:
+        node.config_path.write_text(original)
+        node.ctl("reload")
+
+
 # -- failures (last: they kill a node and stop Redis) ------------------------------------
+
+
+def test_xep0198_resumption_on_another_node_is_refused_cleanly(nodes):
+    c = RawClient(nodes[0].port)
+    c.login("frank", PW, "sm")
+    c.send(f"<enable xmlns='{SM}' resume='true'/>")
+    previd = re.search(r"id='([^']+)'", c.read_until("<enabled[^>]*/>").decode()).group(1)
+    c.send("<presence/>")
+    c.read_until("<presence[^>]*from='frank@localhost/sm'")
+    c.sock.close()  # gone without </stream:stream>: the session waits for a resumption
+    other = RawClient(nodes[1].port)
+    other.open_stream(), other.starttls(), other.open_stream()
+    assert b"<success" in other.auth_plain("frank", PW)
+    other.open_stream()
+    other.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+    failed = other.read_until("</failed>").decode()
+    assert "<item-not-found" in failed, failed
+    # The stream goes on: a new session on this node, and nothing logged as an error.
+    assert other.bind("again") == "frank@localhost/again"
+    other.send("<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>")
+    other.read_until("<iq[^>]*id='p1'")
+    other.close()
+    for node in nodes[:2]:
+        assert "Traceback" not in node.logtext()
 
 
 def test_kill9_node_contacts_see_unavailable_once_messages_go_offline(nodes):
@@ -218,6 +269,18 @@ def test_kill9_node_contacts_see_unavailable_once_messages_go_offline(nodes):
     judy = login(nodes[2], "judy")
     watcher = login(nodes[1], "ivan", "w")  # a second resource, on a survivor too
     subscribe(ivan, "ivan", judy, "judy")
+    # A directed presence (no subscription) from judy, and one from a session
+    # of hers that never sent broadcast presence: after the kill their
+    # targets hear unavailable too, from the survivor that announces her.
+    leo = login(nodes[1], "leo", "dir")
+    settle()  # judy's node has heard of leo's session
+    judy.send("<presence to='leo@localhost/dir'/>")
+    expect(leo, "<presence[^>]*from='judy@localhost/r'")
+    quiet = RawClient(nodes[2].port)
+    quiet.login("judy", PW, "quiet")
+    quiet.send("<presence to='leo@localhost'/>")
+    expect(leo, "<presence[^>]*from='judy@localhost/quiet'")
+    settle()
     killed = time.monotonic()
     nodes[2].kill9()
     # Before the expiry the dead node is still listed: PUBLISH reaches nobody,
@@ -226,7 +289,11 @@ def test_kill9_node_contacts_see_unavailable_once_messages_go_offline(nodes):
     got = expect(ivan, "<presence(?=[^>]*from='judy@localhost/r')(?=[^>]*type='unavailable')",
                  timeout=EXPIRY + HEARTBEAT + 5)
     assert time.monotonic() - killed < EXPIRY + HEARTBEAT + 5, got
+    # Both, in either order (the whole buffer is consumed: no third may follow).
+    expect(leo, "".join(f"(?=.*?<presence(?=[^>]*from='judy@localhost/{r}')"
+                        "(?=[^>]*type='unavailable'))" for r in ("r", "quiet")) + ".*")
     nothing(ivan, "from='judy@localhost/r'[^>]*type='unavailable'", wait=2 * HEARTBEAT + 0.5)
+    nothing(leo, "from='judy@localhost/[a-z]+'[^>]*type='unavailable'", wait=0.1)
     ivan.send("<message to='judy@localhost' type='chat' id='k1'><body>after the crash</body></message>")
     ivan.send("<message to='judy@localhost/r' type='chat' id='k2'><body>to the full JID</body></message>")
     nothing(ivan, "type='error'", wait=0.5)
@@ -236,7 +303,7 @@ def test_kill9_node_contacts_see_unavailable_once_messages_go_offline(nodes):
     got = expect(again, "to the full JID.*?</message>")
     assert got.count("after the crash") == 1 and got.count("in the window") == 1
     nothing(again, "after the crash|to the full JID|in the window")
-    ivan.close(), watcher.close(), again.close()
+    ivan.close(), watcher.close(), again.close(), leo.close()
 
 
 def test_redis_outage_refuses_logins_keeps_local_routing_and_recovers(nodes, redis):  # noqa: F811

@@ -141,6 +141,9 @@ class C2SConfig:
     max_auth_failures: int
     max_outbound_bytes: int
     close_timeout: float
+    # SO_REUSEPORT on the c2s listeners: several nodes on one host share a
+    # port (xmppd.reuseport, docs/cluster.rst)
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True)
@@ -466,7 +469,18 @@ def from_dict(data: dict, path: str = "<defaults>") -> Config:
         # Seconds a closing connection gets to flush its last bytes (stream
         # error, TLS close_notify) before it is aborted.
         close_timeout=c2s_sec.number("close_timeout", 10.0, minimum=1),
+        reuse_port=c2s_sec.bool("reuse_port", False),
     )
+    if c2s.reuse_port:
+        from twisted.internet import reactor
+
+        from xmppd import reuseport
+
+        for name in ("listen", "listen_tls"):
+            for v in getattr(c2s, name):
+                problem = reuseport.check(reactor, v)
+                if problem is not None:
+                    raise c2s_sec.error(name, v, f"{problem} (c2s.reuse_port is on)")
     _tcp_overlap(c2s_sec, {"listen": c2s.listen, "listen_tls": c2s.listen_tls})
     c2s_sec.reject_unknown()
     if not c2s.listen and not c2s.listen_tls:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.python.failure import Failure
@@ -32,17 +32,24 @@ def _reason(failure: Failure) -> str:
     return text[:1].lower() + text[1:]
 
 
-def listen_all(reactor: Any, path: str,
-               listeners: list[tuple[str, str, Any]]) -> list[IListeningPort]:
+def listen_all(reactor: Any, path: str, listeners: list[tuple[str, str, Any]],
+               reuse_port: bool = False) -> list[IListeningPort]:
     """Listen on each ``(config key, endpoint string, factory)``; all or none.
 
-    Raises :class:`ConfigError` naming the first listener that cannot bind,
-    after closing the ones already bound.
+    ``reuse_port`` (``[c2s] reuse_port``): the c2s listeners are bound with
+    SO_REUSEPORT (:mod:`xmppd.reuseport`).  Raises :class:`ConfigError`
+    naming the first listener that cannot bind, after closing the ones
+    already bound.
     """
     ports: list[IListeningPort] = []
     for key, description, factory in listeners:
         outcome: list = []
-        d = endpoints.serverFromString(reactor, description).listen(factory)
+        if reuse_port and key.startswith("c2s."):
+            from xmppd import reuseport
+
+            d = defer.maybeDeferred(reuseport.listen, reactor, description, factory)
+        else:
+            d = endpoints.serverFromString(reactor, description).listen(factory)
         d.addBoth(outcome.append)
         problem = None
         if not outcome:

@@ -40,11 +40,16 @@ RELOADABLE = (
 # size the XML parsers (offline storage and vCards parse what was accepted
 # under them, so they must not change under stored data).
 _C2S_RESTART = ("listen", "listen_tls", "tls", "max_stanza_size", "max_stanza_nodes",
-                "max_depth", "max_preauth_stanza_size", "max_preauth_stanza_nodes")
+                "max_depth", "max_preauth_stanza_size", "max_preauth_stanza_nodes",
+                "reuse_port")
 # Top-level tables applied by a reload; every other changed table needs a restart.
 _SECTIONS = ("acl", "limits", "domain-filter")
 _HOST_KEYS = ("admins", "domain-filter")
 _DF_RESTART = ("poll_interval",)
+# Tables that need a restart, reported key by key: a node's Redis link, its
+# name and timings, and the store directory are fixed for the process's life
+# (docs/cluster.rst), and "cluster.redis" says more to an operator than "cluster".
+_PER_KEY_RESTART = ("cluster", "storage")
 
 
 @dataclass
@@ -107,6 +112,8 @@ def _restart_keys(old: Config, new: Config) -> list[str]:
         a, b = _table(old.sections.get(name)), _table(new.sections.get(name))
         if name == "domain-filter":
             out += [f"{name}.{k}" for k in _DF_RESTART if a.get(k) != b.get(k)]
+        elif name in _PER_KEY_RESTART:
+            out += [f"{name}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif name not in _SECTIONS and a != b:
             out.append(name)
     return out

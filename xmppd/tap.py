@@ -129,7 +129,7 @@ def build(config_path: str | None):
     try:
         server = Server(config)
         server.components.start()  # in-process handlers: a failure stops start-up here
-        ports = listen_all(reactor, config.path, listeners(server))
+        ports = listen_all(reactor, config.path, listeners(server), config.c2s.reuse_port)
         svc = ServerService(server, pidfile, ports)
         ports.append(_listen_admin(reactor, config, svc))
     except BaseException:

@@ -2,11 +2,20 @@
 
 Each node subscribes to its own channel (stanzas for its sessions, requests
 to close one) and to the cluster channel (registry changes, cache
-invalidations, node departures).  A message is one JSON header line, a
-newline, and for stanzas the stanza's serialisation: the bytes the sending
-node would have written to a socket, re-parsed on arrival under the live
-stream's limits (:func:`xmppd.xmlparser.parse_fragment`), so nothing reaches
-a client that a client could not have sent.
+invalidations, node departures).
+
+A stanza for a session is ``s<full JID>\n<stanza>``: the bytes the sending
+node would have written to a socket, serialised by xmppd from an element it
+parsed under its c2s limits and ran through the filters.  The receiving
+node writes them as they came, through the session's output layers
+(``send_bytes``, the router's own path), without parsing them again: a
+second parse cost more than the rest of the cross-node path together
+(bench/RESULTS.md, cluster phase), and protects against nothing but a
+forger on Redis, who could as well register sessions or close any (Redis
+is inside the trust boundary: docs/cluster.rst).  What is checked: the
+length (the pub/sub reader's bound), that it is one of the three stanzas,
+and that its session is here.  The fallback path (below) does parse.
+Everything else is a JSON header line (events, close requests).
 
 Why pub/sub and not streams: a stanza for a session is only useful while
 that session exists, pub/sub costs Redis one fan-out and no storage, and
@@ -20,7 +29,7 @@ the node), and XEP-0198 is the client's answer to that.  See docs/cluster.rst.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.logger import Logger
 
@@ -44,6 +53,15 @@ def encode(header: dict, body: bytes = b"") -> bytes:
     return json.dumps(header, separators=(",", ":")).encode() + b"\n" + body
 
 
+#: What a stanza on the bus may start with.
+STANZA_STARTS = (b"<message ", b"<message>", b"<presence ", b"<presence>", b"<presence/",
+                 b"<iq ")
+
+
+def encode_stanza(to: str, data: bytes) -> bytes:
+    return b"s" + to.encode() + b"\n" + data
+
+
 def decode(payload: bytes) -> tuple[dict, bytes]:
     head, _, body = payload.partition(b"\n")
     return json.loads(head), body
@@ -60,22 +78,25 @@ class Bus:
         self.limits = limits
         self.on_event = on_event
         self.channel = node_channel(node)
+        self._channels: dict[str, bytes] = {}  # node -> its channel, encoded once
 
     # -- out ----------------------------------------------------------------
 
     def to_session(self, session, data: bytes) -> None:
         """A stanza for a session on another node; fallback if nobody got it."""
-        d = self.link.publish(node_channel(session.node),
-                              encode({"k": "s", "to": session.jid.full}, data))
-        d.addCallbacks(self._published, self._publish_failed,
-                       (session.jid, data), None, (session.jid, data), None)
+        to = session.jid
 
-    def _published(self, receivers, to, data: bytes) -> None:
-        if not receivers:
-            self._fallback(to, data, "node not listening")
+        def published(receivers) -> None:
+            if isinstance(receivers, Exception):
+                self._fallback(to, data, str(receivers))
+            elif not receivers:
+                self._fallback(to, data, "node not listening")
+        self.link.publish_nowait(self._channels.get(session.node) or self._channel(session.node),
+                                 encode_stanza(to.full, data), published)
 
-    def _publish_failed(self, failure, to, data: bytes) -> None:
-        self._fallback(to, data, failure.getErrorMessage())
+    def _channel(self, node: str) -> bytes:
+        channel = self._channels[node] = node_channel(node).encode()
+        return channel
 
     def close_session(self, session, condition: str, text: str) -> None:
         self.link.publish(node_channel(session.node), encode(
@@ -90,35 +111,41 @@ class Bus:
     # -- in -----------------------------------------------------------------
 
     def received(self, channel: bytes, payload: bytes) -> None:
+        if payload[:1] == b"s":
+            self._stanza(payload)
+            return
         try:
             header, body = decode(payload)
             kind = header["k"]
         except (ValueError, KeyError, TypeError):
             log.warn("cluster: malformed bus message on {channel} ignored", channel=channel)
             return
-        if kind == "s":
-            self._stanza(header, body)
-        elif header.get("n") != self.node:
+        if header.get("n") != self.node:
             try:
                 self.on_event(header)
             except Exception:
                 log.failure("cluster: bus event {kind} failed", kind=kind)
 
-    def _stanza(self, header: dict, body: bytes) -> None:
+    def _stanza(self, payload: bytes) -> None:
+        head, _, body = payload.partition(b"\n")
         try:
-            to = jidlib.parse(header["to"])
-        except (jidlib.InvalidJID, KeyError, TypeError):
+            full = head[1:].decode("utf-8")
+        except UnicodeDecodeError:
+            full = ""
+        # The sender wrote a session's normalised full JID: looked up as it is.
+        bare, _, resource = full.partition("/")
+        if not resource or not body.startswith(STANZA_STARTS):
+            log.warn("cluster: malformed stanza on the bus ignored")
             return
-        target = self.router.sessions.get(to.bare, {}).get(to.resource)
+        target = self.router.sessions.get(bare, {}).get(resource)
         if target is None or getattr(target, "remote", False):
+            try:
+                to = jidlib.parse(full)
+            except jidlib.InvalidJID:
+                return
             self._fallback(to, body, "session gone")
             return
-        try:
-            element = parse_fragment(body.decode("utf-8"), self.limits)
-        except (XMLStreamError, UnicodeDecodeError) as e:
-            log.warn("cluster: stanza for {to} dropped: {error}", to=to.full, error=e)
-            return
-        target.send(element)
+        target.send_bytes(body)
 
     def _fallback(self, to, data: bytes, why: str) -> None:
         """A stanza nobody delivered: the path it takes with no session."""

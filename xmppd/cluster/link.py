@@ -1,8 +1,7 @@
 """The node's two connections to Redis: commands, and pub/sub.
 
-txredisapi's protocols speak RESP without blocking the reactor; the
-connections are managed here rather than by its reconnecting pools so that
-the node knows exactly when it is cut off: while either connection is down
+Both speak RESP through :mod:`xmppd.cluster.resp` (no blocking call on the
+reactor, no reconnecting pool) so that the node knows exactly when it is cut off: while either connection is down
 the link is *down* (``up`` False), commands fail at once instead of queueing
 (a queued publish would deliver a stanza minutes late, or never), one line
 is logged per outage, and both are re-opened every ``retry`` seconds until
@@ -13,41 +12,21 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import Logger
 
+from xmppd.cluster.resp import Commands, Subscriber, publish_command
 from xmppd.logfilter import log_observer
 
 log = Logger(observer=log_observer)
 
 
-class _NoFactory:
-    """What txredisapi's protocols call on a failed AUTH/SELECT (no pool here)."""
-
-    isLazy = True
-
-    def stopTrying(self) -> None:
-        pass
-
-    def connectionError(self, why: str) -> None:
-        log.error("cluster: Redis refused the connection: {why}", why=why)
-
-
-class _Subscriber(txredisapi.SubscriberProtocol):
-    def __init__(self, on_message: Callable[[bytes, bytes], None], **kw: Any) -> None:
-        super().__init__(charset=None, **kw)
-        self.on_message = on_message
-
-    def messageReceived(self, pattern, channel, message) -> None:
-        self.on_message(channel, message)
-
-
 class RedisLink:
     def __init__(self, reactor, host: str, port: int, db: int, password: str | None,
                  channels: list[str], on_message: Callable[[bytes, bytes], None],
-                 on_up: Callable[[], None], on_down: Callable[[], None], retry: float) -> None:
+                 on_up: Callable[[], None], on_down: Callable[[], None], retry: float,
+                 max_message: int) -> None:
         self.reactor = reactor
         self.endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=max(1, int(retry * 2)))
         self.where = f"{host}:{port}/{db}"
@@ -58,9 +37,10 @@ class RedisLink:
         self.on_up = on_up
         self.on_down = on_down
         self.retry = retry
+        self.max_message = max_message  # the longest bus message accepted
         self.up = False
-        self.cmd: txredisapi.RedisProtocol | None = None
-        self.sub: _Subscriber | None = None
+        self.cmd: Commands | None = None
+        self.sub: Subscriber | None = None
         self._connecting = False
         self._stopped = False
         self._outage_logged = False
@@ -86,15 +66,13 @@ class RedisLink:
         self._connecting = True
         cmd = sub = None
         try:
-            cmd = txredisapi.RedisProtocol(charset="utf-8", dbid=self.db, password=self.password)
-            cmd.factory = _NoFactory()
+            cmd = Commands(self.db, self.password, self.max_message, self.reactor)
             yield connectProtocol(self.endpoint, cmd)
             yield cmd.whenConnected()
-            sub = _Subscriber(self.on_message, dbid=self.db, password=self.password)
-            sub.factory = _NoFactory()
+            # Pub/sub channels are not per database: no SELECT.
+            sub = Subscriber(self.channels, self.password, self.on_message, self.max_message)
             yield connectProtocol(self.endpoint, sub)
             yield sub.whenConnected()
-            yield sub.subscribe(self.channels)
         except Exception as e:
             for conn in (cmd, sub):
                 if conn is not None and conn.transport is not None:
@@ -144,14 +122,24 @@ class RedisLink:
     # -- commands ----------------------------------------------------------
 
     def command(self, *args) -> defer.Deferred:
-        """One command; fails at once (ConnectionError) while the link is down."""
+        """One command; fails at once (ConnectionError) while the link is down.
+
+        Bulk strings come back as str; HGETALL as a dict."""
         if not self.up or self.cmd is None:
-            return defer.fail(txredisapi.ConnectionError("Redis link down"))
-        try:
-            return self.cmd.execute_command(*args)
-        except Exception:
-            return defer.fail()
+            return defer.fail(ConnectionError("Redis link down"))
+        d = self.cmd.execute(*args)
+        if args[0] == "HGETALL":
+            d.addCallback(lambda flat: dict(zip(flat[::2], flat[1::2])))
+        return d
 
     def publish(self, channel: str, payload: bytes) -> defer.Deferred:
         """PUBLISH; the result is how many nodes were subscribed (0: nobody got it)."""
         return self.command("PUBLISH", channel, payload)
+
+    def publish_nowait(self, channel: bytes, payload: bytes,
+                       done: Callable[[Any], None]) -> None:
+        """PUBLISH on the hot path: no Deferred; ``done(receivers or exception)``."""
+        if not self.up or self.cmd is None:
+            done(ConnectionError("Redis link down"))
+            return
+        self.cmd.send(publish_command(channel, payload), done)

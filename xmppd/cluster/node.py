@@ -35,7 +35,9 @@ class ClusterNode:
         self.link = RedisLink(
             server.clock, settings.host, settings.port, settings.db, settings.password,
             [node_channel(self.name), ALL], self._received, self._up, self._down,
-            retry=min(settings.heartbeat, 1.0))
+            retry=min(settings.heartbeat, 1.0),
+            # a stanza, its JSON header, and a registry record's presence
+            max_message=c2s.max_stanza_size + 65536)
         self.bus = Bus(self.name, self.link, server.router, limits, self._event)
         self.registry = Registry(self.name, self.link, self.bus, server, settings.heartbeat,
                                  settings.expiry, limits)
@@ -44,7 +46,9 @@ class ClusterNode:
         router.on_closed.append(self.registry.closed)
         presence = server.plugin("presence")
         if presence is not None:
-            presence.on_broadcast.append(lambda s, _stanza, _kind: self.registry.changed(s))
+            presence.on_broadcast.append(
+                lambda s, _stanza, kind: self.registry.changed(s, kind != "unavailable"))
+            presence.on_directed.append(lambda s, _stanza, _kind: self.registry.directed(s))
         self._wrap_invalidations()
         server.login_gate = self._login_gate
 

@@ -48,15 +48,42 @@ def sessions_key(node: str) -> str:
     return f"{PREFIX}s:{node}"
 
 
-def record(session) -> str:
-    """The registry record of a local session (JSON)."""
+#: At most this many characters of directed-presence targets go in a record
+#: (a client may send directed presence to any number of JIDs; the record
+#: travels on the bus at every change and must stay far below its bound).
+DIRECTED_CHARS = 16384
+#: Where a local session's state keeps the directed targets last published.
+PUBLISHED_DIRECTED = "cluster_directed"
+
+
+def directed_targets(session) -> list[str]:
+    """The JIDs the session sent directed presence to, as far as a record holds them."""
+    out, size = [], 0
+    for target in sorted(session.state.get("directed", ())):
+        size += len(target) + 3
+        if size > DIRECTED_CHARS:
+            break
+        out.append(target)
+    return out
+
+
+def record(session, directed: bool = True) -> str:
+    """The registry record of a local session (JSON).
+
+    ``d``: its directed-presence targets, so that the survivor announcing a
+    dead node's sessions sends them unavailable too (``directed`` False: the
+    session is sending them unavailable itself right now)."""
     last = session.state.get("last_presence")
-    return json.dumps({
+    rec = {
         "p": session.priority, "a": bool(session.available),
         "t": getattr(session, "bound_at", 0.0), "ad": getattr(session, "peer", ""),
         "f": "".join(letter for key, letter in FLAGS.items() if session.state.get(key)),
         "pr": serialize(last).decode("utf-8") if last is not None else None,
-    }, separators=(",", ":"))
+    }
+    targets = directed_targets(session) if directed else []
+    if targets:
+        rec["d"] = targets
+    return json.dumps(rec, separators=(",", ":"))
 
 
 class Registry:
@@ -104,17 +131,28 @@ class Registry:
             session.state = WatchedState(session.state, lambda: self.changed(session))
         self.changed(session)
 
-    def changed(self, session) -> None:
-        """Publish a local session's new record (bind, presence, flags)."""
+    def changed(self, session, directed: bool = True) -> None:
+        """Publish a local session's new record (bind, presence, flags, directed presence).
+
+        ``directed`` False: after its unavailable broadcast, the session's
+        directed presences are being ended by the presence plugin itself."""
         if getattr(session, "remote", False) or not self.link.up:
             return
         current = self.router.sessions.get(session.jid.bare, {}).get(session.jid.resource)
         if current is not session:
             return
-        rec = record(session)
+        session.state[PUBLISHED_DIRECTED] = (
+            frozenset(session.state.get("directed", ())) if directed else frozenset())
+        rec = record(session, directed)
         self.link.command("HSET", sessions_key(self.node), session.jid.full, rec).addErrback(
             lambda f: None)
         self.bus.event({"k": "b", "jid": session.jid.full, "r": rec})
+
+    def directed(self, session) -> None:
+        """After a directed presence: republish if the set of targets changed."""
+        targets = frozenset(session.state.get("directed", ()))
+        if targets != session.state.get(PUBLISHED_DIRECTED, frozenset()):
+            self.changed(session)
 
     def closed(self, session) -> None:
         if getattr(session, "remote", False) or not self.link.up:
@@ -165,6 +203,9 @@ class Registry:
                 proxy.state[key] = True
             else:
                 proxy.state.pop(key, None)
+        targets = rec.get("d")
+        proxy.state["directed"] = ({t for t in targets if isinstance(t, str)}
+                                   if isinstance(targets, list) else set())
         presence = rec.get("pr")
         if presence:
             from xmppd.xmlparser import XMLStreamError, parse_fragment
@@ -224,11 +265,16 @@ class Registry:
         from xmppd.handlers.presence import presence as make_presence
 
         for proxy in proxies:
+            # What the presence plugin does for a session that closed
+            # without unavailable presence: its contacts and its directed
+            # presences' targets (both in the broadcast), or the latter alone.
             if proxy.available and proxy.state.get("sent_presence"):
                 unavailable = make_presence("unavailable", proxy.jid.full, proxy.jid.bare)
                 del unavailable["to"]
                 proxy.available = False
                 self.presence._broadcast(unavailable, proxy, "unavailable")
+            elif proxy.state.get("directed"):
+                self.presence._unavailable_to_directed(proxy)
         if proxies:
             log.info("cluster: node {node} gone; {n} sessions reported unavailable",
                      node=node, n=len(proxies))
