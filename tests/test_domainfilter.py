@@ -273,7 +273,12 @@ USERS = ("a1@a.test", "a2@a.test", "admin@a.test", "b1@b.test", "b2@b.test")
 
 @pytest.fixture(scope="module")
 def fd(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("dfilter"), hosts=HOSTS,
+    yield from filter_daemon(tmp_path_factory.mktemp("dfilter"))
+
+
+def filter_daemon(tmp, store: str = "sqlite"):
+    """The module's daemon and accounts (also on PostgreSQL: tests/test_store_async.py)."""
+    d = Daemon(tmp, hosts=HOSTS, store=store,
                plugins=["roster", "presence", "disco", "ping", "offline",
                         "urn:xmpp:blocking", "domain-filter", "adhoc"],
                extra="""
