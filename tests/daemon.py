@@ -132,10 +132,16 @@ class Daemon:
         env.update(self.extra_env)
         return env
 
-    def start(self, wait: bool = True) -> "Daemon":
+    def prepare_store(self) -> "Daemon":
+        """On PostgreSQL, the schema (``xmppctl create-schema``), once: before the first
+        start, or before accounts are added to a daemon not started yet."""
         if self.pg_dsn is not None and not self._schema_made:
             self.ctl("create-schema")
             self._schema_made = True
+        return self
+
+    def start(self, wait: bool = True) -> "Daemon":
+        self.prepare_store()
         self.log = open(self.dir / "xmppd.log", "ab")
         self.proc = subprocess.Popen(
             [*self.prefix, str(TWISTD), "--nodaemon", "--pidfile=", "xmppd", "--config", str(self.config_path)],

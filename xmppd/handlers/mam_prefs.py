@@ -18,7 +18,8 @@ every read is done within the call, as before.  On a networked store, a
 message exchanged by a user with stored preferences that are not in memory
 yet (no session, not cached, or a login a few milliseconds old) is not
 archived for that user: never archived against the user's wish; the read
-it starts serves the next one.
+it starts serves the next one (the same for the roster of a user whose
+default is ``roster``).
 """
 from __future__ import annotations
 
@@ -151,17 +152,22 @@ class StoredPrefs:
 
         store.users(STORE).addCallbacks(listed, failed)
 
-    def load(self, user: str) -> defer.Deferred:
-        """Deferred[Prefs] from the store (the default when the user has none), cached."""
-        if self.users is not None and user not in self.users:
+    def load(self, user: str, read: bool = False) -> defer.Deferred:
+        """Deferred[Prefs] from the store (the default when the user has none), cached.
+
+        ``read``: from the store even when the user is not in :attr:`users`
+        (at bind: another node sharing the store may have stored some)."""
+        if not read and self.users is not None and user not in self.users:
             self.cache(user, self.default)
             return defer.succeed(self.default)
         loading = self._loading.get(user)
         if loading is None:
-            def read(value) -> Prefs:
+            def stored(value) -> Prefs:
                 prefs = self.default if value is None else Prefs.from_json(value)
                 if self._loading.get(user) is loading:
                     self.cache(user, prefs)
+                    if value is not None and self.users is not None:
+                        self.users.add(user)
                 return prefs
 
             def done(result):
@@ -170,7 +176,7 @@ class StoredPrefs:
                 return result
 
             loading = self._loading[user] = self.store.get(STORE, user, "prefs")
-            loading.addCallback(read).addBoth(done)
+            loading.addCallback(stored).addBoth(done)
             if loading.called:  # an embedded store: read already
                 return loading
         # Each caller its own Deferred, so one caller's errback does not touch another's.
@@ -187,15 +193,16 @@ class StoredPrefs:
         return waiter
 
     def preload(self, user: str, cached: dict) -> None:
-        """At bind: read ``user``'s preferences into memory (in the background)."""
-        if user in cached or (self.users is not None and user not in self.users):
+        """At bind: read ``user``'s preferences into memory (in the background; one row,
+        also for a user not in :attr:`users`, which another node may have changed)."""
+        if user in cached:
             return
 
         def failed(failure) -> None:
             failure.trap(StoreError)
             store_report(failure.value)
 
-        self.load(user).addErrback(failed)
+        self.load(user, read=True).addErrback(failed)
 
     def get(self, user: str, cached: dict) -> defer.Deferred:
         """Deferred[the user's Prefs] for a get: after every set before it."""
