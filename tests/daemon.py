@@ -65,7 +65,10 @@ class Daemon:
         daemon looks up other domains in DNS.  ``store="postgresql"``: the
         store in a fresh database of the tests' private PostgreSQL server
         (tests/backends.py), its schema made by ``xmppctl create-schema``
-        at the first start; ``self.pg`` is that server, ``self.pg_dsn`` the DSN."""
+        at the first start; ``self.pg`` is that server, ``self.pg_dsn`` the DSN.
+        Such a daemon runs with the reactor guard of :mod:`xmppd.storage_pg`
+        (a statement on the reactor thread is refused and logged), and
+        :meth:`stop` fails the test if the log shows one."""
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = tuple(hosts)
@@ -129,14 +132,20 @@ class Daemon:
         env.update(self.extra_env)
         return env
 
-    def start(self, wait: bool = True) -> "Daemon":
+    def prepare_store(self) -> "Daemon":
+        """On PostgreSQL, the schema (``xmppctl create-schema``), once: before the first
+        start, or before accounts are added to a daemon not started yet."""
         if self.pg_dsn is not None and not self._schema_made:
             self.ctl("create-schema")
             self._schema_made = True
+        return self
+
+    def start(self, wait: bool = True) -> "Daemon":
+        self.prepare_store()
         self.log = open(self.dir / "xmppd.log", "ab")
         self.proc = subprocess.Popen(
             [*self.prefix, str(TWISTD), "--nodaemon", "--pidfile=", "xmppd", "--config", str(self.config_path)],
-            cwd=self.dir, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=self.dir, env=self.daemon_env(), stdout=self.log, stderr=subprocess.STDOUT,
         )
         if wait:
             wait_for_port(self.port, proc=self.proc)
@@ -167,9 +176,28 @@ class Daemon:
             time.sleep(0.02)
         raise TimeoutError(f"{pidfile} never named pid {self.proc.pid}")
 
+    def daemon_env(self) -> dict:
+        """The daemon's environment: :meth:`env`, plus the reactor guard on PostgreSQL
+        (not for xmppctl, which may wait for the database on its own reactor)."""
+        env = self.env()
+        if self.pg_dsn is not None:
+            from xmppd.storage_pg import GUARD_ENV
+
+            env[GUARD_ENV] = "1"
+        return env
+
     def stop(self) -> None:
         stop_process(self.proc)
         self.proc = None
+        if self.pg_dsn is not None:
+            self.assert_no_reactor_statements()
+
+    def assert_no_reactor_statements(self) -> None:
+        """No PostgreSQL statement ran on the reactor thread (it would block it)."""
+        from xmppd.storage_pg import GUARD_TEXT
+
+        lines = [line for line in self.logtext().splitlines() if GUARD_TEXT in line]
+        assert not lines, "blocking store calls on the reactor:\n" + "\n".join(lines[:10])
 
     def kill9(self) -> None:
         self.proc.kill()

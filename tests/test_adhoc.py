@@ -236,8 +236,8 @@ ALL_COMMANDS = {
 }
 
 
-def make_daemon(tmp, extra: str, admins=("admin@a.test",)) -> Daemon:
-    d = Daemon(tmp, hosts=("a.test", "b.test"), plugins=PLUGINS, extra=extra)
+def make_daemon(tmp, extra: str, admins=("admin@a.test",), store: str = "sqlite") -> Daemon:
+    d = Daemon(tmp, hosts=("a.test", "b.test"), plugins=PLUGINS, extra=extra, store=store)
     text = d.config_path.read_text()
     admin_line = "admins = [" + ", ".join(f'"{a}"' for a in admins) + "]\n"
     d.config_path.write_text(text.replace("[server]\n", "[server]\n" + admin_line, 1))
@@ -246,7 +246,12 @@ def make_daemon(tmp, extra: str, admins=("admin@a.test",)) -> Daemon:
 
 @pytest.fixture(scope="module")
 def ad(tmp_path_factory):
-    d = make_daemon(tmp_path_factory.mktemp("adhoc"), ACL_TOML).start()
+    yield from adhoc_daemon(tmp_path_factory.mktemp("adhoc"))
+
+
+def adhoc_daemon(tmp, store: str = "sqlite"):
+    """The module's daemon and accounts (also on PostgreSQL: tests/test_store_async.py)."""
+    d = make_daemon(tmp, ACL_TOML, store=store).start()
     for u in USERS:
         d.adduser(u, PW)
     yield d

@@ -32,8 +32,13 @@ retention = "forever"
 
 @pytest.fixture(scope="module")
 def md(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("mam"), hosts=("localhost", "b.test"), plugins=PLUGINS,
-               extra=EXTRA)
+    yield from mam_daemon(tmp_path_factory.mktemp("mam"))
+
+
+def mam_daemon(tmp, store: str = "sqlite"):
+    """The module's daemon and accounts (also on PostgreSQL: tests/test_store_async.py)."""
+    d = Daemon(tmp, hosts=("localhost", "b.test"), plugins=PLUGINS, extra=EXTRA,
+               store=store).prepare_store()
     for u in USERS:
         d.adduser(f"{u}@localhost", PW)
     d.adduser("bee@b.test", PW)

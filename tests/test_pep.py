@@ -20,7 +20,12 @@ NODE = "urn:xmpp:test:mood"
 
 @pytest.fixture(scope="module")
 def pd(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("pep"), plugins=PLUGINS,
+    yield from pep_daemon(tmp_path_factory.mktemp("pep"))
+
+
+def pep_daemon(tmp, store: str = "sqlite"):
+    """The module's daemon and accounts (also on PostgreSQL: tests/test_store_async.py)."""
+    d = Daemon(tmp, plugins=PLUGINS, store=store,
                extra="[pep]\nmax_nodes_per_user = 12\nmax_item_bytes = 2048\n").start()
     for u in USERS:
         d.adduser(f"{u}@localhost", PW)

@@ -24,7 +24,12 @@ WHITELIST = {"pubsub#persist_items": "true", "pubsub#access_model": "whitelist"}
 
 @pytest.fixture(scope="module")
 def cd(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("pepcompat"), plugins=PLUGINS,
+    yield from compat_daemon(tmp_path_factory.mktemp("pepcompat"))
+
+
+def compat_daemon(tmp, store: str = "sqlite"):
+    """The module's daemon and accounts (also on PostgreSQL: tests/test_store_async.py)."""
+    d = Daemon(tmp, plugins=PLUGINS, store=store,
                extra="[pep]\nmax_items_per_node = 8\n[vcard]\nmax_size = 4096\n").start()
     for u in USERS:
         d.adduser(f"{u}@localhost", PW)

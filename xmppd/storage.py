@@ -181,14 +181,14 @@ class FiredStore:
     networked store keeps the embedded store's order exactly: with
     ``yield``/``await`` on a fired Deferred, nothing else runs in between.
     ``sync`` is the wrapped store, for the few callers that need it
-    (metrics' write histogram).  ``blocking`` is the same synchronous store:
-    the plugins not converted to the asynchronous face yet use it (see
-    docs/design.rst, "Storage"); with a networked store each of their calls
-    waits for the database on the reactor.
+    (metrics' write histogram).  There is no synchronous path for the
+    server's plugins: a networked store has none (docs/design.rst,
+    "Storage"), and tests/test_store_async.py checks that no server module
+    looks for one.
     """
 
     def __init__(self, sync: Any) -> None:
-        self.sync = self.blocking = sync
+        self.sync = sync
         for name in _METHODS:
             setattr(self, name, _fired(getattr(sync, name)))
 

@@ -27,6 +27,7 @@ when the database is back, without a restart.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -41,6 +42,21 @@ from xmppd.logfilter import log_observer
 from xmppd.storage import IAsyncKeyValueStore, IKeyValueStore, StoreError, _encode
 
 log = Logger(observer=log_observer)
+
+#: Tests only (tests/daemon.py sets it for PostgreSQL daemons): a statement
+#: run on the reactor's thread while the reactor runs is refused with this
+#: text in the log, so a test proves that nothing waits for the database
+#: there.  Read once, at import; unset in production (no cost but a bool).
+GUARD_ENV = "XMPPD_TEST_REACTOR_GUARD"
+_GUARD = os.environ.get(GUARD_ENV) == "1"
+GUARD_TEXT = "PostgreSQL statement on the reactor thread"
+
+
+def _on_reactor_thread() -> bool:
+    from twisted.internet import reactor
+
+    return bool(getattr(reactor, "running", False)) and \
+        threading.current_thread() is threading.main_thread()
 
 SCHEMA_VERSION = 1
 
@@ -127,6 +143,11 @@ class Connection:
     def run(self, operation: str, user: str, work: Callable) -> Any:
         """``work(conn)`` in one transaction; psycopg errors become :class:`StoreError`."""
         import psycopg
+
+        if _GUARD and _on_reactor_thread():
+            log.critical("{text}: {operation} ({user})", text=GUARD_TEXT, operation=operation,
+                         user=user)
+            raise StoreError(self.path, operation, GUARD_TEXT, user)
 
         try:
             conn = self.get()
@@ -309,8 +330,8 @@ class PostgresStore(_Calls):
 class AsyncPostgresStore(_Calls):
     """What the server uses: statements on ``pool_size`` threads, one connection each.
 
-    ``blocking`` is a :class:`PostgresStore` of its own (one more
-    connection) for the plugins not converted to the asynchronous face yet.
+    It has no synchronous path: every call returns a Deferred, so no plugin
+    can wait for the database on the reactor (tests/test_store_async.py).
     """
 
     def __init__(self, conf: Any, reactor: Any) -> None:
@@ -318,8 +339,9 @@ class AsyncPostgresStore(_Calls):
         self.reactor = reactor
         self.path = display(conf.dsn)
         # Checked at start-up, blocking on purpose: a server without its
-        # schema must not start (nothing is served yet).
-        self.blocking = PostgresStore(conf)
+        # schema must not start (nothing is served yet).  That connection is
+        # closed at once: the server's statements all go through the pool.
+        PostgresStore(conf).close()
         self._local = threading.local()
         self._pool = ThreadPool(1, conf.pool_size, name="xmppd-postgresql")
         self._pool.start()
@@ -371,5 +393,4 @@ class AsyncPostgresStore(_Calls):
         for _ in range(pool.max):
             pool.callInThread(close_all)
         pool.stop()
-        self.blocking.close()
         return defer.succeed(None)

@@ -477,8 +477,8 @@ class SetDomainFilter(Command):
             # Second stage: the current setting, pre-filled.
             if ctx.session is not None:
                 ctx.session.data["accountjid"] = j.bare
-            stored = filtering.load_setting(ctx.server.store.blocking, j.bare) or {}
-            effective = plugin.effective(j)
+            stored = (yield filtering.load_setting(plugin.store, j.bare)) or {}
+            effective = yield plugin.effective(j)
             return Next(form(f"Domain filter of {j.bare}",
                              f"In force now: {effective.describe()}"
                              + ("" if stored else " (the default)") + ". "
@@ -504,7 +504,7 @@ class SetDomainFilter(Command):
                                           many(values, "rules", limit), ctx.plugin.router.hosts, "user")
             except filtering.FilterError as e:
                 raise StanzaError("not-acceptable", text=str(e)) from None
-        effective = plugin.set_filter(j, policy, by=ctx.requester.full)
+        effective = yield plugin.set_filter(j, policy, by=ctx.requester.full)
         return Done(f"Domain filter of {j.bare}: {effective.describe()}"
                     + (" (the default)" if policy is None else "") + ".")
 

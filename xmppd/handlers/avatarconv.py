@@ -22,8 +22,13 @@ it succeeds): the vCard with the new PHOTO must fit ``[vcard] max_size``, the
 data item ``[pep] max_item_bytes`` and the account's PEP quotas.
 
 Costs: the hash of each online user's PHOTO is kept in memory (read with
-the vCard at the first session's bind, only parsed when the vCard has a
-BINVAL); a presence costs a child scan and a dict look-up.
+the vCard at the first session's bind, in the background, only parsed when
+the vCard has a BINVAL); a presence costs a child scan and a dict look-up.
+
+Order (on the asynchronous store): a conversion to PEP runs in the owner's
+PEP queue and a conversion to the vCard in the owner's vCard queue, each
+before the IQ result of the request that caused it; the PEP side may wait
+for the vCard side, never the reverse.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import base64
 import binascii
 import hashlib
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
@@ -38,6 +44,8 @@ from xmppd.handlers.vcard import NS_VCARD, STORE as VCARD_STORE, TooLarge, check
 from xmppd.logfilter import log_observer
 from xmppd.plugin import Plugin
 from xmppd.stanzas import NS_CLIENT, serialize_fragment
+from xmppd.storage import StoreError
+from xmppd.storefail import report as store_report
 from xmppd.xmlparser import Limits, XMLStreamError, parse_fragment
 
 log = Logger(observer=log_observer)
@@ -97,9 +105,9 @@ class AvatarConversionPlugin(Plugin):
                                   c2s.max_stanza_nodes).for_stored(1024)
         # Online users: bare JID -> SHA-1 hex of the vCard PHOTO ("" none).
         self.hashes: dict[str, str] = {}
-        # Set while this plugin writes one side, so that the write is not
-        # converted back.
-        self._converting = False
+        # Owners whose PEP avatar this plugin is writing (inside the owner's
+        # PEP queue), so that the write is not converted back.
+        self._converting: set[str] = set()
         self.vcard.on_stored.append(self._vcard_stored)
         self.pep.on_change.append(self._pep_changed)
         presence.on_broadcast.append(self._presence)
@@ -109,8 +117,7 @@ class AvatarConversionPlugin(Plugin):
 
     # -- the hash in presence -------------------------------------------------
 
-    def _stored_vcard(self, owner: str) -> domish.Element | None:
-        xml = self.store.blocking.get(VCARD_STORE, owner, "vcard")
+    def _parsed(self, xml: str | None, owner: str) -> domish.Element | None:
         if xml is None:
             return None
         try:
@@ -119,16 +126,29 @@ class AvatarConversionPlugin(Plugin):
             log.warn("stored vCard of {user} skipped: {error}", user=owner, error=e)
             return None
 
+    def _stored_vcard(self, owner: str) -> defer.Deferred:
+        """Deferred[the stored vCard, None without one (or an unreadable one)]."""
+        return self.store.get(VCARD_STORE, owner, "vcard").addCallback(self._parsed, owner)
+
     def _bound(self, session) -> None:
         owner = session.jid.bare
         if owner in self.hashes:
             return
-        xml = self.store.blocking.get(VCARD_STORE, owner, "vcard")
-        if xml is None or "BINVAL" not in xml:  # no photo: nothing to parse
-            self.hashes[owner] = ""
-            return
-        vcard = self._stored_vcard(owner)
-        self.hashes[owner] = photo_hash(vcard) if vcard is not None else ""
+
+        def loaded(xml: str | None) -> None:
+            if owner in self.hashes or not self.router.resources_of(owner):
+                return  # set meanwhile by a vCard set, or the user left
+            if xml is None or "BINVAL" not in xml:  # no photo: nothing to parse
+                self.hashes[owner] = ""
+                return
+            vcard = self._parsed(xml, owner)
+            self.hashes[owner] = photo_hash(vcard) if vcard is not None else ""
+
+        def failed(failure) -> None:
+            failure.trap(StoreError)
+            store_report(failure.value)  # presence goes out without a hash until the next login
+
+        self.store.get(VCARD_STORE, owner, "vcard").addCallbacks(loaded, failed)
 
     def _closed(self, session) -> None:
         if not self.router.resources_of(session.jid.bare):
@@ -150,10 +170,11 @@ class AvatarConversionPlugin(Plugin):
 
     # -- vCard to PEP ------------------------------------------------------------
 
-    def _metadata_id(self, owner: str) -> str:
-        """The image id the current metadata names ("" none)."""
-        node = self.pep.pep.nodes(owner).get(NS_METADATA)
-        last = self.pep.pep.last(owner, node) if node is not None else None
+    @defer.inlineCallbacks
+    def _metadata_id(self, owner: str):
+        """Deferred[the image id the current metadata names ("" none)]."""
+        node = (yield self.pep.pep.nodes(owner)).get(NS_METADATA)
+        last = (yield self.pep.pep.last(owner, node)) if node is not None else None
         if last is None:
             return ""
         try:
@@ -165,44 +186,51 @@ class AvatarConversionPlugin(Plugin):
                 return info.getAttribute("id", "")
         return ""
 
-    def _vcard_stored(self, owner: str, vcard: domish.Element) -> None:
+    def _vcard_stored(self, owner: str, vcard: domish.Element) -> defer.Deferred:
         photo = vcard_photo(vcard)
         digest = hashlib.sha1(photo[1]).hexdigest() if photo else ""
         if self.router.resources_of(owner):
             self.hashes[owner] = digest
-        if self._converting or self._metadata_id(owner) == digest:
+        return self.pep.pep.serial.run(owner, self._to_pep, owner, photo, digest)
+
+    @defer.inlineCallbacks
+    def _to_pep(self, owner: str, photo: tuple[str, bytes] | None, digest: str):
+        """In the owner's PEP queue: the vCard's PHOTO as the PEP avatar."""
+        if (yield self._metadata_id(owner)) == digest:
             return
         metadata = domish.Element((NS_METADATA, "metadata"))
-        self._converting = True
+        self._converting.add(owner)
         try:
             if photo is not None:
                 mime, image = photo
                 data = domish.Element((NS_DATA, "data"))
                 data.addContent(base64.b64encode(image).decode("ascii"))
-                self.pep.publish_item(owner, NS_DATA, digest, serialize_fragment(data, _NO_NS), None,
-                                      options_are_preconditions=False)
+                yield self.pep.publish_item_queued(owner, NS_DATA, digest,
+                                                   serialize_fragment(data, _NO_NS), None,
+                                                   options_are_preconditions=False)
                 info = metadata.addElement("info")
                 info["id"] = digest
                 info["bytes"] = str(len(image))
                 info["type"] = mime
-            self.pep.publish_item(owner, NS_METADATA, digest or "current",
-                                  serialize_fragment(metadata, _NO_NS), None,
-                                  options_are_preconditions=False)
+            yield self.pep.publish_item_queued(owner, NS_METADATA, digest or "current",
+                                               serialize_fragment(metadata, _NO_NS), None,
+                                               options_are_preconditions=False)
         except Exception as e:  # StanzaError (a limit) or StoreError: the vCard stays set
             log.warn("vCard photo of {user} not published as a PEP avatar: {error}", user=owner, error=e)
         finally:
-            self._converting = False
+            self._converting.discard(owner)
 
     # -- PEP to vCard ------------------------------------------------------------
 
-    def _pep_avatar(self, owner: str) -> tuple[str, str, str] | None:
-        """(id, MIME type, base64 text) of the avatar the metadata names, None for none.
+    @defer.inlineCallbacks
+    def _pep_avatar(self, owner: str):
+        """Deferred[(id, MIME type, base64 text) of the avatar the metadata names, None for none].
 
-        Raises ValueError (with the reason to log) when it names one that
+        Fails with ValueError (with the reason to log) when it names one that
         cannot be used."""
-        nodes = self.pep.pep.nodes(owner)
+        nodes = yield self.pep.pep.nodes(owner)
         node = nodes.get(NS_METADATA)
-        last = self.pep.pep.last(owner, node) if node is not None else None
+        last = (yield self.pep.pep.last(owner, node)) if node is not None else None
         if last is None:
             return None
         try:
@@ -215,7 +243,7 @@ class AvatarConversionPlugin(Plugin):
         data_node = nodes.get(NS_DATA)
         for info in infos:
             item_id = info.getAttribute("id", "")
-            xml = self.pep.pep.item(owner, data_node, item_id) if data_node is not None else None
+            xml = (yield self.pep.pep.item(owner, data_node, item_id)) if data_node is not None else None
             if xml is None:
                 continue
             try:
@@ -229,15 +257,25 @@ class AvatarConversionPlugin(Plugin):
             return item_id.lower(), info.getAttribute("type") or "image/png", "".join(text.split())
         raise ValueError("no data item for the metadata's ids")
 
-    def _pep_changed(self, owner: str, name: str) -> None:
-        if name != NS_METADATA or self._converting:
-            return
+    def _pep_changed(self, owner: str, name: str):
+        """In the owner's PEP queue: a Deferred the request waits for, or None."""
+        if name != NS_METADATA or owner in self._converting:
+            return None
+        return self._to_vcard(owner)
+
+    @defer.inlineCallbacks
+    def _to_vcard(self, owner: str):
         try:
-            avatar = self._pep_avatar(owner)
+            avatar = yield self._pep_avatar(owner)
         except ValueError as e:
             log.warn("PEP avatar of {user} not copied to the vCard: {error}", user=owner, error=e)
             return
-        vcard = self._stored_vcard(owner)
+        yield self.vcard.serial.run(owner, self._set_photo, owner, avatar)
+
+    @defer.inlineCallbacks
+    def _set_photo(self, owner: str, avatar: tuple[str, str, str] | None):
+        """In the owner's vCard queue: the stored vCard's PHOTO made ``avatar``'s."""
+        vcard = yield self._stored_vcard(owner)
         if vcard is None:
             if avatar is None:
                 return
@@ -260,7 +298,7 @@ class AvatarConversionPlugin(Plugin):
                      "({size} bytes)", user=owner, size=self.vcard.max_size)
             return
         try:
-            self.store.blocking.put(VCARD_STORE, owner, "vcard", xml)
+            yield self.store.put(VCARD_STORE, owner, "vcard", xml)
         except Exception as e:  # the publish stays done
             log.warn("PEP avatar of {user} not copied to the vCard: {error}", user=owner, error=e)
             return

@@ -17,9 +17,13 @@ XEP-0402 form and are not kept.
 A ``storage:bookmarks`` node stored by an older xmppd (before the view) is
 merged into the XEP-0402 items (rooms not there yet) and removed at the
 owner's next login, so nothing a client stored is lost.
+
+Every read-modify-write of the items runs in the owner's PEP queue
+(``PepStore.serial``, on the asynchronous store), like PEP's own requests.
 """
 from __future__ import annotations
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
@@ -107,25 +111,34 @@ class BookmarksPlugin(Plugin):
         # After pep's own on_bound (it pins the owner's nodes): older data to merge.
         self.router.on_bound.append(self._merge_stored_legacy)
 
-    def _current(self, owner: str) -> dict[str, domish.Element]:
-        node = self.pep.pep.nodes(owner).get(NODE)
+    @defer.inlineCallbacks
+    def _current(self, owner: str):
+        """Deferred[room -> XEP-0402 ``<conference/>``]."""
+        node = (yield self.pep.pep.nodes(owner)).get(NODE)
         if node is None:
             return {}
         out = {}
-        for item_id, xml in self.pep.pep.items(owner, node, None, None):
+        for item_id, xml in (yield self.pep.pep.items(owner, node, None, None)):
             try:
                 out[item_id] = parse_fragment(xml, self.limits)
             except XMLStreamError as e:
                 log.warn("bookmark {id} of {user} skipped: {error}", id=item_id, user=owner, error=e)
         return out
 
-    def legacy_get(self, owner: str) -> domish.Element:
+    @defer.inlineCallbacks
+    def legacy_get(self, owner: str):
+        """Deferred[the XEP-0048 ``<storage/>``]."""
         storage = domish.Element((NS_LEGACY, "storage"))
-        for room, conference in sorted(self._current(owner).items()):
+        for room, conference in sorted((yield self._current(owner)).items()):
             storage.addChild(to_legacy(room, conference))
         return storage
 
-    def legacy_set(self, owner: str, storage: domish.Element, merge: bool = False) -> None:
+    def legacy_set(self, owner: str, storage: domish.Element, merge: bool = False) -> defer.Deferred:
+        """:meth:`legacy_set_queued` in the owner's PEP queue (private XML's ``#compat``)."""
+        return self.pep.pep.serial.run(owner, self.legacy_set_queued, owner, storage, merge)
+
+    @defer.inlineCallbacks
+    def legacy_set_queued(self, owner: str, storage: domish.Element, merge: bool = False):
         """Make the XEP-0402 items what the XEP-0048 ``storage`` lists (``merge``: only add
         the rooms not there yet), in one transaction, then notify both kinds of client."""
         wanted: dict[str, str] = {}
@@ -135,56 +148,64 @@ class BookmarksPlugin(Plugin):
             except jidlib.InvalidJID:
                 continue
             wanted[room] = serialize_fragment(from_legacy(el), _NO_NS)
-        current = {room: serialize_fragment(c, _NO_NS) for room, c in self._current(owner).items()}
+        current = {room: serialize_fragment(c, _NO_NS)
+                   for room, c in (yield self._current(owner)).items()}
         retracts = [] if merge else sorted(set(current) - set(wanted))
         puts = [(room, xml) for room, xml in sorted(wanted.items())
                 if (room not in current if merge else current.get(room) != xml)]
-        node = self.pep.pep.nodes(owner).get(NODE)
+        node = (yield self.pep.pep.nodes(owner)).get(NODE)
         try:
             if node is None and (puts or not merge):
                 config = self.pep.parse_config(NODE_OPTIONS, default_config(self.pep.quotas))
-                node = self.pep.pep.create(owner, NODE, config)
+                node = yield self.pep.pep.create(owner, NODE, config)
             if node is not None and (puts or retracts):
-                self.pep.pep.replace(owner, node, puts, retracts)
+                yield self.pep.pep.replace(owner, node, puts, retracts)
         except QuotaExceeded as e:
             raise self.pep._quota(e) from None
         for room in retracts:
-            self.pep.notify(owner, node, self.pep._event("items", NODE, retract=room))
+            yield self.pep.notify(owner, node, self.pep._event("items", NODE, retract=room))
         for room, xml in puts:
-            self.pep.notify(owner, node, self.pep._items_event(NODE, [(room, xml)]))
+            yield self.pep.notify(owner, node, self.pep._items_event(NODE, [(room, xml)]))
         if node is not None:
-            self.pep.notify_virtual(owner, LEGACY_NODE)
+            yield self.pep.notify_virtual(owner, LEGACY_NODE)
 
     # -- #compat-pep: the PEP node storage:bookmarks ---------------------------
 
-    def _has_node(self, owner: str) -> bool:
-        return NODE in self.pep.pep.nodes(owner)
+    def _has_node(self, owner: str) -> defer.Deferred:
+        return self.pep.pep.nodes(owner).addCallback(lambda nodes: NODE in nodes)
 
-    def _legacy_items(self, owner: str) -> list[tuple[str, str]]:
-        return [(LEGACY_ITEM, serialize_fragment(self.legacy_get(owner), _NO_NS))]
+    def _legacy_items(self, owner: str) -> defer.Deferred:
+        return self.legacy_get(owner).addCallback(
+            lambda storage: [(LEGACY_ITEM, serialize_fragment(storage, _NO_NS))])
 
-    def _legacy_publish(self, owner: str, item_id: str, payload: domish.Element) -> None:
+    def _legacy_publish(self, owner: str, item_id: str, payload: domish.Element) -> defer.Deferred:
         if (payload.uri, payload.name) != (NS_LEGACY, "storage"):
             raise StanzaError("bad-request", text="storage:bookmarks holds <storage xmlns='storage:bookmarks'/>")
-        self.legacy_set(owner, payload)
+        return self.legacy_set_queued(owner, payload)  # PEP's publish runs in the queue already
 
-    def _changed(self, owner: str, name: str) -> None:
+    def _changed(self, owner: str, name: str):
         """A XEP-0402 client changed the bookmarks: XEP-0048 PEP clients hear of it."""
         if name == NODE:
-            self.pep.notify_virtual(owner, LEGACY_NODE)
+            return self.pep.notify_virtual(owner, LEGACY_NODE)
+        return None
 
     def _merge_stored_legacy(self, session) -> None:
         owner = session.jid.bare
-        stored = self.pep.pep.nodes(owner).get(LEGACY_NODE)
-        if stored is None:
-            return
+        # Queued after PEP's pin of the owner's nodes (its on_bound hook comes first).
+        self.pep.pep.serial.run(owner, self._merge_queued, owner)
+
+    @defer.inlineCallbacks
+    def _merge_queued(self, owner: str):
         try:
-            last = self.pep.pep.last(owner, stored)
+            stored = (yield self.pep.pep.nodes(owner)).get(LEGACY_NODE)
+            if stored is None:
+                return
+            last = yield self.pep.pep.last(owner, stored)
             if last is not None:
                 storage = parse_fragment(last[1], self.limits)
                 if (storage.uri, storage.name) == (NS_LEGACY, "storage"):
-                    self.legacy_set(owner, storage, merge=True)
-            self.pep.pep.delete(owner, stored)
+                    yield self.legacy_set_queued(owner, storage, merge=True)
+            yield self.pep.pep.delete(owner, stored)
             log.info("stored storage:bookmarks of {user} merged into {node}", user=owner, node=NODE)
         except Exception as e:  # a login goes on whatever this finds
             log.warn("stored storage:bookmarks of {user} left as is: {error}", user=owner, error=e)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from twisted.internet import defer
+
 from xmppd.plugin import Plugin, Request
 from xmppd.stanzas import StanzaError
 from xmppd.wokkel_compat import disco
@@ -29,7 +31,7 @@ class DiscoPlugin(Plugin):
         self.nodes: dict[str, tuple[Callable, Callable]] = {}
         self.server_items: list[Callable[[Request], list]] = []
         # Items of an account (PEP nodes): (request, owner bare) -> [DiscoItem]
-        self.account_items: list[Callable[[Request, str], list]] = []
+        self.account_items: list[Callable[[Request, str], list | defer.Deferred]] = []
         self._server_info = None
         self._account_info = None
 
@@ -85,10 +87,17 @@ class DiscoPlugin(Plugin):
             if node:
                 raise StanzaError("item-not-found")
             owner = request.sender.bare if request.to is None else request.to.bare
-            for source in self.account_items:
-                for item in source(request, owner):
-                    items.append(item)
-            return items.toElement()
+            # A source returns a list or a Deferred of one (PEP reads the store).
+            found = [defer.maybeDeferred(source, request, owner) for source in self.account_items]
+
+            def answer(lists: list):
+                for listed in lists:
+                    for item in listed:
+                        items.append(item)
+                return items.toElement()
+
+            return defer.gatherResults(found, consumeErrors=True).addCallbacks(
+                answer, lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
         if node:
             provider = self.nodes.get(node)
             if provider is None:

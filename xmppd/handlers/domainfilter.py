@@ -40,11 +40,19 @@ Per-user settings (ad-hoc command ``urn:xmppd:admin#set-domain-filter``,
 dict; the filter does at most two dict look-ups and a few set look-ups per
 stanza, never the store or the config.  A local recipient that is offline is
 looked up in the store once and cached (bounded, invalidated on change).
+
+The store is the server's asynchronous one: an online user's policy is
+read at bind in the background; until it is in (and for an account with
+no session, not cached, on a networked store) the filter returns a
+Deferred and the router passes the stanza through the chain again once the
+policy is cached (a failed read refuses the stanza with the store's
+error).  With the embedded store the read is done within the call.
 """
 from __future__ import annotations
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.words.xish import domish
 
 from xmppd import filtering
@@ -80,6 +88,8 @@ class DomainFilter:
         # Outbound: the sender's filter against the recipient.
         if sender.user is not None and sender.host in hosts:
             policy = self.plugin.online.get(sender.bare) or policy_of(sender)
+            if isinstance(policy, defer.Deferred):
+                return policy  # read, then the chain again
             if (policy.name != "ALL"
                     and not (to.user is None and to.resource is None and to.host == sender.host)
                     and not policy.allows(sender.host, to)):
@@ -87,6 +97,8 @@ class DomainFilter:
         # Inbound: the recipient's filter against the sender.
         if to.user is not None and to.host in hosts:
             policy = self.plugin.online.get(to.bare) or policy_of(to)
+            if isinstance(policy, defer.Deferred):
+                return policy
             if (policy.name != "ALL"
                     and not (sender.user is None and sender.resource is None and sender.host == to.host)
                     and not policy.allows(to.host, sender)):
@@ -117,13 +129,19 @@ class DomainFilterPlugin(Plugin):
         # bare JID -> Policy, for users with at least one session.
         self.online: dict[str, Policy] = {}
         self._offline: dict[str, Policy] = {}
+        self._loading: dict[str, defer.Deferred] = {}  # bare -> read of its setting under way
         self._seen_changes: dict[str, float] = {}
         self.router.filters.insert(0, DomainFilter(self))
         self.router.on_bound.append(self._bound)
         self.router.on_closed.append(self._closed)
         self._poll = None
+        self._baseline: defer.Deferred | None = None  # the read of changes under way
         if self.poll_interval > 0:
-            self._seen_changes = dict(self.store.blocking.items(filtering.CHANGES, filtering.CHANGES_USER))
+            # What xmppctl changed before this start is in the stored settings
+            # already; the poll applies what changes after.  Read before the
+            # first poll (at once on an embedded store).
+            self._baseline = self.store.items(filtering.CHANGES, filtering.CHANGES_USER)
+            self._baseline.addCallbacks(self._seen_at_start, self._unreadable_changes)
             self._poll = task.LoopingCall(self.poll_changes)
             self._poll.clock = self.server.clock
             self._poll.start(self.poll_interval, now=False)
@@ -167,9 +185,11 @@ class DomainFilterPlugin(Plugin):
     def default_for(self, host: str) -> Policy:
         return self.defaults.get(host, self.server_default)
 
-    def load(self, account: JID) -> Policy:
-        """The effective policy of a local account, from the store."""
-        stored = filtering.load_setting(self.store.blocking, account.bare)
+    def load(self, account: JID) -> defer.Deferred:
+        """Deferred[the effective policy of a local account, from the store]."""
+        return filtering.load_setting(self.store, account.bare).addCallback(self._policy, account)
+
+    def _policy(self, stored: dict | None, account: JID) -> Policy:
         if stored is not None:
             try:
                 return filtering.from_json(stored, self.router.hosts)
@@ -178,24 +198,71 @@ class DomainFilterPlugin(Plugin):
                           user=account.bare, error=str(e))
         return self.default_for(account.host)
 
-    def policy_of(self, account: JID) -> Policy:
-        """For an account with no session: the store, through a bounded cache."""
-        policy = self._offline.get(account.bare)
-        if policy is None:
-            policy = self.load(account)
-            if len(self._offline) >= OFFLINE_CACHE_SIZE:
-                self._offline.clear()
-            self._offline[account.bare] = policy
-        return policy
+    def policy_of(self, account: JID) -> Policy | defer.Deferred:
+        """For an account with no session: the store, through a bounded cache.
 
-    def effective(self, account: JID) -> Policy:
-        return self.online.get(account.bare) or self.policy_of(account)
+        The policy when it can be had at once (cached, or read from an
+        embedded store); else a Deferred that fires (with None) once it is
+        cached, or fails with the store's error."""
+        bare = account.bare
+        policy = self._offline.get(bare)
+        if policy is not None:
+            return policy
+        loading = self._loading.get(bare)
+        if loading is None:
+            loading = self._loading[bare] = defer.Deferred()
+
+            def loaded(policy: Policy) -> None:
+                if self._loading.get(bare) is loading:
+                    del self._loading[bare]
+                    if len(self._offline) >= OFFLINE_CACHE_SIZE:
+                        self._offline.clear()
+                    self._offline[bare] = policy
+                loading.callback(None)
+
+            def failed(failure) -> None:
+                if self._loading.get(bare) is loading:
+                    del self._loading[bare]
+                loading.errback(failure)
+
+            self.load(account).addCallbacks(loaded, failed)
+            policy = self._offline.get(bare)
+            if policy is not None:  # an embedded store: read already
+                return policy
+            if loading.called:  # an embedded store that failed: the failure itself
+                return loading
+        waiter = defer.Deferred()
+        loading.addBoth(_relay, waiter)
+        return waiter
+
+    def effective(self, account: JID) -> defer.Deferred:
+        """Deferred[the policy in force for ``account``]."""
+        policy = self.online.get(account.bare)
+        if policy is not None:
+            return defer.succeed(policy)
+        policy = self.policy_of(account)
+        if not isinstance(policy, defer.Deferred):
+            return defer.succeed(policy)
+        return policy.addCallback(lambda _: self.online.get(account.bare)
+                                  or self._offline.get(account.bare)
+                                  or self.effective(account))
 
     def _bound(self, session) -> None:
         bare = session.jid.bare
-        if bare not in self.online:
-            self._offline.pop(bare, None)
-            self.online[bare] = self.load(session.jid)
+        if bare in self.online:
+            return
+
+        def loaded(policy: Policy) -> None:
+            # Unless the user left meanwhile, or a change set it first.
+            if bare not in self.online and self.router.resources_of(bare):
+                self._offline.pop(bare, None)
+                self.online[bare] = policy
+
+        def failed(failure) -> None:
+            failure.trap(StoreError)
+            report(failure.value)  # the filter reads the store until a policy is in
+
+        self.load(session.jid).addCallbacks(loaded, failed)
 
     def _closed(self, session) -> None:
         if not self.router.resources_of(session.jid.bare):
@@ -205,37 +272,85 @@ class DomainFilterPlugin(Plugin):
         """Drop what is cached for an account (deleted, or changed behind our back)."""
         self.online.pop(bare, None)
         self._offline.pop(bare, None)
+        self._loading.pop(bare, None)
 
-    def _refresh(self, account: JID) -> Policy:
-        self._offline.pop(account.bare, None)
-        policy = self.load(account)
-        if account.bare in self.online:
-            self.online[account.bare] = policy
-        return policy
+    def _refresh(self, account: JID) -> defer.Deferred:
+        """Read ``account``'s setting again; Deferred[the policy now in force]."""
+        bare = account.bare
+        self._offline.pop(bare, None)
+        self._loading.pop(bare, None)  # a read begun before the change may miss it
+
+        def loaded(policy: Policy) -> Policy:
+            self._offline.pop(bare, None)
+            if bare in self.online or self.router.resources_of(bare):
+                self.online[bare] = policy
+            return policy
+
+        return self.load(account).addCallback(loaded)
 
     # -- changes -----------------------------------------------------------------
 
-    def set_filter(self, account: JID, policy: Policy | None, by: str = "") -> Policy:
-        """Store ``policy`` for ``account`` (None: back to the defaults); effective at once."""
+    def set_filter(self, account: JID, policy: Policy | None, by: str = "") -> defer.Deferred:
+        """Store ``policy`` for ``account`` (None: back to the defaults); effective once the
+        Deferred fires (with the policy now in force)."""
         if policy is not None and max(len(policy.domains), len(policy.rules)) > self.max_entries:
-            raise StanzaError("policy-violation", text=f"at most {self.max_entries} domains or rules")
-        filtering.save_setting(self.store.blocking, account.bare, policy)
-        effective = self._refresh(account)
-        log.info("domain filter of {user} set to {policy}{by}", user=account.bare,
-                 policy=effective.describe() + ("" if policy is not None else " (default)"),
-                 by=f" by {by}" if by else "")
-        return effective
+            return defer.fail(StanzaError("policy-violation",
+                                          text=f"at most {self.max_entries} domains or rules"))
+        if policy is None:
+            d = self.store.delete(filtering.STORE, account.bare, filtering.KEY)
+        else:
+            d = self.store.put(filtering.STORE, account.bare, filtering.KEY, policy.to_json())
 
-    def poll_changes(self) -> None:
-        """Apply changes made by ``xmppctl filter`` (another process) to online users."""
+        def stored(_) -> defer.Deferred:
+            return self._refresh(account)
+
+        def logged(effective: Policy) -> Policy:
+            log.info("domain filter of {user} set to {policy}{by}", user=account.bare,
+                     policy=effective.describe() + ("" if policy is not None else " (default)"),
+                     by=f" by {by}" if by else "")
+            return effective
+
+        return d.addCallback(stored).addCallback(logged)
+
+    def _seen_at_start(self, changes) -> None:
+        self._seen_changes = dict(changes)
+        self._baseline = None
+
+    def _unreadable_changes(self, failure) -> None:
+        self._baseline = None
+        failure.trap(StoreError)
+        report(failure.value)  # the first poll then applies every recorded change again
+
+    def poll_changes(self) -> defer.Deferred | None:
+        """Apply changes made by ``xmppctl filter`` (another process) to online users.
+
+        Skipped while the previous poll (or the start-up read) is under way."""
+        if self._baseline is not None:
+            return None
+        d = self._baseline = self.store.items(filtering.CHANGES, filtering.CHANGES_USER)
+        d.addCallbacks(self._apply_changes, self._poll_failed)
+        return d
+
+    def _poll_failed(self, failure) -> None:
+        self._baseline = None
+        if failure.check(StoreError):
+            report(failure.value)  # every poll_interval: rate-limited, no traceback
+        else:
+            log.failure("domain filter: cannot read changes", failure)
+
+    @defer.inlineCallbacks
+    def _apply_changes(self, changes):
         try:
-            changes = self.store.blocking.items(filtering.CHANGES, filtering.CHANGES_USER)
+            yield self._apply(changes)
         except StoreError as e:
-            report(e)  # every poll_interval: rate-limited, no traceback
-            return
+            report(e)
         except Exception:
-            log.failure("domain filter: cannot read changes")
-            return
+            log.failure("domain filter: cannot apply changes")
+        finally:
+            self._baseline = None
+
+    @defer.inlineCallbacks
+    def _apply(self, changes):
         for bare, stamp in changes:
             if self._seen_changes.get(bare) == stamp:
                 continue
@@ -244,7 +359,16 @@ class DomainFilterPlugin(Plugin):
                 account = jidlib.parse(bare)
             except jidlib.InvalidJID:
                 continue
-            policy = self._refresh(account)
+            policy = yield self._refresh(account)
             log.info("domain filter of {user} changed by xmppctl: {policy}",
                      user=bare, policy=policy.describe())
 
+
+
+def _relay(result, waiter: defer.Deferred):
+    """Pass a shared read's outcome to one waiter (each gets its own failure)."""
+    if isinstance(result, Failure):
+        waiter.errback(result)
+    else:
+        waiter.callback(result)
+    return None

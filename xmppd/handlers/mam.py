@@ -282,6 +282,10 @@ class MAMPlugin(Plugin):
         self.default_prefs = Prefs(s.default)
         self._always = self.default_prefs if s.default == "always" else None
         self._prefs: dict[str, Prefs] = {}
+        # Preferences on the asynchronous store (mam_prefs.StoredPrefs): who
+        # has any, read at start-up; an online user's read at bind.
+        self._stored_prefs = mam_prefs.StoredPrefs(self.store, self.default_prefs, self._cache_prefs)
+        self.router.on_bound.append(lambda s: self._stored_prefs.preload(s.jid.bare, self._prefs))
         self._trim_logged: set[str] = set()
         self._roster = None
         self.handle_iq("set", NS_MAM, "query", self.on_query)
@@ -374,16 +378,16 @@ class MAMPlugin(Plugin):
     def wants(self, user: str, other) -> bool:
         prefs = self._prefs.get(user)
         if prefs is None:
-            prefs = self._load_prefs(user)
+            prefs = mam_prefs.result_now(self._load_prefs(user))
+            if prefs is None:  # not read yet (networked store): nothing archived unasked
+                return False
         if prefs is self._always:
             return True  # the common case: no lists, default always
         return prefs.wants(other, lambda contact: self._in_roster(user, contact))
 
-    def _load_prefs(self, user: str) -> Prefs:
-        value = self.store.blocking.get(mam_prefs.STORE, user, "prefs")
-        prefs = self.default_prefs if value is None else Prefs.from_json(value)
-        self._cache_prefs(user, prefs)
-        return prefs
+    def _load_prefs(self, user: str) -> defer.Deferred:
+        """Deferred[Prefs], cached once read (fired at once on an embedded store)."""
+        return self._stored_prefs.load(user)
 
     def _cache_prefs(self, user: str, prefs: Prefs) -> None:
         cache = self._prefs
@@ -396,7 +400,9 @@ class MAMPlugin(Plugin):
             self._roster = self.server.plugin("roster")
             if self._roster is None:
                 return False
-        return self._roster.rosters.item_now(user, contact) is not None
+        # Memory for an online user; a user without a session whose roster is
+        # not read yet (networked store) counts as not having the contact.
+        return mam_prefs.result_now(self._roster.rosters.item(user, contact)) is not None
 
     def _trimmed(self, dropped: dict) -> None:
         for user, n in dropped.items():
@@ -558,15 +564,14 @@ class MAMPlugin(Plugin):
 
     def on_get_prefs(self, request: Request):
         user = self._own(request)
-        prefs = self._prefs.get(user) or self._load_prefs(user)
-        return self._prefs_reply(request, prefs)
+        return self._stored_prefs.get(user, self._prefs).addCallback(
+            lambda prefs: self._prefs_reply(request, prefs))
 
     def on_set_prefs(self, request: Request):
         user = self._own(request)
         prefs = Prefs.from_element(request.payload, self.settings.max_prefs_items)
-        self.store.blocking.put(mam_prefs.STORE, user, "prefs", prefs.to_json())
-        self._cache_prefs(user, prefs)
-        return self._prefs_reply(request, prefs)
+        return self._stored_prefs.put(user, prefs).addCallback(
+            lambda _: self._prefs_reply(request, prefs))
 
     # -- retention, purge, account removal ------------------------------------------
 
@@ -674,8 +679,8 @@ class MAMPlugin(Plugin):
 
                 def forget(result):
                     self._prefs.pop(bare, None)
-                    self.store.blocking.delete_user(mam_prefs.STORE, bare)
-                    return self.purge(bare).addCallback(lambda _: result)
+                    return self._stored_prefs.delete(bare).addCallback(
+                        lambda _: self.purge(bare)).addCallback(lambda _: result)
 
                 return d.addCallback(forget)
 

@@ -21,15 +21,21 @@ owner (bounded by ``[pep] max_remote_resources``), and reached over s2s.
 A newly available resource (own or a contact's) with ``+notify`` gets the
 last item of each node it may see (``send_last_published_item``).
 
-Storage and quotas: :mod:`xmppd.pepstore`.  Costs: a message costs nothing
-here; a presence costs a caps scan (no I/O); a user without nodes costs a
-set look-up at a contact's login.
+Storage and quotas: :mod:`xmppd.pepstore`, on the server's asynchronous
+store.  Every request about one account's nodes runs in that account's
+queue (``PepStore.serial``), so a publish, its quota check against the
+stored state, its write and its notifications end before the next request
+about the same nodes begins; the IQ result goes out once the item is
+stored.  Costs: a message costs nothing here; a presence costs a caps scan
+(no I/O); a user without nodes costs a set look-up at a contact's login.
 """
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
 from typing import Callable
+
+from twisted.internet import defer
 
 from twisted.logger import Logger
 from twisted.words.xish import domish
@@ -99,12 +105,17 @@ class VirtualNode:
     """A node whose items are another node's data in another form (XEP-0048 bookmarks
     over PEP, from the XEP-0402 node): nothing stored under its name; the owner
     publishes and reads, other writes are refused, and the serving plugin calls
-    :meth:`PepPlugin.notify_virtual` when the data behind it changes."""
+    :meth:`PepPlugin.notify_virtual` when the data behind it changes.
+
+
+    Each callable returns a Deferred; ``publish`` is called in the owner's
+    queue (``PepStore.serial``) and must not queue behind it again.
+    """
 
     config: dict
-    exists: Callable[[str], bool]  # owner -> the node is there
-    items: Callable[[str], list]  # owner -> [(id, xml)]
-    publish: Callable[[str, str, domish.Element], None]  # owner, item id, payload
+    exists: Callable[[str], defer.Deferred]  # owner -> Deferred[the node is there]
+    items: Callable[[str], defer.Deferred]  # owner -> Deferred[[(id, xml)]]
+    publish: Callable[[str, str, domish.Element], defer.Deferred]  # owner, item id, payload
 
 
 class PepPlugin(Plugin):
@@ -125,7 +136,8 @@ class PepPlugin(Plugin):
                 "plugins", "pep", "the pep plugin needs roster, presence and caps before it")
         self.rosters = roster.rosters
         self.caps = caps
-        self.pep = PepStore(self.store.blocking, self.quotas)  # not async yet
+        self.pep = PepStore(self.store, self.quotas)
+        self.pep.load_owners()
         # owner bare -> contact bare -> contact full -> caps key: remote
         # contacts' resources, from the presence they send the owner.
         self.remote: dict[str, dict[str, dict[str, tuple]]] = {}
@@ -137,8 +149,10 @@ class PepPlugin(Plugin):
         self.router.on_closed.append(self._closed)
         caps.on_session_caps.append(self._session_caps)
         presence.on_inbound.append(self._inbound_presence)
-        # Other plugins (bookmarks) hear of changes: (owner, node name).
-        self.on_change: list[Callable[[str, str], None]] = []
+        # Other plugins (bookmarks) hear of changes: (owner, node name); a hook
+        # may return a Deferred (waited for, in the owner's queue, before the
+        # IQ result).
+        self.on_change: list[Callable[[str, str], defer.Deferred | None]] = []
         # node name -> VirtualNode (registered by other plugins at setup).
         self.virtual: dict[str, VirtualNode] = {}
         disco_plugin = self.server.plugin("disco")
@@ -186,12 +200,16 @@ class PepPlugin(Plugin):
         if kind == "set" and name == "publish":
             return self.publish(request, owner, action, options)
         if kind == "set" and name == "retract":
-            return self.retract(request, owner, action)
+            return self._queued(owner, self.retract, request, owner, action)
         if kind == "set" and name == "create":
-            return self.create(request, owner, action, options)
+            return self._queued(owner, self.create, request, owner, action, options)
         if kind == "get" and name == "items":
-            return self.items(request, owner, action)
+            return self._queued(owner, self.items, request, owner, action)
         raise pubsub_error("feature-not-implemented", "unsupported", feature=name)
+
+    def _queued(self, owner: str, step: Callable, *args) -> defer.Deferred:
+        """``step`` in ``owner``'s queue: after every earlier request about those nodes."""
+        return self.pep.serial.run(owner, step, *args)
 
     def on_owner(self, request: Request):
         owner = self._owner_of(request)
@@ -205,42 +223,47 @@ class PepPlugin(Plugin):
             raise StanzaError("forbidden", text="only the account owns its PEP nodes")
         virtual = self.virtual.get(action.getAttribute("node") or "")
         if virtual is not None:
-            return self._virtual_owner(owner, kind, action, virtual)
+            return self._queued(owner, self._virtual_owner, owner, kind, action, virtual)
         if action.name == "configure":
-            return self.configure_get(owner, action) if kind == "get" else \
-                self.configure_set(owner, action)
+            step = self.configure_get if kind == "get" else self.configure_set
+            return self._queued(owner, step, owner, action)
         if kind == "get" and action.name == "default":
             return self._config_form(NS_OWNER, "default", None, default_config(self.quotas))
         if kind == "set" and action.name == "purge":
-            return self.purge(owner, action)
+            return self._queued(owner, self.purge, owner, action)
         if kind == "set" and action.name == "delete":
-            return self.delete(owner, action)
+            return self._queued(owner, self.delete, owner, action)
         raise pubsub_error("feature-not-implemented", "unsupported", feature=action.name)
 
+    @defer.inlineCallbacks
     def _virtual_owner(self, owner: str, kind: str, action: domish.Element, virtual: VirtualNode):
         name = action.getAttribute("node")
-        if not virtual.exists(owner):
+        if not (yield virtual.exists(owner)):
             raise StanzaError("item-not-found")
         if kind == "get" and action.name == "configure":
             return self._config_form(NS_OWNER, "configure", name, virtual.config)
         raise StanzaError("not-allowed", text=f"{name} is a view of other data: publish to it instead")
 
-    def _virtual_node(self, owner: str, name: str) -> tuple[Node, VirtualNode] | None:
-        """(a Node carrying the name and config, the VirtualNode) when ``name`` is virtual."""
+    @defer.inlineCallbacks
+    def _virtual_node(self, owner: str, name: str):
+        """Deferred[(a Node carrying the name and config, the VirtualNode)] when ``name``
+        is virtual, Deferred[None] when not."""
         virtual = self.virtual.get(name)
         if virtual is None:
             return None
-        if not virtual.exists(owner):
+        if not (yield virtual.exists(owner)):
             raise StanzaError("item-not-found")
         return Node(name, virtual.config), virtual
 
-    def notify_virtual(self, owner: str, name: str) -> None:
+    @defer.inlineCallbacks
+    def notify_virtual(self, owner: str, name: str):
         """The data behind virtual node ``name`` changed: its items to those who want them
-        (computed only when someone does)."""
+        (computed only when someone does).  A Deferred."""
         virtual = self.virtual[name]
-        recipients = self.recipients(owner, Node(name, virtual.config))
+        recipients = yield self.recipients(owner, Node(name, virtual.config))
         if recipients:
-            self._send(owner, recipients, self._items_event(name, virtual.items(owner)))
+            items = yield virtual.items(owner)
+            self._send(owner, recipients, self._items_event(name, items))
 
     # -- helpers -------------------------------------------------------------
 
@@ -253,11 +276,15 @@ class PepPlugin(Plugin):
             raise StanzaError("not-acceptable", text=f"node name longer than {MAX_ID} bytes")
         return node
 
-    def _node(self, owner: str, name: str) -> Node:
-        node = self.pep.nodes(owner).get(name)
-        if node is None:
-            raise StanzaError("item-not-found")
-        return node
+    def _node(self, owner: str, name: str) -> defer.Deferred:
+        """Deferred[the Node]; item-not-found when there is none."""
+        def found(nodes: dict) -> Node:
+            node = nodes.get(name)
+            if node is None:
+                raise StanzaError("item-not-found")
+            return node
+
+        return self.pep.nodes(owner).addCallback(found)
 
     def parse_config(self, values: dict[str, list[str]], base: dict) -> dict:
         """A node configuration from form values over ``base``; not-acceptable on bad values."""
@@ -317,16 +344,21 @@ class PepPlugin(Plugin):
                 raise pubsub_error("conflict", "precondition-not-met",
                                    text=f"node {node.name}: {var} is {node.config[key]}")
 
-    def may_read(self, owner: str, reader: str, config: dict) -> StanzaError | None:
-        """None when ``reader`` (bare) may see the node's items, else the error."""
+    def may_read(self, owner: str, reader: str, config: dict) -> defer.Deferred:
+        """Deferred[None] when ``reader`` (bare) may see the node's items, else of the error.
+
+        The owner's roster item of the reader is memory for an online owner."""
         if reader == owner:
-            return None
+            return defer.succeed(None)
         model = config["access_model"]
         if model == "open":
-            return None
+            return defer.succeed(None)
         if model == "whitelist":
-            return pubsub_error("not-allowed", "closed-node")
-        item = self.rosters.item_now(owner, reader)
+            return defer.succeed(pubsub_error("not-allowed", "closed-node"))
+        return self.rosters.item(owner, reader).addCallback(self._roster_allows, model, config)
+
+    @staticmethod
+    def _roster_allows(item, model: str, config: dict) -> StanzaError | None:
         if model == "presence":
             if item is not None and item.from_:
                 return None
@@ -358,16 +390,22 @@ class PepPlugin(Plugin):
             raise StanzaError("not-acceptable", text=f"item id longer than {MAX_ID} bytes")
         values = self._options(options, NS_PUBLISH_OPTIONS)
         xml = serialize_fragment(payloads[0], _NO_NS)
+        return self._queued(owner, self._publish, owner, name, item_id, xml, payloads[0], values)
+
+    @defer.inlineCallbacks
+    def _publish(self, owner: str, name: str, item_id: str, xml: str, payload: domish.Element,
+                 values: dict | None):
         virtual = self.virtual.get(name)
         if virtual is None:
-            self.publish_item(owner, name, item_id, xml, values, options_are_preconditions=True)
+            yield self.publish_item_queued(owner, name, item_id, xml, values,
+                                           options_are_preconditions=True)
         else:
             if len(xml.encode("utf-8")) > self.quotas.item_bytes:
                 raise pubsub_error("not-acceptable", "payload-too-big",
                                    text=f"item payload larger than {self.quotas.item_bytes} bytes")
             if values:
                 self._preconditions(Node(name, virtual.config), values)
-            virtual.publish(owner, item_id, payloads[0])
+            yield virtual.publish(owner, item_id, payload)
         reply = domish.Element((NS_PUBSUB, "pubsub"))
         pub = reply.addElement("publish")
         pub["node"] = name
@@ -375,66 +413,81 @@ class PepPlugin(Plugin):
         return reply
 
     def publish_item(self, owner: str, name: str, item_id: str, xml: str,
-                     values: dict | None, options_are_preconditions: bool = True) -> None:
-        """Store and notify (also for plugins converting data, e.g. bookmarks)."""
+                     values: dict | None, options_are_preconditions: bool = True) -> defer.Deferred:
+        """Store and notify, in the owner's queue (for plugins converting data, e.g. the
+        avatar conversion); a Deferred that fires once stored and notified."""
+        return self._queued(owner, self.publish_item_queued, owner, name, item_id, xml, values,
+                            options_are_preconditions)
+
+    @defer.inlineCallbacks
+    def publish_item_queued(self, owner: str, name: str, item_id: str, xml: str,
+                            values: dict | None, options_are_preconditions: bool = True):
+        """:meth:`publish_item` for a caller already in the owner's queue."""
         if len(xml.encode("utf-8")) > self.quotas.item_bytes:
             raise pubsub_error("not-acceptable", "payload-too-big",
                                text=f"item payload larger than {self.quotas.item_bytes} bytes")
-        node = self.pep.nodes(owner).get(name)
+        node = (yield self.pep.nodes(owner)).get(name)
         try:
             if node is None:
                 config = self.parse_config(values or {}, default_config(self.quotas))
-                node = self.pep.create(owner, name, config)
+                node = yield self.pep.create(owner, name, config)
             elif values:
                 if options_are_preconditions:
                     self._preconditions(node, values)
-            self.pep.publish(owner, node, item_id, xml)
+            yield self.pep.publish(owner, node, item_id, xml)
         except QuotaExceeded as e:
             raise self._quota(e) from None
-        self.notify(owner, node, self._items_event(node.name, [(item_id, xml)]))
-        for hook in self.on_change:
-            hook(owner, name)
+        yield self.notify(owner, node, self._items_event(node.name, [(item_id, xml)]))
+        yield self._changed(owner, name)
 
+    @defer.inlineCallbacks
+    def _changed(self, owner: str, name: str):
+        for hook in self.on_change:
+            yield hook(owner, name)  # None or a Deferred
+
+    @defer.inlineCallbacks
     def create(self, request: Request, owner: str, action, options):
         if owner != request.sender.bare:
             raise StanzaError("forbidden")
         name = self._node_name(action)
-        if name in self.pep.nodes(owner) or (name in self.virtual and self.virtual[name].exists(owner)):
+        if name in (yield self.pep.nodes(owner)) or \
+                (name in self.virtual and (yield self.virtual[name].exists(owner))):
             raise StanzaError("conflict", text="node exists")
         if name in self.virtual:
             return None  # made by its first publish
         values = self._options(options, NS_NODE_CONFIG)
         config = self.parse_config(values or {}, default_config(self.quotas))
         try:
-            self.pep.create(owner, name, config)
+            yield self.pep.create(owner, name, config)
         except QuotaExceeded as e:
             raise self._quota(e) from None
         return None
 
+    @defer.inlineCallbacks
     def retract(self, request: Request, owner: str, action):
         if owner != request.sender.bare:
             raise StanzaError("forbidden")
         name = self._node_name(action)
         if name in self.virtual:
             raise StanzaError("not-allowed", text=f"{name} is a view of other data: publish to it instead")
-        node = self._node(owner, name)
+        node = yield self._node(owner, name)
         ids = [i.getAttribute("id") for i in action.elements(NS_PUBSUB, "item")]
         if len(ids) != 1 or not ids[0]:
             raise pubsub_error("bad-request", "item-required")
-        if not self.pep.retract(owner, node, ids[0]):
+        if not (yield self.pep.retract(owner, node, ids[0])):
             raise StanzaError("item-not-found")
         notify = action.getAttribute("notify") in ("1", "true") or node.config.get("notify_retract")
         if notify:
-            self.notify(owner, node, self._event("items", name, retract=ids[0]))
-        for hook in self.on_change:
-            hook(owner, name)
+            yield self.notify(owner, node, self._event("items", name, retract=ids[0]))
+        yield self._changed(owner, name)
         return None
 
+    @defer.inlineCallbacks
     def items(self, request: Request, owner: str, action):
         name = self._node_name(action)
-        virtual = self._virtual_node(owner, name)
-        node = self._node(owner, name) if virtual is None else virtual[0]
-        error = self.may_read(owner, request.sender.bare, node.config)
+        virtual = yield self._virtual_node(owner, name)
+        node = (yield self._node(owner, name)) if virtual is None else virtual[0]
+        error = yield self.may_read(owner, request.sender.bare, node.config)
         if error is not None:
             raise error
         ids = [i.getAttribute("id") for i in action.elements(NS_PUBSUB, "item") if i.getAttribute("id")]
@@ -444,9 +497,9 @@ class PepPlugin(Plugin):
         except ValueError:
             raise StanzaError("bad-request", text="max_items is not an integer") from None
         if virtual is None:
-            found = self.pep.items(owner, node, ids or None, limit)
+            found = yield self.pep.items(owner, node, ids or None, limit)
         else:
-            found = [i for i in virtual[1].items(owner) if not ids or i[0] in ids]
+            found = [i for i in (yield virtual[1].items(owner)) if not ids or i[0] in ids]
             if limit is not None:
                 found = found[-limit:] if limit > 0 else []
         if ids and not found:
@@ -480,35 +533,37 @@ class PepPlugin(Plugin):
         el.addChild(form.toElement())
         return reply
 
+    @defer.inlineCallbacks
     def configure_get(self, owner: str, action):
         name = self._node_name(action)
-        node = self._node(owner, name)
+        node = yield self._node(owner, name)
         return self._config_form(NS_OWNER, "configure", name, node.config)
 
+    @defer.inlineCallbacks
     def configure_set(self, owner: str, action):
         name = self._node_name(action)
-        node = self._node(owner, name)
+        node = yield self._node(owner, name)
         values = self._options(action, NS_NODE_CONFIG)
         if values is None:
             return None
-        self.pep.configure(owner, node, self.parse_config(values, node.config))
+        yield self.pep.configure(owner, node, self.parse_config(values, node.config))
         return None
 
+    @defer.inlineCallbacks
     def purge(self, owner: str, action):
-        node = self._node(owner, self._node_name(action))
-        self.pep.purge(owner, node)
-        self.notify(owner, node, self._event("purge", node.name))
-        for hook in self.on_change:
-            hook(owner, node.name)
+        node = yield self._node(owner, self._node_name(action))
+        yield self.pep.purge(owner, node)
+        yield self.notify(owner, node, self._event("purge", node.name))
+        yield self._changed(owner, node.name)
         return None
 
+    @defer.inlineCallbacks
     def delete(self, owner: str, action):
-        node = self._node(owner, self._node_name(action))
-        recipients = self.recipients(owner, node)  # before it is gone
-        self.pep.delete(owner, node)
+        node = yield self._node(owner, self._node_name(action))
+        recipients = yield self.recipients(owner, node)  # before it is gone
+        yield self.pep.delete(owner, node)
         self._send(owner, recipients, self._event("delete", node.name))
-        for hook in self.on_change:
-            hook(owner, node.name)
+        yield self._changed(owner, node.name)
         return None
 
     # -- notifications -------------------------------------------------------
@@ -535,8 +590,12 @@ class PepPlugin(Plugin):
     def _wants(self, features: frozenset | None, feature: str) -> bool:
         return features is not None and feature in features
 
-    def recipients(self, owner: str, node: Node) -> list[JID]:
-        """Who gets a notification of ``node`` now: live roster, sessions and caps."""
+    def recipients(self, owner: str, node: Node) -> defer.Deferred:
+        """Deferred[who gets a notification of ``node`` now]: live roster, sessions and
+        caps (the roster is memory for an online owner)."""
+        return self.rosters.get(owner).addCallback(self._recipients, owner, node)
+
+    def _recipients(self, roster: dict, owner: str, node: Node) -> list[JID]:
         feature = node.name + "+notify"
         caps = self.caps
         out = []
@@ -550,7 +609,7 @@ class PepPlugin(Plugin):
         groups = set(config.get("roster_groups_allowed") or ())
         hosts = self.router.hosts
         remote = self.remote.get(owner, {})
-        for contact, item in self.rosters.get_now(owner).items():
+        for contact, item in roster.items():
             if model == "presence" and not item.from_:
                 continue
             if model == "roster" and not (set(item.get("groups") or ()) & groups):
@@ -569,8 +628,9 @@ class PepPlugin(Plugin):
                             pass
         return out
 
-    def notify(self, owner: str, node: Node, event: domish.Element) -> None:
-        self._send(owner, self.recipients(owner, node), event)
+    def notify(self, owner: str, node: Node, event: domish.Element) -> defer.Deferred:
+        return self.recipients(owner, node).addCallback(
+            lambda recipients: self._send(owner, recipients, event))
 
     def _send(self, owner: str, recipients: list[JID], event: domish.Element) -> None:
         if not recipients:
@@ -580,9 +640,10 @@ class PepPlugin(Plugin):
         for to in recipients:
             self.router.deliver_quietly(copy_to(event, to.full), sender, to)
 
-    def send_last(self, owner: str, target: JID, features: frozenset, own: bool = False) -> None:
-        """The last item of each of ``owner``'s nodes ``target`` may see and wants."""
-        nodes = self.pep.nodes(owner)
+    @defer.inlineCallbacks
+    def send_last(self, owner: str, target: JID, features: frozenset, own: bool = False):
+        """The last item of each of ``owner``'s nodes ``target`` may see and wants (a Deferred)."""
+        nodes = yield self.pep.nodes(owner)
         if not nodes:
             return
         reader = target.bare
@@ -592,9 +653,9 @@ class PepPlugin(Plugin):
                 continue
             if node.name + "+notify" not in features:
                 continue
-            if self.may_read(owner, reader, node.config) is not None:
+            if (yield self.may_read(owner, reader, node.config)) is not None:
                 continue
-            last = self.pep.last(owner, node)
+            last = yield self.pep.last(owner, node)
             if last is None:
                 continue
             event = self._items_event(node.name, [last])
@@ -606,9 +667,10 @@ class PepPlugin(Plugin):
         for name, virtual in self.virtual.items():
             if virtual.config["send_last_published_item"] == "never" or name + "+notify" not in features:
                 continue
-            if self.may_read(owner, reader, virtual.config) is not None or not virtual.exists(owner):
+            if (yield self.may_read(owner, reader, virtual.config)) is not None \
+                    or not (yield virtual.exists(owner)):
                 continue
-            items = virtual.items(owner)
+            items = yield virtual.items(owner)
             if items:
                 event = self._items_event(name, items[-1:])
                 event["from"] = owner
@@ -617,15 +679,17 @@ class PepPlugin(Plugin):
 
     def _session_caps(self, session, features: frozenset) -> None:
         """A local resource became available (or changed caps): its last items."""
+        self._send_lasts(session, features).addErrback(
+            lambda f: log.failure("sending last PEP items to {jid} failed", f, jid=session.jid.full))
+
+    @defer.inlineCallbacks
+    def _send_lasts(self, session, features: frozenset):
         me = session.jid.bare
-        try:
-            self.send_last(me, session.jid, features)
-            owners = self.pep.owners
-            for contact in self.rosters.get_now(me):
-                if contact in owners and contact != me:
-                    self.send_last(contact, session.jid, features)
-        except Exception:
-            log.failure("sending last PEP items to {jid} failed", jid=session.jid.full)
+        yield self.send_last(me, session.jid, features)
+        may_have_nodes = self.pep.may_have_nodes
+        for contact in list((yield self.rosters.get(me))):
+            if contact != me and may_have_nodes(contact):
+                yield self.send_last(contact, session.jid, features)
 
     def _inbound_presence(self, stanza: domish.Element, sender: JID, to: JID) -> None:
         """Presence from a remote contact to a local account: remember its caps."""
@@ -653,25 +717,31 @@ class PepPlugin(Plugin):
         else:
             self.remote_count += 1
         resources[sender.full] = key
-        if key is None or owner not in self.pep.owners:
+        if key is None or not self.pep.may_have_nodes(owner):
             return
 
         def known(features: frozenset) -> None:
             if self.remote.get(owner, {}).get(sender.bare, {}).get(sender.full) == key:
-                self.send_last(owner, sender, features)
+                self.send_last(owner, sender, features).addErrback(
+                    lambda f: log.failure("sending last PEP items to {jid} failed", f,
+                                          jid=sender.full))
 
         self.caps.when_known(key, found[1], sender, known)
 
     # -- disco ------------------------------------------------------------
 
-    def _disco_items(self, request: Request, owner: str) -> list:
+    @defer.inlineCallbacks
+    def _disco_items(self, request: Request, owner: str):
+        """Deferred[the nodes ``request``'s sender may see], in the owner's queue."""
         reader = request.sender.bare
         out = []
-        for name, node in sorted(self.pep.nodes(owner).items()):
-            if self.may_read(owner, reader, node.config) is None:
+        nodes = yield self._queued(owner, self.pep.nodes, owner)
+        for name, node in sorted(nodes.items()):
+            if (yield self.may_read(owner, reader, node.config)) is None:
                 out.append(disco.DiscoItem(_wokkel_jid(owner), name))
         for name, virtual in sorted(self.virtual.items()):
-            if self.may_read(owner, reader, virtual.config) is None and virtual.exists(owner):
+            if (yield self.may_read(owner, reader, virtual.config)) is None \
+                    and (yield virtual.exists(owner)):
                 out.append(disco.DiscoItem(_wokkel_jid(owner), name))
         return out
 

@@ -41,7 +41,8 @@ class PrivatePlugin(Plugin):
         self.max_bytes = sec.int("max_bytes", 65536, minimum=1024)
         self.max_entries = sec.int("max_entries", 100, minimum=1)
         sec.reject_unknown()
-        # (namespace, name) -> (get(owner) -> Element, set(owner, Element) -> None)
+        # (namespace, name) -> (get(owner) -> Element or a Deferred of one,
+        #                      set(owner, Element) -> None or a Deferred)
         self.virtual: dict[tuple[str, str], tuple[Callable, Callable]] = {}
         self.serial = Serial()  # one owner's sets one after another (count, then write)
         self.handle_iq("get", NS_PRIVATE, "query", self.on_get)
@@ -66,8 +67,12 @@ class PrivatePlugin(Plugin):
         query = domish.Element((NS_PRIVATE, "query"))
         virtual = self.virtual.get((child.uri, child.name))
         if virtual is not None:
-            query.addChild(virtual[0](owner))
-            return query
+            # In the owner's queue: a get sees every set that came before it.
+            def served(el: domish.Element) -> domish.Element:
+                query.addChild(el)
+                return query
+
+            return self.serial.run(owner, virtual[0], owner).addCallback(served)
         def answer(stored: str | None) -> domish.Element:
             if stored is None:
                 query.addElement((child.uri, child.name))

@@ -246,23 +246,6 @@ class Rosters:
         return self.store.get(STORE, bare, contact).addCallback(
             lambda value: None if value is None else Item(value))
 
-    # Synchronous reads for the plugins not converted to the asynchronous
-    # store yet (PEP, MAM prefs): memory for online users, else the blocking
-    # store (docs/design.rst, "Storage").
-
-    def item_now(self, bare: str, contact: str) -> Item | None:
-        cached = self._cache.get(bare)
-        if cached is not None:
-            return cached.items.get(contact)
-        value = self.store.blocking.get(STORE, bare, contact)
-        return None if value is None else Item(value)
-
-    def get_now(self, bare: str) -> dict[str, Item]:
-        cached = self._cache.get(bare)
-        if cached is not None:
-            return cached.items
-        return {k: Item(v) for k, v in self.store.blocking.items(STORE, bare)}
-
     @defer.inlineCallbacks
     def check(self, bare: str, contact: str, item: Item):
         """Fail with :class:`RosterFull` if storing ``item`` would exceed the limits.

@@ -10,13 +10,20 @@ walk of the tree that adds up the bytes of names, attributes and text and
 stops as soon as they exceed the limit (so a vCard near the stanza size
 limit is refused without being serialised), then on the serialised text.
 ``max_elements`` bounds the elements (what a get costs to parse again).
+
+Writes of one user's vCard (a set, and the XEP-0398 conversion's
+read-modify-write of the PHOTO) run in that user's :attr:`VCardPlugin.serial`
+queue; the ``on_stored`` hooks run after the write, outside it, and the IQ
+result waits for them.
 """
 from __future__ import annotations
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
 from xmppd.plugin import Plugin, Request
+from xmppd.serial import Serial
 from xmppd.stanzas import NS_CLIENT, StanzaError, serialize_fragment
 from xmppd.xmlparser import Limits, XMLStreamError, parse_fragment
 from xmppd.logfilter import log_observer
@@ -74,8 +81,9 @@ class VCardPlugin(Plugin):
         c2s = self.server.config.c2s
         self.limits = Limits(self.max_size, c2s.max_depth, c2s.max_stanza_nodes).for_stored(1024)
         # Hooks run after a user stored a vCard: (bare JID, the vCard element)
-        # (XEP-0398 publishes its PHOTO as a PEP avatar).
+        # (XEP-0398 publishes its PHOTO as a PEP avatar); None or a Deferred.
         self.on_stored: list = []
+        self.serial = Serial()  # writes of one user's vCard, one after another
         self.handle_iq("get", NS_VCARD, "vCard", self.on_get)
         self.handle_iq("set", NS_VCARD, "vCard", self.on_set)
 
@@ -106,8 +114,12 @@ class VCardPlugin(Plugin):
         if len(xml.encode("utf-8")) > self.max_size:
             raise StanzaError("not-acceptable", text=f"vCard larger than {self.max_size} bytes",
                               echo=False)
-        def stored(_) -> None:
-            for hook in self.on_stored:
-                hook(request.sender.bare, vcard)
+        owner = request.sender.bare
 
-        return self.store.put(STORE, request.sender.bare, "vcard", xml).addCallback(stored)
+        @defer.inlineCallbacks
+        def stored(_):
+            for hook in self.on_stored:
+                yield hook(owner, vcard)
+            return None
+
+        return self.serial.run(owner, self.store.put, STORE, owner, "vcard", xml).addCallback(stored)
