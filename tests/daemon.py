@@ -58,14 +58,17 @@ class Daemon:
     def __init__(self, tmp: Path, hosts=("localhost",), extra: str = "", plugins=None,
                  tls: str = "required", direct_tls: bool = False, c2s: str = "",
                  s2s: str | None = None, s2s_direct_tls: bool = False,
-                 store: str = "sqlite", pg=None) -> None:
+                 store: str = "sqlite", pg=None, pg_dsn: str | None = None) -> None:
         """``s2s``: lines for an ``[s2s]`` table with a loopback listener on
         ``self.s2s_port`` (and ``self.s2s_tls_port`` with ``s2s_direct_tls``);
         None switches federation off (``enabled = false``), so that no test
         daemon looks up other domains in DNS.  ``store="postgresql"``: the
         store in a fresh database of the tests' private PostgreSQL server
         (tests/backends.py), its schema made by ``xmppctl create-schema``
-        at the first start; ``self.pg`` is that server, ``self.pg_dsn`` the DSN."""
+        at the first start (or first ``adduser``); ``self.pg`` is that server,
+        ``self.pg_dsn`` the DSN.  ``pg_dsn``: that database instead of a
+        fresh one (the nodes of a cluster share one; its schema is made by
+        whichever node needs it first, ``create-schema`` is idempotent)."""
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = tuple(hosts)
@@ -86,7 +89,7 @@ class Daemon:
             from tests.backends import postgres_server
 
             self.pg = pg if pg is not None else postgres_server()
-            self.pg_dsn = self.pg.create_database(f"xmppd_{self.port}")
+            self.pg_dsn = pg_dsn or self.pg.create_database(f"xmppd_{self.port}")
         self._schema_made = False
         self.write_config(extra, plugins, tls)
 
@@ -129,10 +132,13 @@ class Daemon:
         env.update(self.extra_env)
         return env
 
-    def start(self, wait: bool = True) -> "Daemon":
+    def _make_schema(self) -> None:
         if self.pg_dsn is not None and not self._schema_made:
             self.ctl("create-schema")
             self._schema_made = True
+
+    def start(self, wait: bool = True) -> "Daemon":
+        self._make_schema()
         self.log = open(self.dir / "xmppd.log", "ab")
         self.proc = subprocess.Popen(
             [*self.prefix, str(TWISTD), "--nodaemon", "--pidfile=", "xmppd", "--config", str(self.config_path)],
@@ -192,4 +198,5 @@ class Daemon:
         return result
 
     def adduser(self, jid: str, password: str) -> None:
+        self._make_schema()
         self.ctl("adduser", jid, password)

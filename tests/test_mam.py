@@ -30,10 +30,12 @@ retention = "forever"
 """
 
 
-@pytest.fixture(scope="module")
-def md(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def md(request, tmp_path_factory):
+    # Twice: the archive in SQLite, and in PostgreSQL ([storage] backend =
+    # "postgresql": batches and queries on the store's thread pool, issue 18).
     d = Daemon(tmp_path_factory.mktemp("mam"), hosts=("localhost", "b.test"), plugins=PLUGINS,
-               extra=EXTRA)
+               extra=EXTRA, store=request.param)
     for u in USERS:
         d.adduser(f"{u}@localhost", PW)
     d.adduser("bee@b.test", PW)
@@ -179,6 +181,12 @@ def ninety_five(md):
         send(c, "dave@localhost", f"n{i}", f"n{i}")
     page = wait_archived(c, 50, form(with_="dave@localhost"))
     assert page.count == 95 or len(page.ids) == 50, page.text[-1500:]
+    # Offline storage is a write per message (on PostgreSQL a round trip on
+    # the pool): all of it stored before dave's initial presence reads it.
+    deadline = time.monotonic() + 10
+    while offline_rows(md, "dave@localhost") < 95:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     yield c
     c.close()
 
@@ -369,7 +377,25 @@ def test_preferences_always_never_roster_and_jid_preparation(md):
         c.close()
 
 
+def offline_rows(d, user):
+    if d.pg_dsn is not None:
+        with d.pg.connect(d.pg_dsn.rsplit("/", 1)[1]) as conn:
+            return conn.execute("SELECT count(*) FROM kv WHERE store = 'offline' AND username = %s",
+                                (user,)).fetchone()[0]
+    from xmppd.storage import SQLiteStore
+
+    store = SQLiteStore(str(d.data_dir), read_only=True)
+    try:
+        return len(store.items("offline", user))
+    finally:
+        store.close()
+
+
 def archive_rows(d, user):
+    if d.pg_dsn is not None:
+        with d.pg.connect(d.pg_dsn.rsplit("/", 1)[1]) as conn:
+            return conn.execute("SELECT count(*) FROM archive WHERE username = %s",
+                                (user,)).fetchone()[0]
     db = sqlite3.connect(f"file:{d.data_dir}/archive.sqlite3?mode=ro", uri=True)
     try:
         return db.execute("SELECT count(*) FROM archive a JOIN jids j ON j.id=a.uid"
@@ -448,9 +474,9 @@ def test_slixmpp_xep_0313(md):
 # -- retention and quota: a daemon of their own ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rd(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("mamret"), plugins=PLUGINS, extra="""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def rd(request, tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("mamret"), plugins=PLUGINS, store=request.param, extra="""
 [mam]
 flush_interval = 0.05
 retention = "3s"
