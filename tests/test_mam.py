@@ -584,3 +584,38 @@ def test_start_up_refuses_an_archive_of_the_first_layout(tmp_path):
     assert lines == [f"xmppd: {d.data_dir}/archive.sqlite3: open archive: written with archive"
                      " schema 1, this xmppd reads schema 2: move the file away (it is not"
                      " converted)"]
+
+
+def test_archive_in_the_store_dir_and_refused_on_sqlite_in_a_cluster(tmp_path):
+    """Issue 18: archive.sqlite3 lives beside the store ([storage] dir, which a
+    cluster's nodes share), and a cluster on SQLite does not start MAM (its
+    nodes would share one file and one seq space): one line says what to do."""
+    shared = tmp_path / "shared"
+    d = Daemon(tmp_path / "solo", plugins=PLUGINS, extra=EXTRA + f'\n[storage]\ndir = "{shared}"\n')
+    d.adduser("sol@localhost", PW)
+    d.start()
+    try:
+        c = raw(d, "sol")
+        send(c, "sol@localhost/other", "to-myself", "m1")
+        assert wait_archived(c, 1).bodies == ["to-myself"]
+        c.close()
+    finally:
+        d.stop()
+    assert (shared / "archive.sqlite3").is_file()
+    assert not (d.data_dir / "archive.sqlite3").exists()
+    n = Daemon(tmp_path / "node", plugins=PLUGINS, extra=EXTRA + f"""
+[storage]
+dir = "{shared}"
+
+[cluster]
+redis = "redis://127.0.0.1:9"
+node = "n1"
+""")
+    with pytest.raises(RuntimeError):
+        n.start()
+    n.stop()
+    lines = [line for line in n.logtext().splitlines() if "mam.storage" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        "mam.storage = 'sqlite': a cluster's nodes archive into PostgreSQL: set [storage] backend"
+        ' = "postgresql" (docs/mam.rst, "Clusters"), or remove urn:xmpp:mam:2 from [sm] plugins'), \
+        lines
