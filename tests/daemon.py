@@ -58,7 +58,8 @@ class Daemon:
     def __init__(self, tmp: Path, hosts=("localhost",), extra: str = "", plugins=None,
                  tls: str = "required", direct_tls: bool = False, c2s: str = "",
                  s2s: str | None = None, s2s_direct_tls: bool = False,
-                 store: str = "sqlite", pg=None, pg_dsn: str | None = None) -> None:
+                 store: str = "sqlite", pg=None, pg_dsn: str | None = None,
+                 storage_dir: str | None = None) -> None:
         """``s2s``: lines for an ``[s2s]`` table with a loopback listener on
         ``self.s2s_port`` (and ``self.s2s_tls_port`` with ``s2s_direct_tls``);
         None switches federation off (``enabled = false``), so that no test
@@ -68,7 +69,9 @@ class Daemon:
         at the first start (or first ``adduser``); ``self.pg`` is that server,
         ``self.pg_dsn`` the DSN.  ``pg_dsn``: that database instead of a
         fresh one (the nodes of a cluster share one; its schema is made by
-        whichever node needs it first, ``create-schema`` is idempotent)."""
+        whichever node needs it first, ``create-schema`` is idempotent).
+        ``storage_dir``: ``[storage] dir`` with PostgreSQL (files the nodes
+        share, e.g. the dialback secret)."""
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = tuple(hosts)
@@ -84,6 +87,7 @@ class Daemon:
         self.s2s_port = free_port() if s2s is not None else None
         self.s2s_tls_port = free_port() if s2s is not None and s2s_direct_tls else None
         self.store = store
+        self.storage_dir = storage_dir
         self.pg = self.pg_dsn = None
         if store == "postgresql":
             from tests.backends import postgres_server
@@ -124,6 +128,8 @@ class Daemon:
         if self.pg_dsn is not None:
             text += (f'\n[storage]\nbackend = "postgresql"\ndsn = "{self.pg_dsn}"\n'
                      "connect_timeout = 2\n")
+            if self.storage_dir is not None:
+                text += f'dir = "{self.storage_dir}"\n'
         self.config_path.write_text(text + textwrap.dedent(extra))
 
     def env(self) -> dict:

@@ -5,8 +5,11 @@ Two nodes (``n1``, ``n2``) serve ``a.test`` from one PostgreSQL database
 ``b.test`` is a third, stand-alone xmppd reached over s2s
 (tests/federation.py).  b.test's route to a.test points at n1 only, so
 every inbound s2s stream arrives at n1, which forwards over the bus what is
-for a session on n2; each node opens its own outbound link to b.test.  One
-module fixture; clients are raw TLS streams (tests/rawclient.py).
+for a session on n2; each node opens its own outbound link to b.test,
+authenticated by dialback (b.test does not trust a.test's certificate), so
+n1 verifies the keys n2 hands out: the nodes share the dialback secret
+through ``[storage] dir``.  One module fixture; clients are raw TLS streams
+(tests/rawclient.py).
 """
 from __future__ import annotations
 
@@ -37,8 +40,10 @@ def grid(tmp_path_factory, redis):  # noqa: F811
     dsn = pg.create_database("xmppd_cluster_pg")
     remote = Daemon(tmp / "b", hosts=("b.test",), s2s="", plugins=PLUGINS)
     nodes = [Daemon(tmp / n, hosts=("a.test",), s2s="", plugins=PLUGINS, store="postgresql",
-                    pg=pg, pg_dsn=dsn) for n in ("n1", "n2")]
-    cert, key = ca.issue_server("a.test", tmp / "certs")
+                    pg=pg, pg_dsn=dsn, storage_dir=str(tmp / "shared")) for n in ("n1", "n2")]
+    # b.test does not trust a.test's certificate: every outbound stream of
+    # n1 and n2 is authenticated by dialback, verified by n1 (b.test's route).
+    cert, key = CA("another CA").issue_server("a.test", tmp / "certs")
     for name, node in zip(("n1", "n2"), nodes):
         configure(node, "a.test", cert, key, ca_file,
                   {"b.test": f"tcp:127.0.0.1:{remote.s2s_port}"}, plugins=PLUGINS, extra=f"""
