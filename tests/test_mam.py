@@ -531,6 +531,18 @@ def test_quota_keeps_the_newest(rd):
     b.close()
 
 
+def test_purge_and_expire_with_the_server_stopped(rd):
+    """xmppctl opens the archive itself (the file, or the PostgreSQL table)."""
+    rd.stop()
+    for user in ("quo1@localhost", "quo2@localhost"):
+        before = archive_rows(rd, user)  # retention (3 s) may have taken some
+        out = rd.ctl("mam", "purge", user).stdout
+        assert f"deleted {before} archived messages of {user}" in out
+        assert archive_rows(rd, user) == 0
+    assert re.search(r"deleted \d+ archived messages past the retention period",
+                     rd.ctl("mam", "expire").stdout)
+
+
 def test_kill_9_keeps_what_was_written_and_a_sound_file(tmp_path):
     """A crash loses at most the rows of one flush_interval; committed ones stay,
     the file passes SQLite's integrity check, and a message between two local
