@@ -58,17 +58,22 @@ class Daemon:
     def __init__(self, tmp: Path, hosts=("localhost",), extra: str = "", plugins=None,
                  tls: str = "required", direct_tls: bool = False, c2s: str = "",
                  s2s: str | None = None, s2s_direct_tls: bool = False,
-                 store: str = "sqlite", pg=None) -> None:
+                 store: str = "sqlite", pg=None, pg_dsn: str | None = None,
+                 storage_dir: str | None = None) -> None:
         """``s2s``: lines for an ``[s2s]`` table with a loopback listener on
         ``self.s2s_port`` (and ``self.s2s_tls_port`` with ``s2s_direct_tls``);
         None switches federation off (``enabled = false``), so that no test
         daemon looks up other domains in DNS.  ``store="postgresql"``: the
         store in a fresh database of the tests' private PostgreSQL server
         (tests/backends.py), its schema made by ``xmppctl create-schema``
-        at the first start; ``self.pg`` is that server, ``self.pg_dsn`` the DSN.
-        Such a daemon runs with the reactor guard of :mod:`xmppd.storage_pg`
-        (a statement on the reactor thread is refused and logged), and
-        :meth:`stop` fails the test if the log shows one."""
+        at the first start (or first ``adduser``); ``self.pg`` is that server,
+        ``self.pg_dsn`` the DSN.  ``pg_dsn``: that database instead of a
+        fresh one (the nodes of a cluster share one; its schema is made by
+        whichever node needs it first, ``create-schema`` is idempotent).
+        ``storage_dir``: ``[storage] dir`` with PostgreSQL (files the nodes
+        share, e.g. the dialback secret).  Such a daemon runs with the reactor
+        guard of :mod:`xmppd.storage_pg` (a statement on the reactor thread is
+        refused and logged), and :meth:`stop` fails the test if the log shows one."""
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hosts = tuple(hosts)
@@ -84,12 +89,13 @@ class Daemon:
         self.s2s_port = free_port() if s2s is not None else None
         self.s2s_tls_port = free_port() if s2s is not None and s2s_direct_tls else None
         self.store = store
+        self.storage_dir = storage_dir
         self.pg = self.pg_dsn = None
         if store == "postgresql":
             from tests.backends import postgres_server
 
             self.pg = pg if pg is not None else postgres_server()
-            self.pg_dsn = self.pg.create_database(f"xmppd_{self.port}")
+            self.pg_dsn = pg_dsn or self.pg.create_database(f"xmppd_{self.port}")
         self._schema_made = False
         self.write_config(extra, plugins, tls)
 
@@ -124,6 +130,8 @@ class Daemon:
         if self.pg_dsn is not None:
             text += (f'\n[storage]\nbackend = "postgresql"\ndsn = "{self.pg_dsn}"\n'
                      "connect_timeout = 2\n")
+            if self.storage_dir is not None:
+                text += f'dir = "{self.storage_dir}"\n'
         self.config_path.write_text(text + textwrap.dedent(extra))
 
     def env(self) -> dict:
@@ -220,4 +228,5 @@ class Daemon:
         return result
 
     def adduser(self, jid: str, password: str) -> None:
+        self.prepare_store()
         self.ctl("adduser", jid, password)

@@ -56,15 +56,15 @@ def nodes(tmp_path_factory, redis):  # noqa: F811
             d.stop()
 
 
-def login(node, user, resource="r", presence=True, carbons=False) -> RawClient:
-    c = RawClient(node.port)
+def login(node, user, resource="r", presence=True, carbons=False, host="localhost") -> RawClient:
+    c = RawClient(node.port, host=host)
     c.login(user, PW, resource)
     if carbons:
         assert "type='result'" in c.iq(
             f"<iq type='set' id='cb'><enable xmlns='{CARBONS}'/></iq>", "cb")
     if presence:
         c.send("<presence/>")
-        c.read_until(f"<presence[^>]*from='{user}@localhost/{resource}'")
+        c.read_until(f"<presence[^>]*from='{user}@{host}/{resource}'")
     return c
 
 
@@ -86,14 +86,14 @@ def nothing(c, pattern, wait=0.5) -> None:
     assert not re.search(pattern.encode(), c.buffer, re.S), c.buffer
 
 
-def subscribe(a, a_user, b, b_user) -> None:
+def subscribe(a, a_user, b, b_user, host="localhost") -> None:
     """Mutual subscription between two logged-in users (each on its own node)."""
     settle()  # each node has heard of the other's session
     for x, xu, y, yu in ((a, a_user, b, b_user), (b, b_user, a, a_user)):
-        x.send(f"<presence to='{yu}@localhost' type='subscribe'/>")
+        x.send(f"<presence to='{yu}@{host}' type='subscribe'/>")
         expect(y, f"<presence[^>]*type='subscribe'")
-        y.send(f"<presence to='{xu}@localhost' type='subscribed'/>")
-        expect(x, f"<presence[^>]*from='{yu}@localhost/")
+        y.send(f"<presence to='{xu}@{host}' type='subscribed'/>")
+        expect(x, f"<presence[^>]*from='{yu}@{host}/")
 
 
 def settle():

@@ -30,9 +30,11 @@ retention = "forever"
 """
 
 
-@pytest.fixture(scope="module")
-def md(tmp_path_factory):
-    yield from mam_daemon(tmp_path_factory.mktemp("mam"))
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def md(request, tmp_path_factory):
+    # Twice: the archive in SQLite, and in PostgreSQL ([storage] backend =
+    # "postgresql": batches and queries on the store's thread pool, issue 18).
+    yield from mam_daemon(tmp_path_factory.mktemp("mam"), request.param)
 
 
 def mam_daemon(tmp, store: str = "sqlite"):
@@ -184,6 +186,12 @@ def ninety_five(md):
         send(c, "dave@localhost", f"n{i}", f"n{i}")
     page = wait_archived(c, 50, form(with_="dave@localhost"))
     assert page.count == 95 or len(page.ids) == 50, page.text[-1500:]
+    # Offline storage is a write per message (on PostgreSQL a round trip on
+    # the pool): all of it stored before dave's initial presence reads it.
+    deadline = time.monotonic() + 10
+    while offline_rows(md, "dave@localhost") < 95:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     yield c
     c.close()
 
@@ -374,7 +382,25 @@ def test_preferences_always_never_roster_and_jid_preparation(md):
         c.close()
 
 
+def offline_rows(d, user):
+    if d.pg_dsn is not None:
+        with d.pg.connect(d.pg_dsn.rsplit("/", 1)[1]) as conn:
+            return conn.execute("SELECT count(*) FROM kv WHERE store = 'offline' AND username = %s",
+                                (user,)).fetchone()[0]
+    from xmppd.storage import SQLiteStore
+
+    store = SQLiteStore(str(d.data_dir), read_only=True)
+    try:
+        return len(store.items("offline", user))
+    finally:
+        store.close()
+
+
 def archive_rows(d, user):
+    if d.pg_dsn is not None:
+        with d.pg.connect(d.pg_dsn.rsplit("/", 1)[1]) as conn:
+            return conn.execute("SELECT count(*) FROM archive WHERE username = %s",
+                                (user,)).fetchone()[0]
     db = sqlite3.connect(f"file:{d.data_dir}/archive.sqlite3?mode=ro", uri=True)
     try:
         return db.execute("SELECT count(*) FROM archive a JOIN jids j ON j.id=a.uid"
@@ -453,9 +479,9 @@ def test_slixmpp_xep_0313(md):
 # -- retention and quota: a daemon of their own ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rd(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("mamret"), plugins=PLUGINS, extra="""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def rd(request, tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("mamret"), plugins=PLUGINS, store=request.param, extra="""
 [mam]
 flush_interval = 0.05
 retention = "3s"
@@ -508,6 +534,18 @@ def test_quota_keeps_the_newest(rd):
     assert log.count("archive of quo1@localhost is full (10 messages)") == 1
     a.close()
     b.close()
+
+
+def test_purge_and_expire_with_the_server_stopped(rd):
+    """xmppctl opens the archive itself (the file, or the PostgreSQL table)."""
+    rd.stop()
+    for user in ("quo1@localhost", "quo2@localhost"):
+        before = archive_rows(rd, user)  # retention (3 s) may have taken some
+        out = rd.ctl("mam", "purge", user).stdout
+        assert f"deleted {before} archived messages of {user}" in out
+        assert archive_rows(rd, user) == 0
+    assert re.search(r"deleted \d+ archived messages past the retention period",
+                     rd.ctl("mam", "expire").stdout)
 
 
 def test_kill_9_keeps_what_was_written_and_a_sound_file(tmp_path):
@@ -563,3 +601,38 @@ def test_start_up_refuses_an_archive_of_the_first_layout(tmp_path):
     assert lines == [f"xmppd: {d.data_dir}/archive.sqlite3: open archive: written with archive"
                      " schema 1, this xmppd reads schema 2: move the file away (it is not"
                      " converted)"]
+
+
+def test_archive_in_the_store_dir_and_refused_on_sqlite_in_a_cluster(tmp_path):
+    """Issue 18: archive.sqlite3 lives beside the store ([storage] dir, which a
+    cluster's nodes share), and a cluster on SQLite does not start MAM (its
+    nodes would share one file and one seq space): one line says what to do."""
+    shared = tmp_path / "shared"
+    d = Daemon(tmp_path / "solo", plugins=PLUGINS, extra=EXTRA + f'\n[storage]\ndir = "{shared}"\n')
+    d.adduser("sol@localhost", PW)
+    d.start()
+    try:
+        c = raw(d, "sol")
+        send(c, "sol@localhost/other", "to-myself", "m1")
+        assert wait_archived(c, 1).bodies == ["to-myself"]
+        c.close()
+    finally:
+        d.stop()
+    assert (shared / "archive.sqlite3").is_file()
+    assert not (d.data_dir / "archive.sqlite3").exists()
+    n = Daemon(tmp_path / "node", plugins=PLUGINS, extra=EXTRA + f"""
+[storage]
+dir = "{shared}"
+
+[cluster]
+redis = "redis://127.0.0.1:9"
+node = "n1"
+""")
+    with pytest.raises(RuntimeError):
+        n.start()
+    n.stop()
+    lines = [line for line in n.logtext().splitlines() if "mam.storage" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        "mam.storage = 'sqlite': a cluster's nodes archive into PostgreSQL: set [storage] backend"
+        ' = "postgresql" (docs/mam.rst, "Clusters"), or remove urn:xmpp:mam:2 from [sm] plugins'), \
+        lines

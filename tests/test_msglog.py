@@ -257,3 +257,61 @@ def test_worker_checkpoints_right_after_a_commit(monkeypatch):
     w.append(row(8))
     advance(2)  # no further commit: a timer checkpoints the last one
     assert started == [0.2, 1.2, 6.4, 7.6]
+
+
+def test_sequence_slots_never_collide_and_stay_times():
+    """Issue 18: nodes sharing an archive draw ids with their slot in the low bits."""
+    from xmppd.msglog_pg import SLOT_BITS
+
+    class Clock:
+        t = 1_700_000_000.0
+
+        def seconds(self):
+            return self.t
+
+    clock = Clock()
+    a = Sequence(clock, last=0, bits=SLOT_BITS, slot=3)
+    b = Sequence(clock, last=0, bits=SLOT_BITS, slot=4)
+    values = []
+    for _ in range(50):  # a burst within one microsecond, then the clock moves
+        values += [next(a), next(b)]
+    clock.t += 1
+    values += [next(a), next(b)]
+    assert len(set(values)) == len(values)
+    assert {v % (1 << SLOT_BITS) for v in values[0::2]} == {3}
+    assert {v % (1 << SLOT_BITS) for v in values[1::2]} == {4}
+    assert all(x < y for x, y in zip(values[0::2], values[2::2]))
+    assert abs(values[-1] - int(clock.t * 1_000_000)) < (1 << SLOT_BITS)
+    # restarted above rows of another slot: continues above them, in its own slot
+    c = Sequence(clock, last=values[-1], bits=SLOT_BITS, slot=1)
+    v = next(c)
+    assert v > values[-1] and v % (1 << SLOT_BITS) == 1
+    with pytest.raises(ValueError):
+        Sequence(clock, bits=2, slot=4)
+
+
+def test_pg_archive_slots_are_exclusive_and_freed(pg_store_conf, monkeypatch):  # noqa: F811
+    """Each writer holds its own slot (an advisory lock) until it closes; no free slot: refused."""
+    from types import SimpleNamespace
+
+    from xmppd import msglog_pg
+
+    pg_truncate(pg_store_conf)
+    store = SimpleNamespace(conf=pg_store_conf, path="pg")
+    monkeypatch.setattr(msglog_pg, "SLOTS", 2)
+    a = msglog_pg.AsyncPostgresArchive(store)
+    b = msglog_pg.AsyncPostgresArchive(store)
+    try:
+        assert {a.slot, b.slot} == {0, 1}
+        with pytest.raises(msglog_pg.SlotTaken, match="all 2 archive slots"):
+            msglog_pg.AsyncPostgresArchive(store)
+        a.append_now([row(64 + a.slot)])
+        b.append_now([row(64 + b.slot)])
+        assert a.last_seq() == 65
+        freed = a.slot
+        a.close()
+        c = msglog_pg.AsyncPostgresArchive(store)
+        assert c.slot == freed
+        c.close()
+    finally:
+        b.close()

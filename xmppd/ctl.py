@@ -293,17 +293,15 @@ def _purge_archive(config, bare: str, before: str | None = None) -> int | None:
     except adminclient.Refused as e:
         if "unknown command" not in str(e):  # the running server has no archive plugin
             raise CtlError(str(e)) from None
-    from xmppd.handlers.mam import parse_time
-    from xmppd.msglog import SQLiteMessageLog
-    from xmppd.storage import StoreNotFound
+    from xmppd.archives import open_offline
+    from xmppd.handlers.mam import parse_time, settings
 
     try:
         cut = parse_time(before) if before is not None else None
     except ValueError as e:
         raise CtlError(f"--before: {e}") from None
-    try:
-        log = SQLiteMessageLog(config.data_dir, create=False)
-    except StoreNotFound:
+    log = open_offline(config, settings(config).storage)
+    if log is None:
         return None
     try:
         return log.delete_user(bare, cut)
@@ -335,17 +333,15 @@ def _mam(config, args) -> None:
     except adminclient.NotRunning:
         import time as _time
 
+        from xmppd.archives import open_offline
         from xmppd.handlers.mam import settings
-        from xmppd.msglog import SQLiteMessageLog
-        from xmppd.storage import StoreNotFound
 
         s = settings(config)
         if s.retention is None:
             print("retention is forever: nothing to expire")
             return
-        try:
-            log = SQLiteMessageLog(config.data_dir, create=False)
-        except StoreNotFound:
+        log = open_offline(config, s.storage)
+        if log is None:
             print("no archive")
             return
         cutoff, total = int((_time.time() - s.retention) * 1_000_000), 0

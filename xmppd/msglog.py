@@ -630,19 +630,34 @@ class Sequence:
     An iterator, so that the XEP-0359 plugin can draw its ids from it
     (:meth:`StanzaIdPlugin.use_sequence`): the archive id of a message is
     then the stanza-id it was delivered with.
+
+    With ``bits`` > 0, the low ``bits`` bits of every value are ``slot``:
+    several nodes writing one archive (PostgreSQL, :mod:`xmppd.msglog_pg`)
+    each hold a different slot, so their values never collide, and values
+    stay times to within ``2 ** bits`` microseconds.  One node then hands
+    out at most one value per ``2 ** bits`` microseconds before running
+    ahead of the clock (order stays right, times drift ahead while the
+    burst lasts).
     """
 
-    def __init__(self, clock, last: int = 0) -> None:
+    def __init__(self, clock, last: int = 0, bits: int = 0, slot: int = 0) -> None:
+        if not 0 <= slot < (1 << bits) or bits < 0:
+            raise ValueError(f"slot {slot} does not fit in {bits} bits")
         self.clock = clock
-        self.last = last
+        self.step = 1 << bits
+        self.mask = self.step - 1
+        self.slot = slot
+        # Below the next value this node may use: anything above ``last``
+        # (the highest stored by any node) with our slot in the low bits.
+        self.last = (last & ~self.mask) | slot
 
     def __iter__(self) -> "Sequence":
         return self
 
     def __next__(self) -> int:
-        now = int(self.clock.seconds() * 1_000_000)
+        now = (int(self.clock.seconds() * 1_000_000) & ~self.mask) | self.slot
         if now <= self.last:
-            now = self.last + 1
+            now = self.last + self.step
         self.last = now
         return now
 

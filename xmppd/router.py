@@ -27,6 +27,7 @@ from twisted.words.xish import domish
 from xmppd import jid as jidlib
 from xmppd.jid import JID
 from xmppd.plugin import Request
+from xmppd.serial import Serial
 from xmppd.stanzas import NS_CLIENT, StanzaError, error_reply, iq_result, serialize
 from xmppd.storage import StoreError
 from xmppd.storefail import stanza_error as store_failure
@@ -98,6 +99,10 @@ class Router:
         # (stanza, to) -> bool stored, or a Deferred of it (fires once stored)
         self.offline_handler: Callable | None = None
         self.user_exists: Callable[[JID], defer.Deferred] = lambda j: defer.succeed(False)
+        # Messages for one offline user go through the account look-up and
+        # offline storage one after the other: with a networked store the
+        # look-ups answer out of order, and messages must not be reordered.
+        self._offline_order = Serial()
         self.on_bound: list[Callable[[Session], None]] = []
         self.on_closed: list[Callable[[Session], None]] = []
         # IQ results/errors addressed to a served host (answers to requests
@@ -450,7 +455,7 @@ class Router:
             elif kind != "headline":
                 self.bounce(stanza, StanzaError("service-unavailable"), session)
 
-        self.user_exists(to).addCallback(exists).addErrback(
+        self._offline_order.run(to.bare, lambda: self.user_exists(to).addCallback(exists)).addErrback(
             lambda f: log.failure("offline delivery failed", f)
         )
 

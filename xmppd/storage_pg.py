@@ -120,11 +120,16 @@ def create_schema(conn) -> bool:
 class Connection:
     """One psycopg connection, opened on demand and opened again after a loss."""
 
-    def __init__(self, dsn: str, connect_timeout: float, statement_timeout: float) -> None:
+    def __init__(self, dsn: str, connect_timeout: float, statement_timeout: float,
+                 on_connect: Callable | None = None) -> None:
+        """``on_connect(conn)`` runs on every new connection before its first
+        statement (the archive's writer claims its node slot there, see
+        :mod:`xmppd.msglog_pg`); what it raises fails the call."""
         self.dsn = dsn
         self.path = display(dsn)
         self.connect_timeout = connect_timeout
         self.statement_timeout = statement_timeout
+        self.on_connect = on_connect
         self._conn = None
 
     def get(self):
@@ -137,6 +142,12 @@ class Connection:
                 self.dsn, autocommit=True, connect_timeout=max(1, round(self.connect_timeout)),
                 options=f"-c statement_timeout={int(self.statement_timeout * 1000)}",
             )
+            if self.on_connect is not None:
+                try:
+                    self.on_connect(conn)
+                except BaseException:
+                    conn.close()
+                    raise
             self._conn = conn
         return conn
 
@@ -357,6 +368,23 @@ class AsyncPostgresStore(_Calls):
 
     def _in_thread(self, operation, user, work):
         return self._connection().run(operation, user, work)
+
+    def thread_connection(self) -> Connection:
+        """The calling pool thread's connection (for code run by :meth:`in_pool`)."""
+        return self._connection()
+
+    def in_pool(self, operation: str, fn: Callable, *args: Any) -> defer.Deferred:
+        """``fn(*args)`` on the store's thread pool; a Deferred of its result.
+
+        For work of several statements that is not a key-value call (the
+        message archive's queries, :mod:`xmppd.msglog_pg`): ``fn`` reaches
+        the database through :meth:`thread_connection`.
+        """
+        if self._closed:
+            return defer.fail(StoreError(self.path, operation, "store closed"))
+        d = deferToThreadPool(self.reactor, self._pool, fn, *args)
+        d.addCallbacks(self._up, self._failed)
+        return d
 
     def _call(self, operation, user, work, convert=None):
         if self._closed:

@@ -23,7 +23,9 @@ Archiving
 Write path
     Rows are buffered and written in one transaction per ``flush_interval``
     (:class:`xmppd.msglog.LogWorker`, ``archive.sqlite3``, no fsync on the
-    reactor: checkpoints run on a thread).  Per message the reactor pays a
+    reactor: checkpoints run on a thread; on PostgreSQL
+    :class:`xmppd.msglog_pg.AsyncLogWorker`, batches and queries on the
+    store's thread pool, :mod:`xmppd.archives` chooses).  Per message the reactor pays a
     dict look-up for the preferences, the sender's stanza-id (prebuilt XML)
     and a row in the buffer: the delivered bytes are reused, and both rows
     of a message between local users carry the same bytes object, which the
@@ -53,14 +55,12 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.words.xish import domish
 
+from xmppd import archives
 from xmppd import jid as jidlib
 from xmppd.handlers import mam_prefs
 from xmppd.handlers.mam_prefs import Prefs
 from xmppd.logfilter import log_observer
-from xmppd.msglog import (
-    INCOMING, OUTGOING, LogQuery, LogWorker, MemoryMessageLog, Sequence, SQLiteMessageLog,
-    seq_of_id,
-)
+from xmppd.msglog import INCOMING, OUTGOING, LogQuery, seq_of_id
 from xmppd.plugin import Plugin, Request
 from xmppd.rsm import NS_RSM, ResultSet
 from xmppd.stanzas import NS_CLIENT, StanzaError, escape_attr, iq_result, serialize
@@ -152,7 +152,7 @@ def settings(config) -> Settings:
         flush_interval=sec.number("flush_interval", 0.2, minimum=0),
         checkpoint_interval=sec.number("checkpoint_interval", 1.0, minimum=0.1),
         max_buffer=sec.int("max_buffer", 50_000, minimum=1),
-        storage=sec.choice("storage", ("sqlite", "memory"), "sqlite"),
+        storage=sec.choice("storage", archives.STORAGES, archives.default_storage(config)),
     )
     sec.reject_unknown()
     return s
@@ -269,16 +269,12 @@ class MAMPlugin(Plugin):
                               f"{self.name} needs {SID_PLUGIN} listed before it "
                               "(archive ids are the XEP-0359 stanza ids)")
         self.sid = sid
-        self.msglog = (MemoryMessageLog() if s.storage == "memory"
-                       else SQLiteMessageLog(config.data_dir))
-        self.sequence = Sequence(self.server.clock, self.msglog.last_seq())
+        # xmppd.archives: SQLite, PostgreSQL (asynchronous, node slots) or memory.
+        self.msglog, self.sequence, self.worker = archives.open_for_server(
+            self.server, s, on_trimmed=self._trimmed, on_overflow=self._overflow,
+            on_failure=self._write_failed)
         sid.use_sequence(self.sequence)
         self._prefix_len = len(sid._prefix)
-        self.worker = LogWorker(
-            self.msglog, self.server.clock, flush_interval=s.flush_interval,
-            max_buffer=s.max_buffer, max_per_user=s.max_messages_per_user,
-            checkpoint_interval=s.checkpoint_interval, on_trimmed=self._trimmed,
-            on_overflow=self._overflow, on_failure=self._write_failed)
         self.default_prefs = Prefs(s.default)
         self._always = self.default_prefs if s.default == "always" else None
         self._prefs: dict[str, Prefs] = {}

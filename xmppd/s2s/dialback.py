@@ -10,8 +10,9 @@ whether the key is right.  Per XEP-0185 the key is::
 
 in lower-case hex, so any process holding the secret can verify a key
 without remembering which keys it handed out.  The secret is 32 random
-bytes kept in ``<data_dir>/s2s-dialback.secret`` (mode 0600, created at the
-first start, replaced atomically), so keys stay valid across restarts.
+bytes kept in ``s2s-dialback.secret`` in the store's directory (``[storage] dir``,
+default ``data_dir``; mode 0600, created at the
+first start, never two at once), so keys stay valid across restarts.
 Keys are compared with :func:`hmac.compare_digest` (constant time).
 """
 from __future__ import annotations
@@ -41,9 +42,17 @@ class DialbackKeys:
         return hmac.compare_digest(expected.encode("ascii"), key.strip().encode("utf-8", "replace"))
 
 
-def load_secret(data_dir: str) -> bytes:
-    """The secret from the data directory, created (0600) when missing."""
-    path = os.path.join(data_dir, SECRET_FILE)
+def load_secret(directory: str) -> bytes:
+    """The secret from ``directory`` (the store's, :func:`xmppd.storeconfig.store_dir`),
+    created (0600) when missing.
+
+    In the store's directory so that the nodes of a cluster that share it
+    share the secret: a dialback key made by one node's outbound stream is
+    verified by whichever node the remote server's verify connection
+    reaches (docs/cluster.rst).  Created with ``link``, not ``replace``:
+    nodes starting together must not each install a secret of their own.
+    """
+    path = os.path.join(directory, SECRET_FILE)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -52,7 +61,7 @@ def load_secret(data_dir: str) -> bytes:
     except FileNotFoundError:
         pass
     secret = os.urandom(SECRET_BYTES)
-    os.makedirs(data_dir, exist_ok=True)
+    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -60,5 +69,17 @@ def load_secret(data_dir: str) -> bytes:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        # Another node made it first (or a short one is there): use what is there
+        # if it is whole, else replace it.
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) >= 16:
+            os.unlink(tmp)
+            return data
+        os.replace(tmp, path)
+        return secret
+    os.unlink(tmp)
     return secret

@@ -111,7 +111,10 @@ class S2SService:
     @property
     def keys(self) -> DialbackKeys:
         if self._keys is None:
-            self._keys = DialbackKeys(load_secret(self.server.config.data_dir))
+            from xmppd.storeconfig import store_dir
+
+            # Shared by the nodes of a cluster that share the store's directory.
+            self._keys = DialbackKeys(load_secret(store_dir(self.server.config)))
         return self._keys
 
     def start(self) -> None:
