@@ -255,7 +255,7 @@ def test_ids_before_after_id_flip_and_unknown_ids(md, ninety_five):
     assert page.ids == [all_ids[3], all_ids[7], all_ids[60]] and page.complete
     page = query(d, form(after_id=all_ids[9], before_id=all_ids[15]))
     assert page.ids == all_ids[10:15] and page.count == 5
-    page = query(d, form(after_id=all_ids[9]), rsm(max=3), f"<flip-page/>")
+    page = query(d, form(after_id=all_ids[9]), rsm(max=3), "<flip-page/>")
     assert page.ids == list(reversed(all_ids[10:13]))
     for bad in (form(ids=[all_ids[0], "nope-1"]), form(after_id="unknown"),
                 form(before_id=all_ids[0][:-1] + "zz")):
