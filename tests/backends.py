@@ -308,7 +308,26 @@ def ldap_ldif(users: dict[str, str] = LDAP_USERS) -> str:
     return "\n\n".join(out) + "\n"
 
 
-class SlapdServer:
+class _ChildServer:
+    """A server process of the tests' own (``self.proc``) in a private ``self.dir``."""
+
+    proc: "subprocess.Popen | None" = None
+    dir: Path
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SlapdServer(_ChildServer):
     """A private slapd with StartTLS (ldap:// port) and an ldaps:// port."""
 
     def __init__(self, users: dict[str, str] = LDAP_USERS) -> None:
@@ -386,18 +405,6 @@ access to *
         wait_for_port(self.ldaps_port, proc=self.proc, logfile=self.logfile)
         return self
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
-
-    def destroy(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
 
 _SLAPD: SlapdServer | None = None
 
@@ -419,7 +426,7 @@ def slapd() -> SlapdServer:
 # -- Redis (the cluster's registry and bus) -----------------------------------------
 
 
-class RedisServer:
+class RedisServer(_ChildServer):
     """A private ``redis-server`` on a free loopback port, no persistence.
 
     ``stop()`` and ``start()`` again on the same port (tests of an outage):
@@ -451,18 +458,6 @@ class RedisServer:
         )
         wait_for_port(self.port, proc=self.proc, logfile=self.logfile)
         return self
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
-
-    def destroy(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

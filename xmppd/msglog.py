@@ -27,14 +27,13 @@ import bisect
 import os
 import sqlite3
 import threading
-import urllib.parse
 from collections import Counter
 from operator import itemgetter
 from typing import Callable, NamedTuple
 
 from zope.interface import Interface, implementer
 
-from xmppd.storage import StoreError, StoreNotFound
+from xmppd.storage import StoreError, StoreNotFound, connect_sqlite
 
 __all__ = ["Row", "LogQuery", "IMessageLog", "SQLiteMessageLog", "MemoryMessageLog",
            "Sequence", "LogWorker", "seq_of_id", "OldArchive"]
@@ -203,13 +202,7 @@ class SQLiteMessageLog:
         if not create and not os.path.isfile(self.path):
             raise StoreNotFound(self.path)
         try:
-            if create:
-                os.makedirs(data_dir, mode=0o750, exist_ok=True)
-                target, uri = self.path, False
-            else:
-                target, uri = f"file:{urllib.parse.quote(self.path)}?mode=rw", True
-            self._db = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
-                                       uri=uri)
+            self._db = connect_sqlite(self.path, create)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA wal_autocheckpoint=0")

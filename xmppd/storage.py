@@ -218,6 +218,22 @@ def _encode(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
+def connect_sqlite(path: str, create: bool) -> sqlite3.Connection:
+    """One autocommit connection to the SQLite file ``path``, shared across threads.
+
+    ``create``: the file (and its directory, 0750) may be made; otherwise it
+    must exist and is opened read-write without being created (SQLite would
+    otherwise make an empty database where a wrong path points).  Raises
+    ``OSError``/``sqlite3.Error`` for the caller to name in its own error.
+    """
+    if create:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+        target, uri = path, False
+    else:
+        target, uri = f"file:{urllib.parse.quote(path)}?mode=rw", True
+    return sqlite3.connect(target, isolation_level=None, check_same_thread=False, uri=uri)
+
+
 @implementer(IKeyValueStore)
 class SQLiteStore:
     """Key-value store in ``<data_dir>/xmppd.sqlite3`` (WAL, synchronous=FULL)."""
@@ -246,14 +262,7 @@ class SQLiteStore:
             self._lock = threading.Lock()
             return
         try:
-            if create:
-                os.makedirs(data_dir, mode=0o750, exist_ok=True)
-                target, uri = self.path, False
-            else:
-                target, uri = f"file:{urllib.parse.quote(self.path)}?mode=rw", True
-            self._db = sqlite3.connect(
-                target, isolation_level=None, check_same_thread=False, uri=uri
-            )
+            self._db = connect_sqlite(self.path, create)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
