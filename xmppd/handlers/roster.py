@@ -337,7 +337,7 @@ class RosterPlugin(Plugin):
         self.handle_iq("get", NS_ROSTER, "query", self.on_get)
         self.handle_iq("set", NS_ROSTER, "query", self.on_set)
         self.router.on_bound.append(lambda s: self.rosters.pin(s.jid.bare))
-        self.router.on_closed.append(self._closed)
+        self.router.on_released.append(self._closed)  # after presence's unavailable broadcast
         # Called with (owner bare, contact bare) when an item is removed.
         self.on_remove: list = []
 
