@@ -203,6 +203,11 @@ class Rosters:
         return self.store.items(STORE, bare).addCallback(
             lambda rows: {k: Item(v) for k, v in rows})
 
+    def cached_items(self, bare: str) -> dict | None:
+        """An online user's roster items when in memory (no Deferred), else None."""
+        cached = self._cache.get(bare)
+        return cached.items if cached is not None else None
+
     def pin(self, bare: str) -> None:
         if bare in self._cache or bare in self._loading:
             return
