@@ -18,7 +18,8 @@ def test_login_with_each_mechanism(daemon, mech):
         c.disconnect()
 
     run(go())
-    assert f"alice@localhost authenticated with {mech}" in daemon.logtext()
+    # One info line per login: who, from where, how authenticated.
+    assert f"alice@localhost/m from 127.0.0.1: session bound, authenticated with {mech}" in daemon.logtext()
 
 
 @pytest.mark.parametrize("mech", ["SCRAM-SHA-1", "PLAIN"])

@@ -54,7 +54,7 @@ from xmppd.stanzas import (
 )
 from xmppd.stream import AUTHENTICATED, BOUND, CLOSED, HEADER, NEGOTIATING, NS_TLS, XMPPStream
 from xmppd.xmlparser import Limits
-from xmppd.logfilter import log_observer
+from xmppd.logfilter import literal, log_observer
 
 if TYPE_CHECKING:
     from xmppd.core import Server
@@ -108,6 +108,7 @@ class C2SStream(XMPPStream):
         self.available = False
         self.priority = 0
         self.mechanism: sasl.Mechanism | None = None
+        self.auth_mechanism = ""  # the SASL mechanism that succeeded (for the session's log line)
         self.auth_failures = 0
         self._refusal: str | None = None
         self._cert_logged = False
@@ -171,7 +172,8 @@ class C2SStream(XMPPStream):
             # XEP-0198: the session may outlive its connection (resumption),
             # and its unacknowledged stanzas are the plugin's to re-route.
             return sm.plugin.session_ended(self)
-        log.info("c2s {jid} from {peer}: session ended", jid=self.jid.full, peer=self.peer)
+        jid, peer = self.jid.full, self.peer
+        log.info(literal(f"c2s {jid} from {peer}: session ended"), jid=jid, peer=peer)
         self.server.router.unbind(self)
         self._release_backlog()
         self._bookkeeping("record_logout")
@@ -489,10 +491,13 @@ class C2SStream(XMPPStream):
             self.server.throttle.record_success(self.peer, f"{step.username}@{self.host}")
         payload = base64.b64encode(step.data).decode() if step.data else ""
         self.transport.write(f"<success xmlns='{NS_SASL}'>{payload}</success>".encode())
-        log.info(
+        # Logged at info with the bound session (one line per login): this
+        # line is for following an exchange that never reaches a session.
+        log.debug(
             "c2s {peer}: {user}@{host} authenticated with {mech}",
             peer=self.peer, user=step.username, host=self.host, mech=mech,
         )
+        self.auth_mechanism = mech
         self.phase = AUTHENTICATED
         self._new_parser()
 
@@ -573,7 +578,9 @@ class C2SStream(XMPPStream):
         result = domish.Element((NS_BIND, "bind"))
         result.addElement("jid", content=self.jid.full)
         self.send(iq_result(iq, result))
-        log.info("c2s {jid} from {peer}: session bound", jid=self.jid.full, peer=self.peer)
+        jid, peer, mech = self.jid.full, self.peer, self.auth_mechanism
+        log.info(literal(f"c2s {jid} from {peer}: session bound, authenticated with {mech}"),
+                 jid=jid, peer=peer, mech=mech)
         self._bookkeeping("record_login")
 
     # -- stanzas of a bound session -----------------------------------------

@@ -105,6 +105,11 @@ class Router:
         self._offline_order = Serial()
         self.on_bound: list[Callable[[Session], None]] = []
         self.on_closed: list[Callable[[Session], None]] = []
+        # Run after every on_closed hook: drop per-user state that those
+        # hooks still read (the unavailable presence broadcast reads the
+        # roster and goes through the blocking filter; dropped first, each
+        # logout read them back from the store).
+        self.on_released: list[Callable[[Session], None]] = []
         # IQ results/errors addressed to a served host (answers to requests
         # the server sent, see xmppd.iqtracker): (stanza, sender) -> bool.
         self.iq_responses: Callable[[domish.Element, JID], bool] | None = None
@@ -141,11 +146,12 @@ class Router:
         if not resources:
             del self.sessions[session.jid.bare]
         self.session_counts[session.jid.host] -= 1
-        for hook in self.on_closed:
-            try:
-                hook(session)
-            except Exception:
-                log.failure("session close hook failed for {jid}", jid=session.jid.full)
+        for hooks in (self.on_closed, self.on_released):
+            for hook in hooks:
+                try:
+                    hook(session)
+                except Exception:
+                    log.failure("session close hook failed for {jid}", jid=session.jid.full)
 
     def resources_of(self, bare: str) -> dict[str, Session]:
         return self.sessions.get(bare, {})

@@ -198,7 +198,7 @@ class BlockingPlugin(Plugin):
         self.handle_iq("set", NS_BLOCKING, "unblock", self.on_unblock)
         self.router.filters.append(BlockingFilter(self))
         self.router.on_bound.append(self._bound)
-        self.router.on_closed.append(self._closed)
+        self.router.on_released.append(self._closed)  # after presence's unavailable broadcast
 
     # -- the per-user sets -------------------------------------------------
 

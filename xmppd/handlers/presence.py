@@ -25,6 +25,7 @@ from typing import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.words.xish import domish
 
 from xmppd import jid as jidlib
@@ -163,6 +164,17 @@ class PresencePlugin(Plugin):
             self._directed(stanza, kind, sender, to, session)
 
     def _broadcast(self, stanza, session, kind) -> None:
+        if kind is not None or session.state.get("sent_presence"):
+            # Not the initial presence (nothing to wait for after the
+            # broadcast): with the roster in memory, no generator and no
+            # Deferred (every logout and presence change of an online user).
+            roster = self.rosters.cached_items(session.jid.bare)
+            if roster is not None:
+                try:
+                    self._broadcast_with(stanza, session, kind, roster)
+                except Exception:
+                    self._read_failed(Failure())
+                return
         self._broadcast_to(stanza, session, kind).addErrback(self._read_failed)
 
     def _read_failed(self, failure) -> None:
@@ -175,8 +187,17 @@ class PresencePlugin(Plugin):
     @defer.inlineCallbacks
     def _broadcast_to(self, stanza, session, kind):
         initial = kind is None and not session.state.get("sent_presence")
+        roster = yield self.rosters.get(session.jid.bare)
+        self._broadcast_with(stanza, session, kind, roster)
+        if initial:
+            self._probe_contacts(session, roster)
+            yield self._redeliver_pending(session, roster)
+            for hook in self.on_initial_presence:
+                hook(session)
+
+    def _broadcast_with(self, stanza, session, kind, roster) -> None:
+        """The broadcast itself, once the user's roster is at hand."""
         owner = session.jid.bare
-        roster = yield self.rosters.get(owner)
         if kind is None:
             session.state["sent_presence"] = True
             session.state["last_presence"] = stanza
@@ -196,11 +217,6 @@ class PresencePlugin(Plugin):
                 other.send(copy_to(stanza, other.jid.full))
         if kind == "unavailable":
             self._unavailable_to_directed(session, stanza)
-        if initial:
-            self._probe_contacts(session, roster)
-            yield self._redeliver_pending(session, roster)
-            for hook in self.on_initial_presence:
-                hook(session)
 
     def _send_as(self, stanza, sender: JID, contact: str) -> None:
         """Broadcast ``stanza`` from ``sender`` to ``contact``, through the filters."""

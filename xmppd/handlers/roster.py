@@ -203,6 +203,11 @@ class Rosters:
         return self.store.items(STORE, bare).addCallback(
             lambda rows: {k: Item(v) for k, v in rows})
 
+    def cached_items(self, bare: str) -> dict | None:
+        """An online user's roster items when in memory (no Deferred), else None."""
+        cached = self._cache.get(bare)
+        return cached.items if cached is not None else None
+
     def pin(self, bare: str) -> None:
         if bare in self._cache or bare in self._loading:
             return
@@ -337,7 +342,7 @@ class RosterPlugin(Plugin):
         self.handle_iq("get", NS_ROSTER, "query", self.on_get)
         self.handle_iq("set", NS_ROSTER, "query", self.on_set)
         self.router.on_bound.append(lambda s: self.rosters.pin(s.jid.bare))
-        self.router.on_closed.append(self._closed)
+        self.router.on_released.append(self._closed)  # after presence's unavailable broadcast
         # Called with (owner bare, contact bare) when an item is removed.
         self.on_remove: list = []
 

@@ -55,6 +55,7 @@ from twisted.words.xish import domish
 
 from xmppd.backlog import OutboundBacklog
 from xmppd.handlers.csi import flush_held
+from xmppd.logfilter import literal
 from xmppd.plugin import Plugin
 from xmppd.smstate import MASK, HandledCountTooHigh, SMState
 from xmppd.stanzas import NS_CLIENT
@@ -317,8 +318,8 @@ class StreamManagementPlugin(Plugin):
                 while len(self.expired) > MAX_EXPIRED_MEMO:
                     self.expired.popitem(last=False)
         router = self.server.router
-        log.info("c2s {jid} from {peer}: session ended{how}", jid=stream.jid.full,
-                 peer=stream.peer, how=" (not resumed in time)" if layer.detached else "")
+        jid, peer, how = stream.jid.full, stream.peer, " (not resumed in time)" if layer.detached else ""
+        log.info(literal(f"c2s {jid} from {peer}: session ended{how}"), jid=jid, peer=peer, how=how)
         router.unbind(stream)  # presence goes unavailable now, not at the disconnection
         stream.state.pop("sm", None)
         stream._bookkeeping("record_logout")
