@@ -21,14 +21,16 @@ PW = "pw-secret"
 USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan", "judy",
          "kim", "leo"]
 PLUGINS = ["roster", "presence", "disco", "ping", "offline", "urn:xmpp:blocking",
-           "urn:xmpp:sid:0", "urn:xmpp:carbons:2", "urn:xmpp:sm:3"]
+           "urn:xmpp:sid:0", "urn:xmpp:carbons:2", "urn:xmpp:sm:3", "domain-filter"]
 CARBONS = "urn:xmpp:carbons:2"
 SM = "urn:xmpp:sm:3"
 HEARTBEAT, EXPIRY = 0.3, 1.5
 
 
 def make_node(tmp, name, store, redis_url) -> Daemon:
-    return Daemon(tmp / name, plugins=PLUGINS, extra=f"""
+    return Daemon(tmp / name, hosts=("localhost", "b.test"), plugins=PLUGINS, extra=f"""
+        [domain-filter]
+        poll_interval = 0.2
         [storage]
         dir = "{store}"
 
@@ -48,6 +50,7 @@ def nodes(tmp_path_factory, redis):  # noqa: F811
     daemons[0].start()
     for u in USERS:
         daemons[0].adduser(f"{u}@localhost", PW)
+    daemons[0].adduser("bee@b.test", PW)
     for d in daemons[1:]:
         d.start()
     yield daemons
@@ -115,6 +118,28 @@ def test_chat_across_nodes_full_and_bare(nodes):
     b.send("<iq type='result' id='q1' to='alice@localhost/r'/>")
     assert "type='result'" in expect(a, "<iq[^>]*id='q1'[^>]*>")
     a.close(), b.close()
+
+
+def test_domain_filter_holds_across_nodes(nodes):
+    """The filter chain runs on the node where a stanza enters, with the
+    recipient's policy from the shared store: kim (on n1) takes nothing from
+    other domains, so bee@b.test on n2 gets an error both ways; a same-domain
+    sender on n2 still reaches kim."""
+    nodes[0].ctl("filter", "kim@localhost", "OWN")
+    time.sleep(0.6)  # every node's filter poll (0.2 s) has seen the change
+    k = login(nodes[0], "kim")
+    bee = login(nodes[1], "bee", host="b.test")
+    leo = login(nodes[1], "leo")
+    settle()
+    bee.send("<message to='kim@localhost/r' type='chat' id='f1'><body>from b</body></message>")
+    assert "type='error'" in expect(bee, "<message[^>]*id='f1'[^>]*>")
+    k.send("<message to='bee@b.test/r' type='chat' id='f2'><body>to b</body></message>")
+    assert "type='error'" in expect(k, "<message[^>]*id='f2'[^>]*>")
+    leo.send("<message to='kim@localhost/r' type='chat' id='f3'><body>same domain</body></message>")
+    assert "same domain" in expect(k, "<message[^>]*id='f3'.*?</message>")
+    nothing(k, "from b")
+    nothing(bee, "to b")
+    k.close(), bee.close(), leo.close()
 
 
 def test_bare_jid_goes_to_highest_priority_across_nodes(nodes):

@@ -421,3 +421,29 @@ def test_notifications_to_a_remote_contact_over_s2s(tmp_path):
     finally:
         f.stop()
 
+
+
+def test_domain_filter_applies_to_notifications(tmp_path):
+    """A contact whose domain filter takes nothing from other domains gets no
+    notification of a contact on another served domain; an unfiltered one does."""
+    node = "urn:xmpp:test:domains"
+    d = Daemon(tmp_path, hosts=("localhost", "b.test"), plugins=PLUGINS + ["domain-filter"]).start()
+    try:
+        d.adduser("alice@localhost", PW)
+        for u in ("bee", "bea"):
+            d.adduser(f"{u}@b.test", PW)
+            subscribe_both(d, "alice", u, hosts=("localhost", "b.test"))
+        d.ctl("filter", "bee@b.test", "OWN")  # bee takes nothing from other domains
+        a = online(d, "alice", "dom", notify=[node])
+        bee = online(d, "bee", "dom", notify=[node], host="b.test")
+        bea = online(d, "bea", "dom", notify=[node], host="b.test")
+        sync(a), sync(bee), sync(bea)
+        out = publish(a, node, "1", f"<x xmlns='{node}'>one</x>")
+        assert "type='result'" in out
+        assert ">one<" in expect_event(bea, node)
+        expect_no_event(bee, node)
+        assert "type='error'" not in sync(a)  # the publisher hears nothing of it
+        for c in (a, bee, bea):
+            c.close()
+    finally:
+        d.stop()
