@@ -314,23 +314,12 @@ class PepStore:
         if not node.config["persist_items"]:
             node.transient = (item_id, xml)
             return []
-        nodes = yield self._mine(owner)
         kept = [i for i in node.items if i[0] != item_id]
         keep = self.effective_max(node.config) - 1
         evicted = [i[0] for i in kept[:max(0, len(kept) - keep)]]
         kept = kept[len(evicted):]
         new_items = kept + [[item_id, size]]
-        old_count, old_used = self._usage(nodes)
-        count = old_count - len(node.items) + len(new_items)
-        used = old_used - sum(i[1] for i in node.items) + sum(i[1] for i in new_items)
-        # Only growth is refused: a replacement that does not grow passes
-        # even over a quota lowered since.
-        if count > q.user_items and count > old_count:
-            raise QuotaExceeded("policy-violation", "max-items-exceeded",
-                                f"at most {q.user_items} PEP items per account")
-        if used > q.user_bytes and used > old_used:
-            raise QuotaExceeded("policy-violation", "max-items-exceeded",
-                                f"at most {q.user_bytes} bytes of PEP items per account")
+        yield self._check_account_quota(owner, node, new_items)
         node_value = {"config": node.config, "items": new_items}
         yield self.store.batch(
             puts=[(ITEMS, owner, node.name + SEP + item_id, xml), (NODES, owner, node.name, node_value)],
@@ -338,6 +327,26 @@ class PepStore:
         )
         node.items = new_items
         return evicted
+
+    @defer.inlineCallbacks
+    def _check_account_quota(self, owner: str, node: Node, new_items: list):
+        """Fail with :class:`QuotaExceeded` if ``node`` holding ``new_items``
+        would take the account over its item or byte quota.
+
+        Only growth is refused: a replacement that does not grow passes even
+        over a quota lowered since.
+        """
+        q = self.quotas
+        nodes = yield self._mine(owner)
+        old_count, old_used = self._usage(nodes)
+        count = old_count - len(node.items) + len(new_items)
+        used = old_used - sum(i[1] for i in node.items) + sum(i[1] for i in new_items)
+        if count > q.user_items and count > old_count:
+            raise QuotaExceeded("policy-violation", "max-items-exceeded",
+                                f"at most {q.user_items} PEP items per account")
+        if used > q.user_bytes and used > old_used:
+            raise QuotaExceeded("policy-violation", "max-items-exceeded",
+                                f"at most {q.user_bytes} bytes of PEP items per account")
 
     @defer.inlineCallbacks
     def replace(self, owner: str, node: Node, puts: list[tuple[str, str]], retracts: list[str]):
@@ -358,16 +367,7 @@ class PepStore:
         if len(new_items) > self.effective_max(node.config):
             raise QuotaExceeded("policy-violation", "max-items-exceeded",
                                 f"at most {self.effective_max(node.config)} items in {node.name}")
-        nodes = yield self._mine(owner)
-        old_count, old_used = self._usage(nodes)
-        count = old_count - len(node.items) + len(new_items)
-        used = old_used - sum(i[1] for i in node.items) + sum(i[1] for i in new_items)
-        if count > q.user_items and count > old_count:
-            raise QuotaExceeded("policy-violation", "max-items-exceeded",
-                                f"at most {q.user_items} PEP items per account")
-        if used > q.user_bytes and used > old_used:
-            raise QuotaExceeded("policy-violation", "max-items-exceeded",
-                                f"at most {q.user_bytes} bytes of PEP items per account")
+        yield self._check_account_quota(owner, node, new_items)
         present = set(node.ids())
         yield self.store.batch(
             puts=[(ITEMS, owner, node.name + SEP + k, xml) for k, xml in puts]

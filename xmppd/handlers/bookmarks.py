@@ -64,31 +64,30 @@ def _truthy(value: str | None) -> bool:
     return value in ("1", "true")
 
 
+def _conference(src: domish.Element, ns: str, room: str | None = None) -> domish.Element:
+    """A ``<conference/>`` in namespace ``ns`` with ``room`` as its jid (XEP-0048
+    only) and ``src``'s name, autojoin (normalised to true/false), nick and password."""
+    out = domish.Element((ns, "conference"))
+    if room is not None:
+        out["jid"] = room
+    if src.getAttribute("name"):
+        out["name"] = src["name"]
+    out["autojoin"] = "true" if _truthy(src.getAttribute("autojoin")) else "false"
+    for name in ("nick", "password"):
+        text = _text_of(src, name)
+        if text is not None:
+            out.addElement(name, content=text)
+    return out
+
+
 def to_legacy(room: str, conference: domish.Element) -> domish.Element:
     """A XEP-0048 ``<conference/>`` from a XEP-0402 item."""
-    el = domish.Element((NS_LEGACY, "conference"))
-    el["jid"] = room
-    if conference.getAttribute("name"):
-        el["name"] = conference["name"]
-    el["autojoin"] = "true" if _truthy(conference.getAttribute("autojoin")) else "false"
-    for name in ("nick", "password"):
-        text = _text_of(conference, name)
-        if text is not None:
-            el.addElement(name, content=text)
-    return el
+    return _conference(conference, NS_LEGACY, room)
 
 
 def from_legacy(el: domish.Element) -> domish.Element:
     """A XEP-0402 ``<conference/>`` payload from a XEP-0048 one."""
-    out = domish.Element((NS_BOOKMARKS, "conference"))
-    if el.getAttribute("name"):
-        out["name"] = el["name"]
-    out["autojoin"] = "true" if _truthy(el.getAttribute("autojoin")) else "false"
-    for name in ("nick", "password"):
-        text = _text_of(el, name)
-        if text is not None:
-            out.addElement(name, content=text)
-    return out
+    return _conference(el, NS_BOOKMARKS)
 
 
 class BookmarksPlugin(Plugin):
