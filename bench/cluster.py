@@ -38,6 +38,7 @@ from pathlib import Path
 
 import procstat
 import targets as targets_mod
+from report import median_cell
 from run import HOST, PASSWORD, Bench, free_port_pair, log
 from s2s import cross_pairs
 
@@ -143,11 +144,7 @@ async def saturation(bench: Bench, pairs, procs: dict[str, int], p: dict,
     await quiet(procs)
     await bench.machine_quiet()
     rx0, tx0, err0 = Bench._totals(conns)
-    for c in conns:
-        c.reply_on = True
-    for c in conns:
-        c.transport.write(c.reply * p["window"])
-        c.sent += p["window"]
+    Bench.open_window(conns, p["window"])
     await asyncio.sleep(p["warmup"])
     s0, c0 = bench.sample(), cpu_of(procs)
     io0 = {name: io_counts(pid) for name, pid in procs.items()}
@@ -330,17 +327,6 @@ async def run_cluster(args, p: dict, certs: dict, workroot: Path, cpu_server) ->
     return res
 
 
-def _med(values):
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return "–"
-    mid = values[len(values) // 2]
-
-    def f(x):
-        return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
-    return f"{f(mid)} ({f(values[0])}–{f(values[-1])})" if len(values) > 1 else f(mid)
-
-
 def markdown(result: dict) -> str:
     res = result["targets"].get("xmppd-cluster", {})
     reps = res.get("reps", [])
@@ -367,5 +353,5 @@ def markdown(result: dict) -> str:
              ("mixed / same", lambda r: r["mixed_vs_same"]),
              ("lost messages (cross)", lambda r: r.get("cross", {}).get("lost"))]
     out = [f"| metric (median (min–max) of {len(reps)}) | xmppd ({res['version']}) |", "|---|---|"]
-    out += [f"| {label} | {_med([get(r) for r in reps])} |" for label, get in rows]
+    out += [f"| {label} | {median_cell([get(r) for r in reps])} |" for label, get in rows]
     return "\n".join(out) + "\n"

@@ -96,6 +96,19 @@ def summarize(res: dict) -> dict:
     return out
 
 
+def median_cell(values) -> str:
+    """``median (min–max)`` of the values that are not None ("–" for none), as the
+    s2s and cluster tables show them."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return "–"
+
+    def f(x):
+        return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+    mid = statistics.median(values)
+    return f"{f(mid)} ({f(values[0])}–{f(values[-1])})" if len(values) > 1 else f(mid)
+
+
 def fmt(v):
     if v is None:
         return "–"

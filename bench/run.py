@@ -505,6 +505,16 @@ class Bench:
     def _totals(conns):
         return sum(c.msgs for c in conns), sum(c.sent for c in conns), sum(c.errors for c in conns)
 
+    @staticmethod
+    def open_window(conns, window: int) -> None:
+        """Closed loop: every connection answers each delivery with a new message,
+        and starts with ``window`` messages in flight."""
+        for c in conns:
+            c.reply_on = True
+        for c in conns:
+            c.transport.write(c.reply * window)
+            c.sent += window
+
     async def drain(self, conns, max_wait: float = 30.0):
         """Wait until every sent message has been delivered, or nothing moved for 3 s."""
         last, still, t0 = None, 0.0, time.monotonic()
@@ -531,11 +541,7 @@ class Bench:
         await self.quiesce()
         await self.machine_quiet()
         rx0, tx0, err0 = self._totals(conns)
-        for c in conns:
-            c.reply_on = True
-        for c in conns:
-            c.transport.write(c.reply * p["window"])
-            c.sent += p["window"]
+        self.open_window(conns, p["window"])
         await asyncio.sleep(p["warmup"])
         s0 = self.sample()
         d0 = self._totals(conns)[0]

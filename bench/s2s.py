@@ -32,6 +32,7 @@ import asyncio
 from pathlib import Path
 
 import targets as targets_mod
+from report import median_cell
 from run import PASSWORD, Bench, free_port_pair, log
 
 DOMAINS = ("a.s2s.bench", "b.s2s.bench")
@@ -84,11 +85,7 @@ async def saturation_two(ba: Bench, bb: Bench, pairs, p: dict) -> dict:
     await bb.quiesce()
     await ba.machine_quiet()
     rx0, tx0, err0 = Bench._totals(conns)
-    for c in conns:
-        c.reply_on = True
-    for c in conns:
-        c.transport.write(c.reply * p["window"])
-        c.sent += p["window"]
+    Bench.open_window(conns, p["window"])
     await asyncio.sleep(p["warmup"])
     sa, sb = ba.sample(), bb.sample()
     d0 = Bench._totals(conns)[0]
@@ -209,17 +206,6 @@ async def run_s2s_target(name: str, args, p: dict, workroot: Path, cpu_server) -
     return res
 
 
-def _med(values):
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return "–"
-    mid = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
-
-    def f(x):
-        return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
-    return f"{f(mid)} ({f(values[0])}–{f(values[-1])})" if len(values) > 1 else f(mid)
-
-
 def markdown(result: dict) -> str:
     names = list(result["targets"])
     rows = [
@@ -238,7 +224,7 @@ def markdown(result: dict) -> str:
         cells = []
         for n in names:
             reps = [r for r in result["targets"][n].get("reps", []) if "s2s" in r]
-            cells.append(_med([get(r) for r in reps]) if reps else result["targets"][n].get("error", "–"))
+            cells.append(median_cell([get(r) for r in reps]) if reps else result["targets"][n].get("error", "–"))
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     links = {n: [r["s2s"]["tcp_links"] for r in result["targets"][n].get("reps", []) if "s2s" in r]
              for n in names}
