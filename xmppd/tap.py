@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from xmppd import gcsettle
 from xmppd.config import ConfigError, load
 from xmppd.listen import listen_all, listeners
 from xmppd.logfilter import log_observer, set_level
@@ -78,14 +79,18 @@ class ServerService(service.MultiService):
         log.info("xmppd serving {hosts} (data in {data_dir})",
                  hosts=hosts, data_dir=self.server.config.data_dir)
         self.notifier.ready(f"serving {hosts}")
+        # Last: whatever start-up built lives as long as the process.
+        gcsettle.settle()
 
     def reload(self, how: str):
         """SIGHUP or ``xmppctl reload``: returns the :class:`~xmppd.reconfig.ReloadOutcome`."""
         self.notifier.reloading()
         log.info("{how}: reloading configuration and certificates", how=how)
+        gcsettle.unsettle()
         try:
             return self.server.reload()
         finally:
+            gcsettle.settle()
             self.notifier.ready()
 
     def stopService(self):
