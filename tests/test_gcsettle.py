@@ -72,3 +72,25 @@ def test_reload_unfreezes_and_freezes_again(monkeypatch):
     assert calls == [0]  # the reload ran with nothing frozen
     assert dead() is None  # garbage from before the reload was collected
     assert gc.get_freeze_count() > 1000  # and the heap is frozen again
+
+
+def test_slow_full_collections_are_logged_once_each():
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    watch = gcsettle.FullCollectionWatch(threshold=0.0)
+    watch.install()
+    watch.install()  # once only
+    try:
+        gc.collect(0)  # a young pass: not reported
+        assert watch.slow == 0
+        gc.collect()
+    finally:
+        watch.remove()
+        globalLogPublisher.removeObserver(seen.append)
+    assert watch.slow == 1
+    lines = [e for e in seen if "full collection" in e.get("log_format", "")]
+    assert len(lines) == 1 and lines[0]["ms"] >= 0
+    gc.collect()
+    assert watch.slow == 1  # removed: no longer called

@@ -18,6 +18,16 @@ the collector free them instead of keeping them for the life of the process.
 from __future__ import annotations
 
 import gc
+from time import perf_counter
+
+from twisted.logger import Logger
+
+from xmppd.logfilter import log_observer
+
+log = Logger(observer=log_observer)
+
+#: A full collection longer than this is logged (it stalled every connection).
+SLOW_FULL_COLLECTION = 0.010
 
 
 def settle() -> int:
@@ -30,3 +40,40 @@ def settle() -> int:
 def unsettle() -> None:
     """Give the frozen objects back to the collector (before a reload)."""
     gc.unfreeze()
+
+
+class FullCollectionWatch:
+    """Logs each full collection that stalled the reactor for long (info level).
+
+    Called by the interpreter at the start and end of every collection
+    (one per ~100 stanzas): two comparisons unless a full one ends slow.
+    """
+
+    def __init__(self, threshold: float = SLOW_FULL_COLLECTION) -> None:
+        self.threshold = threshold
+        self.started = 0.0
+        self.slow = 0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self.started = perf_counter()
+            return
+        took = perf_counter() - self.started
+        if took >= self.threshold:
+            self.slow += 1
+            log.info("gc: a full collection held every connection for {ms:.0f} ms "
+                     "({collected} objects freed, {frozen} frozen)", ms=took * 1000,
+                     collected=info["collected"], frozen=gc.get_freeze_count())
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def remove(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
+
+
+watch = FullCollectionWatch()

@@ -81,6 +81,7 @@ class ServerService(service.MultiService):
         self.notifier.ready(f"serving {hosts}")
         # Last: whatever start-up built lives as long as the process.
         gcsettle.settle()
+        gcsettle.watch.install()
 
     def reload(self, how: str):
         """SIGHUP or ``xmppctl reload``: returns the :class:`~xmppd.reconfig.ReloadOutcome`."""
