@@ -449,3 +449,14 @@ def test_pg_archive_slots_are_exclusive_and_freed(pg_store_conf, monkeypatch):  
         c.close()
     finally:
         b.close()
+
+
+def test_sqlite_refuses_ids_without_a_prefix(tmp_path):
+    from xmppd.storage import StoreError
+
+    log = SQLiteMessageLog(str(tmp_path))
+    with pytest.raises(StoreError):
+        log.append([(5, "a@x", "b@y", "5", INCOMING, b"<message/>")])
+    log.append([(5, "a@x", "b@y", "p-5", INCOMING, b"<message/>")])  # the transaction is clean
+    assert [r.id for r in log.query(LogQuery("a@x"))] == ["p-5"]
+    log.close()

@@ -231,6 +231,7 @@ class Sequence:
         self.clock = clock
         self.step = 1 << bits
         self.mask = self.step - 1
+        self._keep = ~self.mask  # the bits of a time this node's values keep
         self.slot = slot
         # Below the next value this node may use: anything above ``last``
         # (the highest stored by any node) with our slot in the low bits.
@@ -240,7 +241,7 @@ class Sequence:
         return self
 
     def __next__(self) -> int:
-        now = (int(self.clock.seconds() * 1_000_000) & ~self.mask) | self.slot
+        now = (int(self.clock.seconds() * 1_000_000) & self._keep) | self.slot
         if now <= self.last:
             now = self.last + self.step
         self.last = now
@@ -303,6 +304,17 @@ class LogWorker:
                 self.on_overflow(self.dropped)
             return
         self.pending.append(row)
+        if self._call is None:
+            self._call = self.clock.callLater(self.flush_interval, self._timer)
+
+    def extend(self, rows: tuple) -> None:
+        """:meth:`append` for the rows of one message (one call on the hot path)."""
+        pending = self.pending
+        if len(pending) + len(rows) > self.max_buffer or self.closed:
+            for row in rows:
+                self.append(row)
+            return
+        pending += rows
         if self._call is None:
             self._call = self.clock.callLater(self.flush_interval, self._timer)
 

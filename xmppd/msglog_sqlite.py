@@ -138,7 +138,7 @@ class SQLiteMessageLog:
             raise StoreNotFound(self.path)
         self._jids: dict[str, int] = {}  # bare JID -> id, bounded
         self._names: dict[int, str] = {}  # id -> bare JID (reads), bounded
-        self._prefixes: dict[str, int] = {}  # id prefix -> number
+        self._prefixes: dict[str, int] = {}  # id prefix without its last '-' -> number
         self._prefix_names: dict[int, str] = {}  # number -> id prefix (reads)
         try:
             self._db = connect_sqlite(self.path, create)
@@ -271,11 +271,15 @@ class SQLiteMessageLog:
         self._jids[jid] = number
         return number
 
-    def _prefix(self, db, prefix: str) -> int:
+    def _prefix(self, db, head: str, dash: str) -> int:
+        """The number of id prefix ``head + dash`` (an id without a dash is refused)."""
+        if not dash:
+            raise sqlite3.IntegrityError(f"archive id prefix {head!r} does not end with '-'")
+        prefix = head + dash
         row = db.execute("SELECT id FROM prefixes WHERE prefix=?", (prefix,)).fetchone()
         number = (row[0] if row is not None else
                   db.execute("INSERT INTO prefixes (prefix) VALUES (?)", (prefix,)).lastrowid)
-        self._prefixes[prefix] = number
+        self._prefixes[head] = number
         return number
 
     def _prefix_name(self, db, number: int) -> str:
@@ -583,9 +587,9 @@ class SQLiteMessageLog:
                 oi = others.get(with_full)
                 if oi is None:
                     oi = others[with_full] = len(others)
-                dash = ident.rfind("-") + 1
-                pfx = prefixes.get(ident[:dash]) or self._prefix(db, ident[:dash])
-                if not dash or ident[dash:] != f"{seq:x}":
+                head, dash, tail = ident.rpartition("-")
+                pfx = prefixes.get(head) or self._prefix(db, head, dash)
+                if tail != f"{seq:x}":
                     raise sqlite3.IntegrityError(f"archive id {ident!r} is not <prefix>-{seq:x}")
                 entries.append((seq, oi, pfx, direction, cid, off, length))
             chunks.append((cid, refs, b"".join(parts)))
