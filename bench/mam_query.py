@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Server time of MAM page queries on a 1,000,000-message archive (issue 16).
 
-Not a test.  Fills ``archive.sqlite3`` (schema 2: ``msgs`` and ``archive``,
-see :class:`xmppd.msglog.SQLiteMessageLog`) in a temporary directory directly by
-SQL (one user, 1,000,000 messages with 100 correspondents, a second user
+Not a test.  Fills ``archive.sqlite3`` (schema 3: blocks, see
+:mod:`xmppd.msglog_sqlite`) in a temporary directory through
+``SQLiteMessageLog.append``, 1,000 rows per transaction as a flush writes
+them (one user, 1,000,000 messages with 100 correspondents, a second user
 with 100,000), then runs queries through the plugin's own handler
 (``MAMPlugin.on_query``: form and RSM parsing, the SQLite reads, the result
 messages and ``<fin/>``) and reports wall-clock
@@ -16,7 +17,6 @@ served the user before).
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import statistics
 import tempfile
 import time
@@ -37,32 +37,26 @@ STEP = 10_000
 PREFIX = "BenchPrefix0-"
 
 
-def fill(data_dir: str, rows: int) -> None:
-    SQLiteMessageLog(data_dir).close()  # the schema
-    db = sqlite3.connect(f"{data_dir}/{SQLiteMessageLog.FILENAME}")
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=OFF")
-    db.execute("INSERT INTO jids (id, jid) VALUES (1, 'big@localhost'), (2, 'small@localhost')")
-    db.executemany("INSERT INTO jids (id, jid) VALUES (?, ?)",
-                   [(10 + i, f"friend{i}@remote.example") for i in range(100)])
-    db.execute("INSERT INTO prefixes (id, prefix) VALUES (1, ?)", (PREFIX,))
+def fill(data_dir: str, rows: int, batch: int = 1000) -> None:
+    """The archive written as the server writes it: ``batch`` rows per
+    transaction (one flush), so one block per user per flush."""
+    log = SQLiteMessageLog(data_dir)
     body = "x" * 60
-    for uid, n, offset in ((1, rows, 0), (2, rows // 10, 1)):
-        db.execute(
-            "WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c WHERE x < ?) "
-            "INSERT INTO msgs SELECT ? + x * ? + ?, 1, ?, NULL, NULL, "
-            "CAST('<message xmlns=''jabber:client'' type=''chat'' id=''m' || x || "
-            "''' to=''big@localhost'' from=''friend' || (x % 100) || '@remote.example/phone''>"
-            f"<body>{body} ' || x || '</body></message>' AS BLOB) FROM c",
-            (n - 1, BASE_SEQ, STEP, offset, uid))
-        db.execute(
-            "WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c WHERE x < ?) "
-            "INSERT INTO archive SELECT ?, ? + x * ? + ?, 10 + x % 100, 'phone', 1, x % 2,"
-            " ? + x * ? + ? FROM c",
-            (n - 1, uid, BASE_SEQ, STEP, offset, BASE_SEQ, STEP, offset))
-    db.execute("UPDATE meta SET value=(SELECT max(seq) FROM msgs) WHERE key='last_seq'")
-    db.commit()
-    db.close()
+    pending = []
+    for x in range(rows):
+        seq = BASE_SEQ + x * STEP
+        for user, s in (("big@localhost", seq), ("small@localhost", seq + 1)):
+            if user == "small@localhost" and x >= rows // 10:
+                continue
+            friend = f"friend{x % 100}@remote.example"
+            stanza = (f"<message xmlns='jabber:client' type='chat' id='m{x}' to='{user}'"
+                      f" from='{friend}/phone'><body>{body} {x}</body></message>").encode()
+            pending.append((s, user, f"{friend}/phone", f"{PREFIX}{s:x}", x % 2, stanza))
+        if len(pending) >= batch:
+            log.append(pending)
+            pending = []
+    log.append(pending)
+    log.close()
 
 
 class Sink:

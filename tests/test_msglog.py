@@ -1,6 +1,8 @@
 """The message log (xmppd.msglog): one suite for the SQLite and the in-memory backends."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from xmppd.msglog import (
@@ -154,10 +156,11 @@ def test_delete_in_chunks(msglog):
     msglog.checkpoint()
 
 
-# -- the SQLite layout (schema 2): one stored message per delivery -------------------
+# -- the SQLite layout (schema 3): blocks per user per flush, messages stored once --------
 
 def stored_messages(log) -> int:
-    return log._db.execute("SELECT count(*) FROM msgs").fetchone()[0]
+    """Stanzas held in the chunks (every test stanza starts with ``<message``)."""
+    return sum(d.count(b"<message") for (d,) in log._db.execute("SELECT data FROM chunks"))
 
 
 def pair(seq, data=None):
@@ -171,25 +174,156 @@ def test_sqlite_stores_a_local_message_once(tmp_path):
     log = SQLiteMessageLog(str(tmp_path))
     log.append(pair(10) + pair(20) + [row(30)])
     assert stored_messages(log) == 3  # two pairs and a single row
+    # one block per user per append, not one row per message
+    assert log._db.execute("SELECT count(*) FROM blocks").fetchone()[0] == 2
     a, b = log.query(LogQuery("a@x")), log.query(LogQuery("b@x"))
     assert [(r.seq, r.id, r.with_full, r.direction) for r in b] == [
         (11, "p-b", "a@x/laptop", INCOMING), (21, "p-15", "a@x/laptop", INCOMING)]
     assert a[0].stanza == b[0].stanza == b"<message n='10'/>"
     assert log.last_seq() == 30
-    # one party's deletion keeps the other's copy; the message goes with the last row
+    # one party's deletion keeps the other's copy
     assert log.delete_user("a@x", before=15) == 1
-    assert stored_messages(log) == 3 and log.get("b@x", [11])[0].stanza == b"<message n='10'/>"
+    assert log.get("b@x", [11])[0].stanza == b"<message n='10'/>"
     assert log.delete_user("b@x", before=15) == 1
-    assert stored_messages(log) == 2
-    # expiry takes every row of a message
-    assert log.expire(before=25, limit=1) == 2
-    assert stored_messages(log) == 1 and log.query(LogQuery("b@x")) == []
+    # expiry cuts inside blocks: exactly the entries before the cut-off
+    assert log.expire(before=25, limit=100) == 2
+    assert log.query(LogQuery("b@x")) == [] and seqs(log.query(LogQuery("a@x"))) == [30]
+    assert log.delete_user("a@x") == 1
+    assert log._db.execute("SELECT count(*) FROM chunks").fetchone()[0] == 0  # released
+    assert log._db.execute("SELECT count(*) FROM block_with").fetchone()[0] == 0
     # the quota releases what it drops
     log.append(pair(40) + pair(50), max_per_user=1)
-    assert stored_messages(log) == 1 and seqs(log.query(LogQuery("a@x"))) == [50]
+    assert seqs(log.query(LogQuery("a@x"))) == [50] and seqs(log.query(LogQuery("b@x"))) == [51]
+    assert log._db.execute("SELECT sum(refs) FROM chunks").fetchone()[0] == 2
     log.close()
     log = SQLiteMessageLog(str(tmp_path))  # the high-water mark survives deletions
     assert log.last_seq() == 51
+    log.close()
+
+
+def test_sqlite_blocks_agree_with_the_memory_log(tmp_path, monkeypatch):
+    """Small blocks and chunks, random appends (pairs, late rows), quota,
+    deletes and expiry: every query, count and get answers as the in-memory
+    log does (which keeps one row per message)."""
+    import random
+
+    from xmppd import msglog_sqlite
+
+    monkeypatch.setattr(msglog_sqlite, "MAX_ENTRIES", 3)
+    monkeypatch.setattr(msglog_sqlite, "CHUNK_BYTES", 40)
+    rnd = random.Random(7)
+    users = ["a@x", "b@x", "c@x"]
+    others = ["b@x/phone", "b@x/pc", "d@y", "a@x/laptop", "e@z/r"]
+    sql, mem = SQLiteMessageLog(str(tmp_path)), MemoryMessageLog()
+    seq = 1000
+    late = []
+    for step in range(120):
+        batch = []
+        for _ in range(rnd.randrange(0, 8)):
+            seq += rnd.randrange(1, 4)
+            data = f"<message n='{seq}'>{'x' * rnd.randrange(0, 30)}</message>".encode()
+            u, o = rnd.choice(users), rnd.choice(others)
+            batch.append((seq, u, o, f"pre{seq % 2}-{seq:x}", rnd.randrange(2), data))
+            if rnd.random() < 0.3:  # the recipient's row of the same message
+                seq += 1
+                batch.append((seq, rnd.choice(users), o, f"pre-{seq:x}", INCOMING, data))
+            if rnd.random() < 0.1:  # a row that arrives a few batches late
+                seq += 1
+                late.append((seq, u, o, f"pre-{seq:x}", OUTGOING, data))
+        if late and rnd.random() < 0.3:
+            batch.append(late.pop(0))
+        quota = 25 if step > 60 else 0
+        assert sql.append(list(batch), quota) == mem.append(list(batch), quota)
+        action = rnd.random()
+        if action < 0.05:
+            u, cut, limit = rnd.choice(users), seq - rnd.randrange(0, 40), rnd.choice([None, 2, 5])
+            assert sql.delete_user(u, cut, limit) == mem.delete_user(u, cut, limit)
+        if action < 0.1:
+            cut = seq - rnd.randrange(20, 80)
+            assert sql.expire(cut, 10**6) == mem.expire(cut, 10**6)
+        for _ in range(4):
+            u = rnd.choice(users)
+            lo = rnd.choice([None, seq - rnd.randrange(0, 100)])
+            hi = rnd.choice([None, seq - rnd.randrange(0, 60)])
+            w = rnd.choice([None, None, "b@x", "d@y", "b@x/pc", "a@x/laptop"])
+            q = LogQuery(u, w, w is not None and "/" in w, lo, hi, rnd.randrange(1, 12),
+                         rnd.random() < 0.5)
+            assert sql.query(q) == mem.query(q), q
+            assert sql.count(q, 30) == mem.count(q, 30), q
+        wanted = [rnd.randrange(1000, seq + 1) for _ in range(6)]
+        assert sql.get("a@x", wanted) == mem.get("a@x", wanted)
+    assert mem.last_seq() <= sql.last_seq() <= seq
+    assert sql._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # every chunk is referenced by exactly as many entries as it counts
+    refs = Counter()
+    for (blob,) in sql._db.execute("SELECT entries FROM blocks"):
+        refs.update(e[4] for e in msglog_sqlite.ENTRY.iter_unpack(blob))
+    assert dict(sql._db.execute("SELECT id, refs FROM chunks")) == dict(refs)
+    sql.close()
+
+
+SCHEMA_2 = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE jids (id INTEGER PRIMARY KEY, jid TEXT NOT NULL UNIQUE)",
+    "CREATE TABLE prefixes (id INTEGER PRIMARY KEY, prefix TEXT NOT NULL UNIQUE)",
+    "CREATE TABLE msgs (seq INTEGER PRIMARY KEY, refs INTEGER NOT NULL, uid INTEGER NOT NULL,"
+    " uid2 INTEGER, seq2 INTEGER, stanza BLOB NOT NULL)",
+    "CREATE TABLE archive (uid INTEGER NOT NULL, seq INTEGER NOT NULL, wid INTEGER NOT NULL,"
+    " with_res TEXT, pfx INTEGER NOT NULL, dir INTEGER NOT NULL, msg INTEGER NOT NULL,"
+    " PRIMARY KEY (uid, seq)) WITHOUT ROWID",
+    "CREATE INDEX archive_with ON archive(uid, wid)",
+    "INSERT INTO meta VALUES ('schema', 2), ('last_seq', 0)",
+)
+
+
+def test_sqlite_converts_a_schema_2_archive(tmp_path, monkeypatch):
+    """An archive.sqlite3 written by schema 2 (one row per archive entry) is
+    converted on open, in one transaction, and reads back entry for entry."""
+    import sqlite3
+
+    from xmppd import msglog_sqlite
+
+    monkeypatch.setattr(msglog_sqlite, "MAX_ENTRIES", 4)
+    db = sqlite3.connect(tmp_path / "archive.sqlite3")
+    for statement in SCHEMA_2:
+        db.execute(statement)
+    db.executemany("INSERT INTO jids VALUES (?, ?)",
+                   [(1, "a@x"), (2, "b@x"), (3, "c@y")])
+    db.executemany("INSERT INTO prefixes VALUES (?, ?)", [(1, "old-"), (2, "new-")])
+    expected = {"a@x": [], "b@x": []}
+    for i in range(10):  # a@x -> b@x, stored once for both; then one from c@y/r to a@x
+        s = 100 + 10 * i
+        data = f"<message n='{i}'/>".encode()
+        db.execute("INSERT INTO msgs VALUES (?, 2, 1, 2, ?, ?)", (s, s + 1, data))
+        db.execute("INSERT INTO archive VALUES (1, ?, 2, 'phone', ?, 1, ?)", (s, 1 + i % 2, s))
+        db.execute("INSERT INTO archive VALUES (2, ?, 1, NULL, 2, 0, ?)", (s + 1, s))
+        db.execute("INSERT INTO msgs VALUES (?, 1, 1, NULL, NULL, ?)", (s + 2, data + b"!"))
+        db.execute("INSERT INTO archive VALUES (1, ?, 3, 'r', 2, 0, ?)", (s + 2, s + 2))
+        pfx = "old-" if i % 2 == 0 else "new-"
+        expected["a@x"] += [(s, "a@x", "b@x/phone", f"{pfx}{s:x}", OUTGOING, data),
+                            (s + 2, "a@x", "c@y/r", f"new-{s + 2:x}", INCOMING, data + b"!")]
+        expected["b@x"].append((s + 1, "b@x", "a@x", f"new-{s + 1:x}", INCOMING, data))
+    db.execute("UPDATE meta SET value=192 WHERE key='last_seq'")
+    db.commit()
+    db.close()
+    log = SQLiteMessageLog(str(tmp_path))
+    try:
+        for user, rows in expected.items():
+            assert [tuple(r) for r in log.query(LogQuery(user, limit=100))] == rows
+        assert seqs(log.query(LogQuery("a@x", "c@y", limit=3, reverse=True))) == [192, 182, 172]
+        assert log.count(LogQuery("a@x", "b@x"), 100) == 10
+        assert log.last_seq() == 192
+        assert stored_messages(log) == 20  # the shared message is still stored once
+        tables = {r[0] for r in log._db.execute("SELECT name FROM sqlite_master")}
+        assert "archive" not in tables and "msgs" not in tables
+        # it goes on: new rows, deletes
+        log.append([(300, "a@x", "b@x", "new-12c", OUTGOING, b"<message/>")])
+        assert log.delete_user("a@x", before=150) == 10
+        assert log.count(LogQuery("a@x"), 100) == 11
+    finally:
+        log.close()
+    log = SQLiteMessageLog(str(tmp_path))  # converted once: opens as schema 3
+    assert log._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
     log.close()
 
 
@@ -208,7 +342,7 @@ def test_sqlite_refuses_an_archive_of_another_schema(tmp_path):
     for create in (True, False):
         with pytest.raises(OldArchive) as e:
             SQLiteMessageLog(str(tmp_path), create=create)
-        assert "schema 1, this xmppd reads schema 2: move the file away" in str(e.value)
+        assert "schema 1, this xmppd reads schema 3: move the file away" in str(e.value)
     db = sqlite3.connect(tmp_path / "archive.sqlite3")
     assert db.execute("SELECT count(*) FROM archive").fetchone()[0] == 1  # left as it was
     db.close()
@@ -315,3 +449,14 @@ def test_pg_archive_slots_are_exclusive_and_freed(pg_store_conf, monkeypatch):  
         c.close()
     finally:
         b.close()
+
+
+def test_sqlite_refuses_ids_without_a_prefix(tmp_path):
+    from xmppd.storage import StoreError
+
+    log = SQLiteMessageLog(str(tmp_path))
+    with pytest.raises(StoreError):
+        log.append([(5, "a@x", "b@y", "5", INCOMING, b"<message/>")])
+    log.append([(5, "a@x", "b@y", "p-5", INCOMING, b"<message/>")])  # the transaction is clean
+    assert [r.id for r in log.query(LogQuery("a@x"))] == ["p-5"]
+    log.close()

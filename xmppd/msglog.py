@@ -3,8 +3,8 @@
 Not the key-value store (:mod:`xmppd.storage`): an archive is a log read in
 pages, by time and by conversation partner, and a key-value scan of a
 million rows per page would not do.  :class:`IMessageLog` is the contract a
-backend implements (SQLite here and an in-memory one for tests; a
-PostgreSQL one can follow the same schema).
+backend implements (SQLite in :mod:`xmppd.msglog_sqlite`, PostgreSQL in
+:mod:`xmppd.msglog_pg`, and an in-memory one here for tests).
 
 Ordering key: every row has a ``seq``, an integer that is at the same time
 its archive time in microseconds since the epoch.  The writer hands out
@@ -12,9 +12,9 @@ strictly increasing values (``max(now, last + 1)``, see
 :class:`Sequence`), so one integer orders the log, bounds time ranges
 (``start``/``end`` become ``seq`` bounds, no time index needed), and points
 to a row: archive ids are the XEP-0359 stanza ids, ``<process prefix><seq
-in hex>``, so an id is resolved by its primary key and checked against the
-id rebuilt from the row (its prefix is stored as a number), with no id
-column or index.  A clock that steps back makes the
+in hex>``, so an id is resolved by its ``seq`` and checked against the id
+rebuilt from the stored entry (its prefix is stored as a number), with no
+id column or index.  A clock that steps back makes the
 archive times run up to that much ahead for a while; order stays right.
 
 The calls are synchronous and cheap (no fsync: checkpoints run on a thread
@@ -24,16 +24,11 @@ large one is made of short transactions.
 from __future__ import annotations
 
 import bisect
-import os
-import sqlite3
-import threading
-from collections import Counter
-from operator import itemgetter
 from typing import Callable, NamedTuple
 
 from zope.interface import Interface, implementer
 
-from xmppd.storage import StoreError, StoreNotFound, connect_sqlite
+from xmppd.storage import StoreError
 
 __all__ = ["Row", "LogQuery", "IMessageLog", "SQLiteMessageLog", "MemoryMessageLog",
            "Sequence", "LogWorker", "seq_of_id", "OldArchive"]
@@ -114,409 +109,6 @@ class IMessageLog(Interface):
 
     def close() -> None:
         """Release resources."""
-
-
-_COLUMNS = ("a.seq, ?, CASE WHEN a.with_res IS NULL THEN j.jid ELSE j.jid || '/' || a.with_res END,"
-            " p.prefix || printf('%x', a.seq), a.dir, m.stanza")
-_FROM = ("archive a JOIN jids j ON j.id=a.wid JOIN prefixes p ON p.id=a.pfx"
-         " JOIN msgs m ON m.seq=a.msg")
-JID_CACHE = 100_000
-# The WAL file is cut back to this size when a checkpoint has emptied it.
-WAL_SIZE_LIMIT = 64 << 20
-# Page cache of the writing connection (KiB): the pages that a batch touches
-# (the end of every active user's range) stay in memory between batches.
-CACHE_KIB = 8192
-SCHEMA = 2  # the on-disk layout this code reads and writes (meta table, key 'schema')
-
-
-def _where(q: LogQuery, uid: int, wid: int | None) -> tuple[str, list]:
-    clauses, args = ["a.uid=?"], [uid]
-    if wid is not None:
-        clauses.append("a.wid=?")
-        args.append(wid)
-        if q.with_full:
-            clauses.append("a.with_res=?")
-            args.append(q.with_jid.split("/", 1)[1])
-    if q.lo is not None:
-        clauses.append("a.seq>?")
-        args.append(q.lo)
-    if q.hi is not None:
-        clauses.append("a.seq<?")
-        args.append(q.hi)
-    return " AND ".join(clauses), args
-
-
-_CREATE = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE jids (id INTEGER PRIMARY KEY, jid TEXT NOT NULL UNIQUE)",
-    "CREATE TABLE prefixes (id INTEGER PRIMARY KEY, prefix TEXT NOT NULL UNIQUE)",
-    # One stored message, shared by the (at most two) archive rows that
-    # point to it: (uid, seq) is the first, (uid2, seq2) the second.
-    "CREATE TABLE msgs (seq INTEGER PRIMARY KEY, refs INTEGER NOT NULL, uid INTEGER NOT NULL,"
-    " uid2 INTEGER, seq2 INTEGER, stanza BLOB NOT NULL)",
-    "CREATE TABLE archive (uid INTEGER NOT NULL, seq INTEGER NOT NULL, wid INTEGER NOT NULL,"
-    " with_res TEXT, pfx INTEGER NOT NULL, dir INTEGER NOT NULL, msg INTEGER NOT NULL,"
-    " PRIMARY KEY (uid, seq)) WITHOUT ROWID",
-    "CREATE INDEX archive_with ON archive(uid, wid)",
-    f"INSERT INTO meta VALUES ('schema', {SCHEMA}), ('last_seq', 0)",
-)
-
-
-class OldArchive(StoreError):
-    """The archive file has a layout this version does not read."""
-
-
-@implementer(IMessageLog)
-class SQLiteMessageLog:
-    """The archive in ``<data_dir>/archive.sqlite3`` (WAL, synchronous=NORMAL).
-
-    A file of its own, so that its batched writes never wait for (or hold)
-    the key-value store's write lock.  Commits do not fsync (WAL with
-    ``synchronous=NORMAL``: a crash of the process loses nothing committed,
-    a power loss what was committed since the last checkpoint); automatic
-    checkpoints are off and :meth:`checkpoint` (WAL fsync, copy, database
-    fsync) runs on a thread of its own connection, so no fsync is ever
-    made on the reactor.
-
-    Layout (schema 2, bench/RESULTS.md "archive write path"): a message is
-    stored once in ``msgs`` (keyed by the ``seq`` of its first archive row)
-    and each archive that holds it has a small row in ``archive``, a
-    WITHOUT ROWID table keyed ``(uid, seq)``: a user's page is one range of
-    the primary key, a conversation one range of the ``(uid, wid)`` index,
-    with no separate per-user index to maintain.  A message between two
-    local users (archived twice) is written once, with two small rows: five
-    B-tree inserts instead of six and about half the bytes of schema 1's
-    two full rows with two indexes each (bench/RESULTS.md).  The
-    archive id is not stored: it is ``<prefix><seq in hex>`` (the XEP-0359
-    id the message was delivered with) and rows keep a reference to their
-    prefix.  ``msgs.refs`` counts the rows that point to a message; it is
-    deleted with the last of them.  Bare JIDs are numbered in ``jids``.
-    ``meta`` holds the schema version (a file of another version is
-    refused, never misread) and the highest ``seq`` ever stored.
-    """
-
-    FILENAME = "archive.sqlite3"
-
-    def __init__(self, data_dir: str, create: bool = True) -> None:
-        self.path = os.path.join(data_dir, self.FILENAME)
-        if not create and not os.path.isfile(self.path):
-            raise StoreNotFound(self.path)
-        try:
-            self._db = connect_sqlite(self.path, create)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA wal_autocheckpoint=0")
-            self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._open_schema()
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(self.path, "open archive", str(e)) from e
-        self._lock = threading.Lock()
-        # uid -> rows stored, loaded on first need (quota); kept exact by
-        # every write and delete made through this object.
-        self._counts: dict[int, int] = {}
-        self._jids: dict[str, int] = {}  # bare JID -> id, bounded
-        self._prefixes: dict[str, int] = {}  # id prefix -> number
-        self._others: dict[str, tuple] = {}  # full JID -> (bare JID's number, resource)
-        self._checkpointer: sqlite3.Connection | None = None
-
-    def _open_schema(self) -> None:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not tables:
-                for statement in _CREATE:
-                    db.execute(statement)
-                version = SCHEMA
-            elif "meta" not in tables:
-                version = 1  # the first archive layout (one full row per archive)
-            else:
-                row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-                version = row[0] if row else None
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            db.close()
-            raise
-        if version != SCHEMA:
-            db.close()
-            raise OldArchive(self.path, "open archive",
-                             f"written with archive schema {version}, this xmppd reads schema "
-                             f"{SCHEMA}: move the file away (it is not converted)")
-
-    def _jid(self, db, jid: str, create: bool) -> int | None:
-        known = self._jids.get(jid)
-        if known is not None:
-            return known
-        row = db.execute("SELECT id FROM jids WHERE jid=?", (jid,)).fetchone()
-        if row is None:
-            if not create:
-                return None
-            number = db.execute("INSERT INTO jids (jid) VALUES (?)", (jid,)).lastrowid
-        else:
-            number = row[0]
-        if len(self._jids) >= JID_CACHE:
-            self._jids.clear()
-            self._others.clear()  # holds numbers of the same JIDs
-        self._jids[jid] = number
-        return number
-
-    def _prefix(self, db, prefix: str) -> int:
-        row = db.execute("SELECT id FROM prefixes WHERE prefix=?", (prefix,)).fetchone()
-        number = (row[0] if row is not None else
-                  db.execute("INSERT INTO prefixes (prefix) VALUES (?)", (prefix,)).lastrowid)
-        self._prefixes[prefix] = number
-        return number
-
-    # -- reads ---------------------------------------------------------------
-
-    def _read(self, operation: str, user: str, work: Callable):
-        try:
-            with self._lock:
-                return work(self._db)
-        except sqlite3.Error as e:
-            raise StoreError.from_sqlite(self.path, operation, user, e) from None
-
-    def last_seq(self) -> int:
-        return self._read("read archive", "", lambda db: db.execute(
-            "SELECT value FROM meta WHERE key='last_seq'").fetchone()[0])
-
-    def _ids(self, db, q: LogQuery):
-        """(uid, wid) of a query; None when one of them was never archived."""
-        uid = self._jid(db, q.user, False)
-        if uid is None:
-            return None
-        wid = None
-        if q.with_jid is not None:
-            wid = self._jid(db, q.with_jid.split("/", 1)[0], False)
-            if wid is None:
-                return None
-        return uid, wid
-
-    def query(self, q: LogQuery) -> list:
-        def work(db):
-            ids = self._ids(db, q)
-            if ids is None:
-                return []
-            where, args = _where(q, *ids)
-            order = "DESC" if q.reverse else "ASC"
-            return db.execute(
-                f"SELECT {_COLUMNS} FROM {_FROM} WHERE {where}"
-                f" ORDER BY a.seq {order} LIMIT ?", (q.user, *args, q.limit)).fetchall()
-
-        return [Row(*r) for r in self._read("query archive", q.user, work)]
-
-    def count(self, q: LogQuery, cap: int) -> int | None:
-        def work(db):
-            ids = self._ids(db, q)
-            if ids is None:
-                return 0
-            where, args = _where(q, *ids)
-            return db.execute(f"SELECT count(*) FROM (SELECT 1 FROM archive a WHERE {where}"
-                              " LIMIT ?)", (*args, cap + 1)).fetchone()[0]
-
-        n = self._read("count archive", q.user, work)
-        return None if n > cap else n
-
-    def get(self, user: str, seqs: list) -> list:
-        if not seqs:
-            return []
-
-        def work(db):
-            uid = self._jid(db, user, False)
-            if uid is None:
-                return []
-            marks = ",".join("?" * len(seqs))
-            return db.execute(
-                f"SELECT {_COLUMNS} FROM {_FROM} WHERE a.uid=? AND a.seq IN ({marks})"
-                " ORDER BY a.seq", (user, uid, *seqs)).fetchall()
-
-        return [Row(*r) for r in self._read("read archive", user, work)]
-
-    # -- writes --------------------------------------------------------------
-
-    def _write(self, operation: str, user: str, work: Callable) -> object:
-        db = self._db
-        with self._lock:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                result = work(db)
-                db.execute("COMMIT")
-                return result
-            except sqlite3.Error as e:
-                if db.in_transaction:
-                    try:
-                        db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                # What was counted or numbered in the failed transaction is gone.
-                self._counts.clear()
-                self._jids.clear()
-                self._others.clear()
-                self._prefixes.clear()
-                raise StoreError.from_sqlite(self.path, operation, user, e) from None
-
-    def _count(self, db, uid: int) -> int:
-        n = self._counts.get(uid)
-        if n is None:
-            n = db.execute("SELECT count(*) FROM archive WHERE uid=?", (uid,)).fetchone()[0]
-        return n
-
-    @staticmethod
-    def _release(db, victims: list) -> None:
-        """The rows ``(uid, seq, msg)`` were deleted: drop the messages no row points to."""
-        refs: dict[int, int] = {}
-        for _uid, _seq, msg in victims:
-            refs[msg] = refs.get(msg, 0) + 1
-        db.executemany("UPDATE msgs SET refs=refs-? WHERE seq=?", [(n, m) for m, n in refs.items()])
-        db.executemany("DELETE FROM msgs WHERE seq=? AND refs<=0", [(m,) for m in refs])
-
-    def _delete_oldest(self, db, uid: int, n: int, before: int | None = None) -> int:
-        """Delete ``uid``'s ``n`` oldest rows (below ``before`` if given)."""
-        if before is None:
-            victims = db.execute("SELECT uid, seq, msg FROM archive WHERE uid=? ORDER BY seq"
-                                 " LIMIT ?", (uid, n)).fetchall()
-        else:
-            victims = db.execute("SELECT uid, seq, msg FROM archive WHERE uid=? AND seq<?"
-                                 " ORDER BY seq LIMIT ?", (uid, before, n)).fetchall()
-        if victims:
-            db.execute("DELETE FROM archive WHERE uid=? AND seq<=?", (uid, victims[-1][1]))
-            self._release(db, victims)
-        return len(victims)
-
-    def _other(self, db, with_full: str) -> tuple:
-        """(wid, resource) of the other party's full JID, cached (bounded)."""
-        slash = with_full.find("/")
-        if slash < 0:
-            other = (self._jid(db, with_full, True), None)
-        else:
-            other = (self._jid(db, with_full[:slash], True), with_full[slash + 1:])
-        if len(self._others) >= JID_CACHE:
-            self._others.clear()
-        self._others[with_full] = other
-        return other
-
-    def append(self, rows: list, max_per_user: int = 0) -> dict:
-        if not rows:
-            return {}
-
-        def work(db):
-            # Per row, on the reactor: a few dict look-ups and one tuple.
-            jids, others, prefixes = self._jids, self._others, self._prefixes
-            values, messages = [], []
-            shared = message = None
-            for seq, user, with_full, ident, direction, stanza in rows:
-                uid = jids.get(user) or self._jid(db, user, True)
-                wid, res = others.get(with_full) or self._other(db, with_full)
-                tail = f"{seq:x}"
-                if not ident.endswith(tail):
-                    raise sqlite3.IntegrityError(f"archive id {ident!r} does not end with {tail}")
-                prefix = ident[:len(ident) - len(tail)]
-                pfx = prefixes.get(prefix) or self._prefix(db, prefix)
-                if stanza is shared and message[1] == 1:
-                    # The same delivered message, archived for the other party
-                    # (the plugin appends both rows one after the other): stored once.
-                    message[1] = 2
-                    message[3] = uid
-                    message[4] = seq
-                else:
-                    message = [seq, 1, uid, None, None, stanza]
-                    messages.append(message)
-                    shared = stanza
-                values.append((uid, seq, wid, res, pfx, direction, message[0]))
-            added = Counter(map(itemgetter(0), values))
-            counts = {}
-            if max_per_user > 0:
-                # Counted before the insert: a first count of a big archive is
-                # one index range scan, once per user per process.
-                counts = {u: self._count(db, u) for u in added}
-            db.executemany("INSERT INTO msgs VALUES (?,?,?,?,?,?)", messages)
-            db.executemany("INSERT INTO archive VALUES (?,?,?,?,?,?,?)", values)
-            db.execute("UPDATE meta SET value=max(value, ?) WHERE key='last_seq'",
-                       (max(map(itemgetter(1), values)),))
-            dropped = {}
-            for uid, n in counts.items():
-                total = n + added[uid]
-                excess = total - max_per_user
-                if excess > 0:
-                    self._delete_oldest(db, uid, excess)
-                    dropped[uid] = excess
-                    total = max_per_user
-                counts[uid] = total
-            if max_per_user <= 0:
-                for uid, n in added.items():
-                    if uid in self._counts:
-                        counts[uid] = self._counts[uid] + n
-            if dropped:
-                names = {jids.get(r[1]) or self._jid(db, r[1], False): r[1] for r in rows}
-                dropped = {names[uid]: n for uid, n in dropped.items()}
-            return counts, dropped
-
-        counts, dropped = self._write("append archive", rows[0][1], work)
-        self._counts.update(counts)
-        return dropped
-
-    def delete_user(self, user: str, before: int | None = None, limit: int | None = None) -> int:
-        def work(db):
-            uid = self._jid(db, user, False)
-            if uid is None:
-                return 0, None
-            return self._delete_oldest(db, uid, -1 if limit is None else limit, before), uid
-
-        n, uid = self._write("delete archive", user, work)
-        self._counts.pop(uid, None)
-        return n
-
-    def expire(self, before: int, limit: int) -> int:
-        """The oldest messages first, each with all its archive rows: stops at
-        the first message that reaches ``limit`` rows (so it deletes at most
-        ``limit + 1``, and at least ``limit`` unless nothing is left)."""
-        def work(db):
-            doomed, total = [], 0
-            for seq, refs, uid, uid2, seq2 in db.execute(
-                    "SELECT seq, refs, uid, uid2, seq2 FROM msgs WHERE seq<? ORDER BY seq LIMIT ?",
-                    (before, limit)).fetchall():
-                doomed.append((seq, uid, uid2, seq2))
-                total += refs
-                if total >= limit:
-                    break
-            gone = []
-            for seq, uid, uid2, seq2 in doomed:
-                for key in ((uid, seq), (uid2, seq2)) if uid2 is not None else ((uid, seq),):
-                    if db.execute("DELETE FROM archive WHERE uid=? AND seq=?", key).rowcount:
-                        gone.append(key[0])
-            if doomed:
-                db.execute("DELETE FROM msgs WHERE seq<=?", (doomed[-1][0],))
-            return gone
-
-        gone = self._write("expire archive", "", work)
-        for uid in gone:
-            if uid in self._counts:
-                self._counts[uid] -= 1
-        return len(gone)
-
-    def checkpoint(self) -> None:
-        """Copy the WAL into the database, with the fsyncs (own connection, any thread)."""
-        try:
-            if self._checkpointer is None:
-                self._checkpointer = sqlite3.connect(self.path, isolation_level=None,
-                                                     check_same_thread=False)
-                self._checkpointer.execute("PRAGMA busy_timeout=5000")
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as e:
-            raise StoreError.from_sqlite(self.path, "checkpoint archive", "", e) from None
-
-    def close(self) -> None:
-        with self._lock:
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass  # the next open recovers from the WAL
-            self._db.close()
-            if self._checkpointer is not None:
-                self._checkpointer.close()
 
 
 @implementer(IMessageLog)
@@ -639,6 +231,7 @@ class Sequence:
         self.clock = clock
         self.step = 1 << bits
         self.mask = self.step - 1
+        self._keep = ~self.mask  # the bits of a time this node's values keep
         self.slot = slot
         # Below the next value this node may use: anything above ``last``
         # (the highest stored by any node) with our slot in the low bits.
@@ -648,7 +241,7 @@ class Sequence:
         return self
 
     def __next__(self) -> int:
-        now = (int(self.clock.seconds() * 1_000_000) & ~self.mask) | self.slot
+        now = (int(self.clock.seconds() * 1_000_000) & self._keep) | self.slot
         if now <= self.last:
             now = self.last + self.step
         self.last = now
@@ -711,6 +304,17 @@ class LogWorker:
                 self.on_overflow(self.dropped)
             return
         self.pending.append(row)
+        if self._call is None:
+            self._call = self.clock.callLater(self.flush_interval, self._timer)
+
+    def extend(self, rows: tuple) -> None:
+        """:meth:`append` for the rows of one message (one call on the hot path)."""
+        pending = self.pending
+        if len(pending) + len(rows) > self.max_buffer or self.closed:
+            for row in rows:
+                self.append(row)
+            return
+        pending += rows
         if self._call is None:
             self._call = self.clock.callLater(self.flush_interval, self._timer)
 
@@ -819,3 +423,14 @@ class LogWorker:
             self._pool.stop()  # joins: a checkpoint under way finishes first
             self._pool = None
         self.log.close()
+
+
+def __getattr__(name: str):
+    """``SQLiteMessageLog`` and ``OldArchive`` live in :mod:`xmppd.msglog_sqlite`
+    (schema 3, blocks), which imports this module: named here lazily, so that
+    ``xmppd.msglog`` names every backend whichever module is imported first."""
+    if name in ("SQLiteMessageLog", "OldArchive"):
+        from xmppd import msglog_sqlite
+
+        return getattr(msglog_sqlite, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -310,9 +310,13 @@ class MAMPlugin(Plugin):
         hosts = router.hosts
         sessions = router.sessions
         wants = self.wants
+        # The common case without a call: the user's preferences are the
+        # default "always" (cached), so wants() would say yes.
+        prefs_of = self._prefs.get
+        always = self._always
         sid = self.sid
         stamp = sid.stamp
-        append = self.worker.append
+        extend = self.worker.extend
         cut = self._prefix_len
 
         def deliver_unfiltered(stanza, sender, to, session=None):
@@ -328,9 +332,11 @@ class MAMPlugin(Plugin):
             in_user = to.bare if to_local else None
             if (out_user is None and in_user is None) or not archivable(stanza):
                 return inner(stanza, sender, to, session)
-            if out_user is not None and not wants(out_user, to):
+            if out_user is not None and (always is None or prefs_of(out_user) is not always) \
+                    and not wants(out_user, to):
                 out_user = None
-            if in_user is not None and not wants(in_user, sender):
+            if in_user is not None and (always is None or prefs_of(in_user) is not always) \
+                    and not wants(in_user, sender):
                 in_user = None
             if out_user is None and in_user is None:
                 return inner(stanza, sender, to, session)
@@ -338,36 +344,38 @@ class MAMPlugin(Plugin):
                 out_id = stamp(stanza, out_user)
                 out_seq = sid.number
             inner(stanza, sender, to, session)
-            rows = []
             done, data = router.last_serialized
             if done is not stanza:
                 data = serialize(stanza)
             # One bytes object for both rows: the archive stores it once.
             data = b"<message xmlns='jabber:client'" + data[8:]
-            if out_user is not None:
-                rows.append((out_seq, out_user, to.full, out_id, OUTGOING, data))
             if in_user is not None:
                 stamped, in_id, in_seq = sid.last
                 if stamped is not stanza:
                     in_id = _id_by(stanza, in_user)
                     in_seq = int(in_id[cut:], 16) if in_id is not None else 0
-                if in_id is not None:
-                    rows.append((in_seq, in_user, sender.full, in_id, INCOMING, data))
-            if not rows:
-                return
+                if in_id is None:
+                    in_user = None
+            if in_user is None:
+                if out_user is None:
+                    return
+                rows = ((out_seq, out_user, to.full, out_id, OUTGOING, data),)
+            elif out_user is None:
+                rows = ((in_seq, in_user, sender.full, in_id, INCOMING, data),)
+            else:
+                rows = ((out_seq, out_user, to.full, out_id, OUTGOING, data),
+                        (in_seq, in_user, sender.full, in_id, INCOMING, data))
             if to_local and in_user is not None and to.bare not in sessions:
                 # No session: archived once the account is known to exist
                 # (a message to nobody bounces and stays out of every archive).
                 def known(exists: bool) -> None:
                     if exists:
-                        for row in rows:
-                            append(row)
+                        extend(rows)
 
                 router.user_exists(to).addCallback(known).addErrback(
                     lambda f: log.failure("archive: account look-up failed", f))
                 return
-            for row in rows:
-                append(row)
+            extend(rows)
 
         router.deliver_unfiltered = deliver_unfiltered
 

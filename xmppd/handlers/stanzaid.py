@@ -25,6 +25,7 @@ from xmppd.plugin import Plugin
 from xmppd.stanzas import Prebuilt, escape_attr
 
 NS_SID = "urn:xmpp:sid:0"
+HEADS_CACHE = 10_000  # accounts whose <stanza-id/> start is kept
 
 
 class StanzaIdPlugin(Plugin):
@@ -39,14 +40,18 @@ class StanzaIdPlugin(Plugin):
         # (message, id, number) of the last recipient stamp: read by the archive
         # (xmppd.handlers.mam) after delivery instead of searching the children.
         self.last: tuple = (None, "", 0)
+        # by -> "<stanza-id ... by='...' id='<prefix>": the part of the XML that
+        # is the same for every message to one account (bounded).
+        self._heads: dict[str, str] = {}
         hosts = self.router.hosts
         inner = self.router.deliver_unfiltered
         stamp = self.stamp
 
         def deliver_unfiltered(stanza, sender, to, session=None):
             if (stanza.name == "message" and to.user is not None and to.host in hosts
-                    and stanza.getAttribute("type") != "error"):
-                self.last = (stanza, stamp(stanza, to.bare), self.number)
+                    and stanza.attributes.get("type") != "error"):
+                ident = stamp(stanza, to.bare)
+                self.last = (stanza, ident, self.number)
             inner(stanza, sender, to, session)
 
         self.router.deliver_unfiltered = deliver_unfiltered
@@ -64,24 +69,34 @@ class StanzaIdPlugin(Plugin):
         self.number = number = next(self._counter)
         return f"{self._prefix}{number:x}"
 
+    def _head(self, by: str) -> str:
+        heads = self._heads
+        if len(heads) >= HEADS_CACHE:
+            heads.clear()
+        head = heads[by] = f"<stanza-id xmlns='{NS_SID}' by='{escape_attr(by)}' id='{self._prefix}"
+        return head
+
     def stamp(self, stanza: domish.Element, by: str) -> str:
         """Remove forged ids claiming ``by``, then add ours; returns our id.
 
         The number in the id is left in :attr:`number` (the archive's
         ``seq``).  Ours is a :class:`~xmppd.stanzas.Prebuilt` element: its
-        XML is made here once, not at every serialisation.
+        XML is made here once, not at every serialisation (its start, the
+        same for every message to ``by``, is cached).
         """
         children = stanza.children
         for child in children:
-            if (isinstance(child, domish.Element) and child.name == "stanza-id"
+            if (not isinstance(child, str) and child.name == "stanza-id"
                     and child.uri == NS_SID and child.getAttribute("by") == by):
                 children[:] = [c for c in children if not (
                     isinstance(c, domish.Element) and c.name == "stanza-id" and c.uri == NS_SID
                     and c.getAttribute("by") == by)]
                 break
-        ident = self.new_id()
-        sid = Prebuilt(NS_SID, "stanza-id", {"by": by, "id": ident},
-                       f"<stanza-id xmlns='{NS_SID}' by='{escape_attr(by)}' id='{ident}'/>")
+        self.number = number = next(self._counter)
+        tail = f"{number:x}"
+        ident = self._prefix + tail
+        head = self._heads.get(by) or self._head(by)
+        sid = Prebuilt(NS_SID, "stanza-id", {"by": by, "id": ident}, f"{head}{tail}'/>")
         sid.parent = stanza
         children.append(sid)
         return ident
