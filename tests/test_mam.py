@@ -638,3 +638,39 @@ node = "n1"
         "mam.storage = 'sqlite': a cluster's nodes archive into PostgreSQL: set [storage] backend"
         ' = "postgresql" (docs/mam.rst, "Clusters"), or remove urn:xmpp:mam:2 from [sm] plugins'), \
         lines
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_preferences_not_in_memory_are_read_before_archiving(tmp_path, store):
+    """A recipient with stored preferences and no session, after a restart (nothing
+    cached): the archive waits for their preferences and roster entry (PostgreSQL
+    reads are asynchronous) instead of leaving the message out."""
+    d = Daemon(tmp_path, plugins=PLUGINS, extra=EXTRA, store=store)
+    for u in ("pat", "quin", "rex"):
+        d.adduser(f"{u}@localhost", PW)
+    d.start()
+    try:
+        p = raw(d, "pat")
+        p.iq("<iq type='set' id='r1'><query xmlns='jabber:iq:roster'>"
+             "<item jid='quin@localhost'/></query></iq>", "r1")
+        reply = p.iq(f"<iq type='set' id='p1'><prefs xmlns='{MAM}' default='roster'><always/>"
+                     f"<never/></prefs></iq>", "p1")
+        assert "type='result'" in reply
+        p.close()
+        d.stop()
+        d.start()  # pat's preferences and roster are only in the store now
+        q, r = raw(d, "quin"), raw(d, "rex")
+        send(q, "pat@localhost", "from-contact", "m1")
+        send(r, "pat@localhost", "from-stranger", "m2")
+        # each sender's own archive (default always) shows the message went through
+        assert wait_archived(q, 1).bodies == ["from-contact"]
+        assert wait_archived(r, 1).bodies == ["from-stranger"]
+        time.sleep(0.3)  # a few flush intervals for the recipient's row
+        p = raw(d, "pat", presence=False)
+        assert wait_archived(p, 1).bodies == ["from-contact"]
+        time.sleep(0.2)
+        assert query(p).bodies == ["from-contact"]  # the stranger's stays out (roster)
+        for c in (p, q, r):
+            c.close()
+    finally:
+        d.stop()

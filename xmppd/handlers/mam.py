@@ -335,9 +335,13 @@ class MAMPlugin(Plugin):
             if out_user is not None and (always is None or prefs_of(out_user) is not always) \
                     and not wants(out_user, to):
                 out_user = None
-            if in_user is not None and (always is None or prefs_of(in_user) is not always) \
-                    and not wants(in_user, sender):
-                in_user = None
+            in_later = False
+            if in_user is not None and (always is None or prefs_of(in_user) is not always):
+                wanted = wants(in_user, sender)
+                if wanted is None:  # not in memory (networked store): decided once read
+                    in_later = True
+                elif not wanted:
+                    in_user = None
             if out_user is None and in_user is None:
                 return inner(stanza, sender, to, session)
             if out_user is not None:
@@ -365,6 +369,18 @@ class MAMPlugin(Plugin):
             else:
                 rows = ((out_seq, out_user, to.full, out_id, OUTGOING, data),
                         (in_seq, in_user, sender.full, in_id, INCOMING, data))
+            if in_later and in_user is not None:
+                # The sender's row now, the recipient's once their preferences
+                # (and roster entry, for "roster") are read and say yes.
+                if out_user is not None:
+                    extend(rows[:1])
+                later = rows[-1:]
+                exists = (router.user_exists(to) if to.bare not in sessions
+                          else defer.succeed(True))
+                exists.addCallback(lambda found: found and self.wants_later(in_user, sender))
+                exists.addCallback(lambda wanted: wanted and extend(later))
+                exists.addErrback(lambda f: log.failure("archive: look-up failed", f))
+                return
             if to_local and in_user is not None and to.bare not in sessions:
                 # No session: archived once the account is known to exist
                 # (a message to nobody bounces and stays out of every archive).
@@ -379,15 +395,41 @@ class MAMPlugin(Plugin):
 
         router.deliver_unfiltered = deliver_unfiltered
 
-    def wants(self, user: str, other) -> bool:
+    def wants(self, user: str, other) -> bool | None:
+        """Archive for ``user`` a message exchanged with ``other``?  None: not known
+        without a read (networked store: preferences or the roster entry they
+        need are not in memory); :meth:`wants_later` answers then."""
         prefs = self._prefs.get(user)
         if prefs is None:
             prefs = mam_prefs.result_now(self._load_prefs(user))
-            if prefs is None:  # not read yet (networked store): nothing archived unasked
-                return False
+            if prefs is None:
+                return None
         if prefs is self._always:
             return True  # the common case: no lists, default always
-        return prefs.wants(other, lambda contact: self._in_roster(user, contact))
+        unknown = []
+
+        def in_roster(contact: str) -> bool:
+            found = self._in_roster(user, contact)
+            if found is None:
+                unknown.append(contact)
+                return False
+            return found
+
+        wanted = prefs.wants(other, in_roster)
+        return None if unknown else wanted
+
+    def wants_later(self, user: str, other) -> defer.Deferred:
+        """Deferred[bool]: :meth:`wants` after reading what it needs from the store."""
+        def decide(prefs: Prefs):
+            asked = []
+            wanted = prefs.wants(other, lambda contact: asked.append(contact) or False)
+            roster = self._roster_plugin()
+            if not asked or roster is None:
+                return wanted
+            # Only the default "roster" asks, and its answer is the entry's existence.
+            return roster.rosters.item(user, asked[0]).addCallback(lambda item: item is not None)
+
+        return self._load_prefs(user).addCallback(decide)
 
     def _load_prefs(self, user: str) -> defer.Deferred:
         """Deferred[Prefs], cached once read (fired at once on an embedded store)."""
@@ -399,14 +441,18 @@ class MAMPlugin(Plugin):
             del cache[next(iter(cache))]  # the oldest entry
         cache[user] = prefs
 
-    def _in_roster(self, user: str, contact: str) -> bool:
+    def _roster_plugin(self):
         if self._roster is None:
             self._roster = self.server.plugin("roster")
-            if self._roster is None:
-                return False
-        # Memory for an online user; a user without a session whose roster is
-        # not read yet (networked store) counts as not having the contact.
-        return mam_prefs.result_now(self._roster.rosters.item(user, contact)) is not None
+        return self._roster
+
+    def _in_roster(self, user: str, contact: str) -> bool | None:
+        """From memory (an online user's roster, an embedded store); None: not read yet."""
+        roster = self._roster_plugin()
+        if roster is None:
+            return False
+        done, item = mam_prefs.fired_now(roster.rosters.item(user, contact))
+        return item is not None if done else None
 
     def _trimmed(self, dropped: dict) -> None:
         for user, n in dropped.items():

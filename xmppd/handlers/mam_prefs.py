@@ -111,6 +111,11 @@ def result_now(d: defer.Deferred) -> Any:
     """The result of ``d`` if it has fired (an embedded store's read), else None.
 
     A failure is logged (xmppd.storefail, once per minute) and gives None."""
+    return fired_now(d)[1]
+
+
+def fired_now(d: defer.Deferred) -> tuple[bool, Any]:
+    """(True, result) if ``d`` has fired, else (False, None); a failure as :func:`result_now`."""
     box: list = []
 
     def got(result) -> None:
@@ -124,7 +129,7 @@ def result_now(d: defer.Deferred) -> Any:
             failure.raiseException()
 
     d.addCallbacks(got, failed)
-    return box[0] if box else None
+    return (True, box[0]) if box else (False, None)
 
 
 class StoredPrefs:
