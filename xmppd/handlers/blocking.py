@@ -2,9 +2,10 @@
 
 Enabled as ``urn:xmpp:blocking`` in ``[sm] plugins``.  Blocklists live in the
 store (``blocklist/<bare JID>/<blocked JID>``; the value holds an optional
-XEP-0377 spam report) and, for online users, in memory as a set, so the
-filter costs at most four set look-ups per stanza (XEP-0016 §2.1 match
-order: full JID, bare JID, domain/resource, domain) whatever the list length.
+XEP-0377 spam report) and, for online users (in a cluster: with a session
+on any node), in memory as a set, so the filter costs at most four set
+look-ups per stanza (XEP-0016 §2.1 match order: full JID, bare JID,
+domain/resource, domain) whatever the list length.
 
 Enforcement, both directions, on every path through :meth:`Router.deliver`
 (client stanzas, presence broadcasts, probes, subscription handling, offline
@@ -130,7 +131,8 @@ def _blocked_error() -> StanzaError:
 
 
 class BlockingFilter:
-    """The router filter; reads only in-memory sets for online users.
+    """The router filter; reads only in-memory sets for online users (a session
+    on this node or, in a cluster, on another one).
 
     For a user with no list in memory (no session, not cached) on a
     networked store, ``load`` returns a Deferred: the router passes the
@@ -191,6 +193,8 @@ class BlockingPlugin(Plugin):
         self.lists: dict[str, Blocklist] = {}
         self._offline_cache: dict[str, Blocklist] = {}
         self._loading: dict[str, defer.Deferred] = {}
+        # Reads of an online user's list in flight, by bare JID -> token (keep).
+        self._reading: dict[str, object] = {}
         # Block/unblock of one user one after another (read, then write).
         self.serial = Serial()
         self.handle_iq("get", NS_BLOCKING, "blocklist", self.on_get)
@@ -250,38 +254,49 @@ class BlockingPlugin(Plugin):
         return waiter
 
     def _bound(self, session) -> None:
-        bare = session.jid.bare
-        if bare not in self.lists:
-            def loaded(blocklist: Blocklist) -> None:
+        self.keep(session.jid.bare)
+
+    def keep(self, bare: str) -> None:
+        """Hold ``bare``'s list in memory while the user has a session, here or on
+        another node (xmppd.cluster calls this for the first remote session of a
+        user): the filter then reads a set, as for any online user, instead of
+        the offline cache (bench/cluster_cost.py).  Dropped when the last session
+        of the user goes (:meth:`_closed`; the cluster registry's ``_drop``).
+
+        Only the newest read installs its list: one that a change overtook
+        (:meth:`reload`, :meth:`_update`) is discarded."""
+        if bare in self.lists:
+            return
+        token = self._reading[bare] = object()
+
+        def loaded(blocklist: Blocklist) -> None:
+            if self._reading.get(bare) is token:
+                del self._reading[bare]
                 if bare not in self.lists and self.router.resources_of(bare):
                     self.lists[bare] = blocklist
 
-            def failed(failure) -> None:
-                failure.trap(StoreError)
-                store_report(failure.value)  # the filter reads the store until a list is in
+        def failed(failure) -> None:
+            if self._reading.get(bare) is token:
+                del self._reading[bare]
+            failure.trap(StoreError)
+            store_report(failure.value)  # the filter reads the store until a list is in
 
-            self._read(bare).addCallbacks(loaded, failed)
+        self._read(bare).addCallbacks(loaded, failed)
 
     def reload(self, bare: str) -> None:
         """Another node changed ``bare``'s blocklist (xmppd.cluster): read it again.
 
-        The cached copy of a user with no session is dropped; an online
-        user's list stays in force until the new one is read (the filter
-        never runs without a list for an online user).
+        Every copy is dropped at once, the in-memory list of a user with a
+        session (here or on another node) too, and read again: until the new
+        one is in, the filter waits for the store (:meth:`load`), so a block
+        made on another node holds from the moment its invalidation arrives.
         """
         self._offline_cache.pop(bare, None)
-        if bare not in self.lists:
-            return
-
-        def loaded(blocklist: Blocklist) -> None:
-            if bare in self.lists:
-                self.lists[bare] = blocklist
-
-        def failed(failure) -> None:
-            failure.trap(StoreError)
-            store_report(failure.value)
-
-        self._read(bare).addCallbacks(loaded, failed)
+        self._loading.pop(bare, None)  # a read begun before the change: not cached
+        self.lists.pop(bare, None)
+        self._reading.pop(bare, None)
+        if self.router.resources_of(bare):
+            self.keep(bare)
 
     def _closed(self, session) -> None:
         if not self.router.resources_of(session.jid.bare):
@@ -394,7 +409,9 @@ class BlockingPlugin(Plugin):
     def _update(self, bare: str, items: Blocklist) -> None:
         self._offline_cache.pop(bare, None)
         self._loading.pop(bare, None)
-        if bare in self.lists:
+        # A read of the list in flight began before this change: this is newer.
+        reading = self._reading.pop(bare, None) is not None
+        if bare in self.lists or (reading and self.router.resources_of(bare)):
             self.lists[bare] = items
 
     @defer.inlineCallbacks
