@@ -24,7 +24,7 @@ log = Logger(observer=log_observer)
 
 class RedisLink:
     def __init__(self, reactor, host: str, port: int, db: int, password: str | None,
-                 channels: list[str], on_message: Callable[[bytes, bytes], None],
+                 channels: list[str], on_message: Callable[[bytes, bytes], None] | None,
                  on_up: Callable[[], None], on_down: Callable[[], None], retry: float,
                  max_message: int) -> None:
         self.reactor = reactor
