@@ -96,7 +96,7 @@ class Bus:
         """A stanza for a session on another node; fallback if nobody got it.
 
         The session carries its PUBLISH head and bus header, made once
-        (:meth:`heads`): per message, one format and one queue entry."""
+        (:meth:`heads`): per message, a few parts and one queue entry."""
         link = self.link
         cmd = link.cmd
         if cmd is None or not link.up:

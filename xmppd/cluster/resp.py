@@ -7,8 +7,11 @@ turns and four ``epoll_ctl`` calls and a burst of messages was never
 handled in one read; and each command cost ~5 us of argument encoding and
 a Deferred.  Under load a message crossing nodes cost ~13x a local one
 (bench/RESULTS.md, cluster phase).  These protocols take whatever one read
-brings and handle every complete reply in that same turn; a PUBLISH is one
-``bytes`` join and a callback in a deque.
+brings and handle every complete reply in that same turn.  A stanza's PUBLISH
+(:meth:`Commands.publish`) is a few parts appended to the turn's output and
+a tuple in the reply queue (no Deferred, no closure); a burst of ``:1``
+replies is taken in bulk; a message push on the node's own channel is
+sliced out of the received bytes after one prefix match (bench/cluster_cost.py).
 
 :class:`Subscriber` understands what a subscribed connection receives
 (arrays of bulk strings and integers: ``subscribe`` confirmations and
@@ -39,7 +42,7 @@ def publish_command(channel: bytes, payload: bytes) -> bytes:
 def publish_head(channel: bytes) -> bytes:
     """A PUBLISH on ``channel`` up to its payload's length (:meth:`Commands.publish`).
 
-    Made once per channel, so that a stanza's PUBLISH costs one format."""
+    Made once per channel (the bus keeps it per node)."""
     return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$" % (len(channel), channel)
 
 
