@@ -139,7 +139,8 @@ class Counting(NullTransport):
         self.count += 1
 
 
-def build(store):
+def two_nodes(store) -> tuple[FakeRedis, Server, Server]:
+    """Nodes A and B on one store and one fake Redis (tests/test_cluster_bus.py too)."""
     servers = []
     for node in ("A", "B"):
         data = {"sm": {"plugins": PLUGINS},
@@ -148,7 +149,11 @@ def build(store):
     redis = FakeRedis()
     for s in servers:
         redis.join(s)
-    a, b = servers
+    return redis, servers[0], servers[1]
+
+
+def build(store):
+    redis, a, b = two_nodes(store)
     fa, fb = c2s.C2SFactory(a), c2s.C2SFactory(b)
     alice = bound_session(fa, "alice")
     carol = bound_session(fa, "carol")

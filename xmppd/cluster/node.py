@@ -7,9 +7,10 @@ change paths, ``Server.login_gate``), so a stand-alone node runs none of
 this code.
 
 Filters run on the sending node, as for local delivery: the blocking
-filter reads the recipient's blocklist from the shared store (cached, and
-dropped on every node by an invalidation when it changes), so the
-recipient's node need not check again.
+filter reads the recipient's blocklist from the shared store (held in
+memory while the user has a session on any node, and dropped on every node
+by an invalidation when it changes), so the recipient's node need not
+check again.
 """
 from __future__ import annotations
 
