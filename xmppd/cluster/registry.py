@@ -188,9 +188,6 @@ class Registry:
             current.state["sent_presence"] = False
             resources[jid.resource] = current
             self.remote.setdefault(node, {})[full] = current
-            if self.blocking is not None:
-                # Its list in memory, as a local user's: the filter reads a set.
-                self.blocking.keep(jid.bare)
         self._apply(current, rec)
 
     def _apply(self, proxy: RemoteSession, rec: dict) -> None:

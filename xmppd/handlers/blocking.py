@@ -193,7 +193,7 @@ class BlockingPlugin(Plugin):
         self.lists: dict[str, Blocklist] = {}
         self._offline_cache: dict[str, Blocklist] = {}
         self._loading: dict[str, defer.Deferred] = {}
-        # Reads of an online user's list in flight, by bare JID -> token (keep).
+        # Reads of a local user's list begun at bind, by bare JID -> token (_bound).
         self._reading: dict[str, object] = {}
         # Block/unblock of one user one after another (read, then write).
         self.serial = Serial()
@@ -214,10 +214,16 @@ class BlockingPlugin(Plugin):
         return self.store.items(STORE, bare).addCallback(listed)
 
     def load(self, bare: str) -> Blocklist | defer.Deferred:
-        """The list of a user with no session (bounded cache, cleared on change).
+        """The list of a user whose list is not in memory (read, then held).
 
-        The list itself when it can be had at once (cached, or an embedded
-        store); else a Deferred that fires (with None) once it is cached.
+        Held in ``lists`` when the user has a session, here or (in a
+        cluster) on another node, as an online user's list is, until their
+        last session ends (:meth:`_closed`; the cluster registry's
+        ``_drop``): a message to a user on another node then costs the
+        filter a set look-up, as a local one (bench/cluster_cost.py).  Else
+        in a bounded cache, cleared on change.  The list itself when it can
+        be had at once (held, cached, or an embedded store); else a
+        Deferred that fires (with None) once it is.
         """
         cached = self._offline_cache.get(bare)
         if cached is not None:
@@ -229,9 +235,12 @@ class BlockingPlugin(Plugin):
             def loaded(blocklist: Blocklist) -> None:
                 if self._loading.get(bare) is waiters:
                     del self._loading[bare]
-                    if len(self._offline_cache) > 10000:
-                        self._offline_cache.clear()
-                    self._offline_cache[bare] = blocklist
+                    if self.router.resources_of(bare):
+                        self.lists.setdefault(bare, blocklist)
+                    else:
+                        if len(self._offline_cache) > 10000:
+                            self._offline_cache.clear()
+                        self._offline_cache[bare] = blocklist
                 for waiter in waiters:
                     waiter.callback(None)
 
@@ -245,8 +254,11 @@ class BlockingPlugin(Plugin):
             failed_now: list = []
 
             self._read(bare).addCallbacks(loaded, failed)
-            if bare in self._offline_cache:  # an embedded store: loaded already
-                return self._offline_cache[bare]
+            now = self.lists.get(bare)  # an embedded store: loaded already
+            if now is None:
+                now = self._offline_cache.get(bare)
+            if now is not None:
+                return now
             if failed_now:  # an embedded store that failed
                 return defer.fail(failed_now[0])
         waiter = defer.Deferred()
@@ -254,23 +266,14 @@ class BlockingPlugin(Plugin):
         return waiter
 
     def _bound(self, session) -> None:
-        self.keep(session.jid.bare)
-
-    def keep(self, bare: str) -> None:
-        """Hold ``bare``'s list in memory while the user has a session, here or on
-        another node (xmppd.cluster calls this for the first remote session of a
-        user): the filter then reads a set, as for any online user, instead of
-        the offline cache (bench/cluster_cost.py).  Dropped when the last session
-        of the user goes (:meth:`_closed`; the cluster registry's ``_drop``).
-
-        Only the newest read installs its list: one that a change overtook
-        (:meth:`reload`, :meth:`_update`) is discarded."""
+        """A local session: its user's list read now, so the filter never waits for it."""
+        bare = session.jid.bare
         if bare in self.lists:
             return
         token = self._reading[bare] = object()
 
         def loaded(blocklist: Blocklist) -> None:
-            if self._reading.get(bare) is token:
+            if self._reading.get(bare) is token:  # else a change overtook this read
                 del self._reading[bare]
                 if bare not in self.lists and self.router.resources_of(bare):
                     self.lists[bare] = blocklist
@@ -284,19 +287,17 @@ class BlockingPlugin(Plugin):
         self._read(bare).addCallbacks(loaded, failed)
 
     def reload(self, bare: str) -> None:
-        """Another node changed ``bare``'s blocklist (xmppd.cluster): read it again.
+        """Another node changed ``bare``'s blocklist (xmppd.cluster): forget every copy.
 
-        Every copy is dropped at once, the in-memory list of a user with a
-        session (here or on another node) too, and read again: until the new
-        one is in, the filter waits for the store (:meth:`load`), so a block
+        The in-memory list of a user with a session goes too, and reads in
+        flight are discarded when they land: the next stanza the filter
+        checks for the user waits for a new read (:meth:`load`), so a block
         made on another node holds from the moment its invalidation arrives.
         """
         self._offline_cache.pop(bare, None)
-        self._loading.pop(bare, None)  # a read begun before the change: not cached
-        self.lists.pop(bare, None)
+        self._loading.pop(bare, None)
         self._reading.pop(bare, None)
-        if self.router.resources_of(bare):
-            self.keep(bare)
+        self.lists.pop(bare, None)
 
     def _closed(self, session) -> None:
         if not self.router.resources_of(session.jid.bare):
@@ -310,7 +311,9 @@ class BlockingPlugin(Plugin):
             current = self.load(bare)
             if isinstance(current, defer.Deferred):
                 yield current
-                current = self.lists.get(bare) or self._offline_cache.get(bare, EMPTY)
+                current = self.lists.get(bare)  # an empty list is falsy: no "or"
+                if current is None:
+                    current = self._offline_cache.get(bare, EMPTY)
         return current
 
     # -- IQ handlers -----------------------------------------------------------
