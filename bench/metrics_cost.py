@@ -39,7 +39,7 @@ class NullTransport(StringTransport):
         pass
 
 
-def session(factory, user: str, after_bind: bytes = b""):
+def session(factory, user: str, after_bind: bytes = b"", resource: str = "r"):
     """A bound session of ``user`` on a discarding transport; ``after_bind`` is
     fed before the initial presence (e.g. an SM ``<enable/>``)."""
     s = factory.buildProtocol(None)
@@ -49,7 +49,7 @@ def session(factory, user: str, after_bind: bytes = b""):
     s._new_parser()
     s.dataReceived(HEADER)
     s.dataReceived(b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
-                   b"<resource>r</resource></bind></iq>")
+                   b"<resource>%s</resource></bind></iq>" % resource.encode())
     assert s.phase == c2s.BOUND
     if after_bind:
         s.dataReceived(after_bind)

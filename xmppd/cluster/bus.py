@@ -34,6 +34,8 @@ from typing import Callable
 from twisted.logger import Logger
 
 from xmppd import jid as jidlib
+from xmppd.cluster.remote import RemoteSession
+from xmppd.cluster.resp import publish_head
 from xmppd.logfilter import log_observer
 from xmppd.stanzas import StanzaError
 from xmppd.xmlparser import Limits, XMLStreamError, parse_fragment
@@ -52,6 +54,9 @@ def node_channel(node: str) -> str:
 def encode(header: dict, body: bytes = b"") -> bytes:
     return json.dumps(header, separators=(",", ":")).encode() + b"\n" + body
 
+
+#: At most this many recipients' decoded names are kept (Bus._names).
+NAMES_CACHED = 100_000
 
 #: What a stanza on the bus may start with.
 STANZA_STARTS = (b"<message ", b"<message>", b"<presence ", b"<presence>", b"<presence/",
@@ -78,25 +83,40 @@ class Bus:
         self.limits = limits
         self.on_event = on_event
         self.channel = node_channel(node)
-        self._channels: dict[str, bytes] = {}  # node -> its channel, encoded once
+        self._heads: dict[str, bytes] = {}  # node -> PUBLISH head of its channel
+        # A stanza header as it comes (b"s<full JID>") -> (bare, resource):
+        # decoded and split once per recipient, not per stanza.  Facts about
+        # the bytes, never stale; the session itself is looked up every time
+        # (sessions change without hooks, e.g. XEP-0198 resumption).
+        self._names: dict[bytes, tuple[str, str]] = {}
 
     # -- out ----------------------------------------------------------------
 
     def to_session(self, session, data: bytes) -> None:
-        """A stanza for a session on another node; fallback if nobody got it."""
-        to = session.jid
+        """A stanza for a session on another node; fallback if nobody got it.
 
-        def published(receivers) -> None:
-            if isinstance(receivers, Exception):
-                self._fallback(to, data, str(receivers))
-            elif not receivers:
-                self._fallback(to, data, "node not listening")
-        self.link.publish_nowait(self._channels.get(session.node) or self._channel(session.node),
-                                 encode_stanza(to.full, data), published)
+        The session carries its PUBLISH head and bus header, made once
+        (:meth:`heads`): per message, a few parts and one queue entry."""
+        link = self.link
+        cmd = link.cmd
+        if cmd is None or not link.up:
+            self._missed(ConnectionError("Redis link down"), session.jid, data)
+            return
+        cmd.publish(session.bus_head, session.bus_prefix, data, self._missed, session.jid)
 
-    def _channel(self, node: str) -> bytes:
-        channel = self._channels[node] = node_channel(node).encode()
-        return channel
+    def heads(self, node: str, full: str) -> tuple[bytes, bytes]:
+        """(PUBLISH head of ``node``'s channel, bus header ``s<full JID>\\n``) of a
+        remote session, made when the session is (neither can change: a session
+        that moves to another node is a new remote session)."""
+        head = self._heads.get(node)
+        if head is None:
+            head = self._heads[node] = publish_head(node_channel(node).encode())
+        return head, encode_stanza(full, b"")
+
+    def _missed(self, reply, to, data: bytes) -> None:
+        """A PUBLISH that nobody got (0 subscribers) or that failed."""
+        self._fallback(to, data, str(reply) if isinstance(reply, Exception)
+                       else "node not listening")
 
     def close_session(self, session, condition: str, text: str) -> None:
         self.link.publish(node_channel(session.node), encode(
@@ -111,8 +131,17 @@ class Bus:
     # -- in -----------------------------------------------------------------
 
     def received(self, channel: bytes, payload: bytes) -> None:
-        if payload[:1] == b"s":
-            self._stanza(payload)
+        if payload[:1] == b"s":  # a stanza: the hot path, kept to a few look-ups
+            head, _, body = payload.partition(b"\n")
+            names = self._names.get(head)
+            if names is not None and body.startswith(STANZA_STARTS):
+                resources = self.router.sessions.get(names[0])
+                if resources is not None:
+                    target = resources.get(names[1])
+                    if target is not None and target.__class__ is not RemoteSession:
+                        target.send_bytes(body)
+                        return
+            self._stanza(head, body)
             return
         try:
             header, body = decode(payload)
@@ -126,8 +155,8 @@ class Bus:
             except Exception:
                 log.failure("cluster: bus event {kind} failed", kind=kind)
 
-    def _stanza(self, payload: bytes) -> None:
-        head, _, body = payload.partition(b"\n")
+    def _stanza(self, head: bytes, body: bytes) -> None:
+        """A stanza whose recipient is not in the name cache, or has no session here."""
         try:
             full = head[1:].decode("utf-8")
         except UnicodeDecodeError:
@@ -145,6 +174,11 @@ class Bus:
                 return
             self._fallback(to, body, "session gone")
             return
+        # A session here: its name is worth keeping (bounded; a full clear
+        # is rare and costs one decode per recipient after it).
+        if len(self._names) >= NAMES_CACHED:
+            self._names.clear()
+        self._names[head] = (bare, resource)
         target.send_bytes(body)
 
     def _fallback(self, to, data: bytes, why: str) -> None:

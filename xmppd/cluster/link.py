@@ -10,13 +10,13 @@ node's sessions and reloads the others').
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import Logger
 
-from xmppd.cluster.resp import Commands, Subscriber, publish_command
+from xmppd.cluster.resp import Commands, Subscriber
 from xmppd.logfilter import log_observer
 
 log = Logger(observer=log_observer)
@@ -24,7 +24,7 @@ log = Logger(observer=log_observer)
 
 class RedisLink:
     def __init__(self, reactor, host: str, port: int, db: int, password: str | None,
-                 channels: list[str], on_message: Callable[[bytes, bytes], None],
+                 channels: list[str], on_message: Callable[[bytes, bytes], None] | None,
                  on_up: Callable[[], None], on_down: Callable[[], None], retry: float,
                  max_message: int) -> None:
         self.reactor = reactor
@@ -135,11 +135,3 @@ class RedisLink:
     def publish(self, channel: str, payload: bytes) -> defer.Deferred:
         """PUBLISH; the result is how many nodes were subscribed (0: nobody got it)."""
         return self.command("PUBLISH", channel, payload)
-
-    def publish_nowait(self, channel: bytes, payload: bytes,
-                       done: Callable[[Any], None]) -> None:
-        """PUBLISH on the hot path: no Deferred; ``done(receivers or exception)``."""
-        if not self.up or self.cmd is None:
-            done(ConnectionError("Redis link down"))
-            return
-        self.cmd.send(publish_command(channel, payload), done)

@@ -7,9 +7,10 @@ change paths, ``Server.login_gate``), so a stand-alone node runs none of
 this code.
 
 Filters run on the sending node, as for local delivery: the blocking
-filter reads the recipient's blocklist from the shared store (cached, and
-dropped on every node by an invalidation when it changes), so the
-recipient's node need not check again.
+filter reads the recipient's blocklist from the shared store (held in
+memory while the user has a session on any node, and dropped on every node
+by an invalidation when it changes), so the recipient's node need not
+check again.
 """
 from __future__ import annotations
 
@@ -34,11 +35,14 @@ class ClusterNode:
         limits = Limits(c2s.max_stanza_size, c2s.max_depth, c2s.max_stanza_nodes).for_stored(4096)
         self.link = RedisLink(
             server.clock, settings.host, settings.port, settings.db, settings.password,
-            [node_channel(self.name), ALL], self._received, self._up, self._down,
+            [node_channel(self.name), ALL], None, self._up, self._down,
             retry=min(settings.heartbeat, 1.0),
             # a stanza, its JSON header, and a registry record's presence
             max_message=c2s.max_stanza_size + 65536)
         self.bus = Bus(self.name, self.link, server.router, limits, self._event)
+        # Pushes go straight to the bus (no call in between: every stanza for
+        # this node takes this path).
+        self.link.on_message = self.bus.received
         self.registry = Registry(self.name, self.link, self.bus, server, settings.heartbeat,
                                  settings.expiry, limits)
         router = server.router
@@ -79,9 +83,6 @@ class ClusterNode:
         return "the cluster registry (Redis) is unreachable; try again shortly"
 
     # -- the bus ---------------------------------------------------------------
-
-    def _received(self, channel: bytes, payload: bytes) -> None:
-        self.bus.received(channel, payload)
 
     def _event(self, header: dict) -> None:
         kind = header["k"]

@@ -65,6 +65,8 @@ class RemoteSession:
         self.available = False
         self.address = ""
         self.state: dict = {}
+        # What every stanza to it is published with, made once (Bus.heads).
+        self.bus_head, self.bus_prefix = bus.heads(node, jid.full)
 
     @property
     def peer(self) -> str:

@@ -7,8 +7,11 @@ turns and four ``epoll_ctl`` calls and a burst of messages was never
 handled in one read; and each command cost ~5 us of argument encoding and
 a Deferred.  Under load a message crossing nodes cost ~13x a local one
 (bench/RESULTS.md, cluster phase).  These protocols take whatever one read
-brings and handle every complete reply in that same turn; a PUBLISH is one
-``bytes`` join and a callback in a deque.
+brings and handle every complete reply in that same turn.  A stanza's PUBLISH
+(:meth:`Commands.publish`) is a few parts appended to the turn's output and
+a tuple in the reply queue (no Deferred, no closure); a burst of ``:1``
+replies is taken in bulk; a message push on the node's own channel is
+sliced out of the received bytes after one prefix match (bench/cluster_cost.py).
 
 :class:`Subscriber` understands what a subscribed connection receives
 (arrays of bulk strings and integers: ``subscribe`` confirmations and
@@ -36,6 +39,13 @@ def publish_command(channel: bytes, payload: bytes) -> bytes:
         len(channel), channel, len(payload), payload)
 
 
+def publish_head(channel: bytes) -> bytes:
+    """A PUBLISH on ``channel`` up to its payload's length (:meth:`Commands.publish`).
+
+    Made once per channel (the bus keeps it per node)."""
+    return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$" % (len(channel), channel)
+
+
 class RESPError(Exception):
     """An error reply (``-ERR ...``) or a stream we cannot read."""
 
@@ -53,6 +63,8 @@ def command(*args: bytes | str | int | float) -> bytes:
 _INCOMPLETE = object()
 #: How every message push starts: an array of 3, the bulk string "message".
 COLON = ord(":")
+#: A PUBLISH reply: one subscriber got the message.
+ONE = b":1\r\n"
 MESSAGE = b"*3\r\n$7\r\nmessage\r\n"
 
 
@@ -110,7 +122,10 @@ class Subscriber(protocol.Protocol):
         self.password = password
         self.on_message = on_message
         self.max_bulk = max_bulk
-        self.buf = bytearray()
+        self.buf = b""  # the start of a push cut by the end of a read
+        first = channels[0].encode() if channels else b""
+        self._first_channel = first
+        self._first = MESSAGE + b"$%d\r\n%s\r\n$" % (len(first), first)
         self.transport = None
         self._pending = len(channels)  # subscribe confirmations still to come
         self._auth = password is not None
@@ -135,33 +150,59 @@ class Subscriber(protocol.Protocol):
         self._gone.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
+        # Read from the bytes as received (a burst of whole pushes, usually):
+        # slices of them are the payloads, with no copy into a buffer first.
+        # What is left of a cut push waits in ``buf``, bounded by the parsers.
+        if self.buf:
+            data = self.buf + data
         pos = 0
-        end = len(buf)
+        end = len(data)
+        first, channel = self._first, self._first_channel
         try:
             while pos < end and not self.closed:
-                if buf.startswith(MESSAGE, pos):
-                    # The hot path: a message push, read without the general parser.
-                    message = self._message(buf, pos + len(MESSAGE))
-                    if message is None:
+                if data.startswith(first, pos):
+                    # The hottest path: a push on the first channel (a node's
+                    # own: every stanza for it), its head known in full.
+                    p = pos + len(first)
+                    eol = data.find(b"\r\n", p, p + 22)
+                    if eol < 0:
+                        if end - p >= 22:
+                            raise RESPError("malformed message push")
                         break
-                    channel, payload, pos = message
+                    n = int(data[p:eol])
+                    if not 0 <= n <= self.max_bulk:
+                        raise RESPError(f"bulk string of {n} bytes (limit {self.max_bulk})")
+                    start = eol + 2
+                    stop = start + n
+                    if stop + 2 > end:
+                        break  # cut: kept from this push's start
+                    pos = stop + 2
                     try:
-                        self.on_message(channel, payload)
+                        self.on_message(channel, data[start:stop])
                     except Exception:
                         log.failure("cluster: bus message from {channel} failed", channel=channel)
                     continue
-                value, pos = parse(buf, pos, self.max_bulk)
+                if data.startswith(MESSAGE, pos):
+                    # A message push on another channel, read without the general parser.
+                    message = self._message(data, pos + len(MESSAGE))
+                    if message is None:
+                        break
+                    other, payload, pos = message
+                    try:
+                        self.on_message(other, payload)
+                    except Exception:
+                        log.failure("cluster: bus message from {channel} failed", channel=other)
+                    continue
+                value, pos = parse(data, pos, self.max_bulk)
                 if value is _INCOMPLETE:
                     break
                 self._reply(value)
         except (RESPError, ValueError) as e:
             self._fail(str(e))
             return
-        del buf[:pos]
+        self.buf = data[pos:] if pos < end else b""
 
-    def _message(self, buf: bytearray, pos: int):
+    def _message(self, buf: bytes, pos: int):
         """(channel, payload, next position) of a push whose head was read, or None if cut."""
         out = []
         for _ in range(2):
@@ -180,7 +221,7 @@ class Subscriber(protocol.Protocol):
             start = eol + 2
             if len(buf) < start + n + 2:
                 return None
-            out.append(bytes(buf[start:start + n]))
+            out.append(buf[start:start + n])
             pos = start + n + 2
         return out[0], out[1], pos
 
@@ -203,7 +244,7 @@ class Subscriber(protocol.Protocol):
         log.error("cluster: Redis pub/sub connection: {why}", why=why)
         if not self._ready.called:
             self._ready.errback(RESPError(why))
-        self.buf.clear()
+        self.buf = b""
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -235,7 +276,8 @@ class Commands(protocol.Protocol):
         self.max_bulk = max_bulk
         self.buf = bytearray()
         self.transport = None
-        self.waiting: deque[Callable[[Any], None]] = deque()
+        # Per command sent: its callback, or for a publish (missed, context, data).
+        self.waiting: deque = deque()
         # Set by connectionLost, which a reply's callback can cause at once
         # (the last reply before a shutdown runs the reactor's disconnectAll).
         self.closed = False
@@ -267,7 +309,10 @@ class Commands(protocol.Protocol):
         gone = ConnectionError("Redis connection lost")
         for callback in waiting:
             try:
-                callback(gone)
+                if callback.__class__ is tuple:  # a publish (see publish)
+                    callback[0](gone, callback[1], callback[2])
+                else:
+                    callback(gone)
             except Exception:
                 pass
         if not self._ready.called:
@@ -288,6 +333,26 @@ class Commands(protocol.Protocol):
             self.clock.callLater(0, self._flush)
         self._out.append(data)
 
+    def publish(self, head: bytes, prefix: bytes, data: bytes,
+                missed: Callable[[Any, Any, bytes], None], context: Any) -> None:
+        """PUBLISH ``prefix + data`` (``head``: :func:`publish_head` of the channel),
+        as :meth:`send` but for the hot path, where only a miss matters.
+
+        ``missed(reply, context, data)`` runs when nobody got it: a reply of 0
+        subscribers, an error reply or a lost connection; a positive count
+        runs nothing.  No closure per message: the queue entry is a tuple of
+        the shared ``missed`` and its arguments; the command goes in as its
+        parts (the stanza is copied once, by the turn's join).
+        """
+        if self.closed:
+            missed(ConnectionError("Redis connection lost"), context, data)
+            return
+        self.waiting.append((missed, context, data))
+        out = self._out
+        if not out:
+            self.clock.callLater(0, self._flush)
+        out.extend((head, b"%d\r\n" % (len(prefix) + len(data)), prefix, data, b"\r\n"))
+
     def _flush(self) -> None:
         out, self._out = self._out, []
         if self.transport is not None and out:
@@ -306,6 +371,23 @@ class Commands(protocol.Protocol):
         return d
 
     def dataReceived(self, data: bytes) -> None:
+        if not self.buf and data.count(ONE) * 4 == len(data):
+            # The hot path: a burst of PUBLISH replies, each one subscriber
+            # got it (a node's channel).  Nothing to run for a publish.
+            waiting = self.waiting
+            if len(waiting) < len(data) // 4:
+                self._broken("a reply to no command")
+                return
+            for _ in range(len(data) // 4):
+                callback = waiting.popleft()
+                if callback.__class__ is not tuple:
+                    try:
+                        callback(1)
+                    except Exception:
+                        log.failure("cluster: handling a Redis reply failed")
+                    if self.closed:
+                        return
+            return
         buf = self.buf
         buf += data
         pos = 0
@@ -325,16 +407,23 @@ class Commands(protocol.Protocol):
                     raise RESPError("a reply to no command")
                 callback = self.waiting.popleft()
                 try:
-                    callback(value)
+                    if callback.__class__ is tuple:  # a publish: only a miss is reported
+                        if value.__class__ is not int or value <= 0:
+                            callback[0](value, callback[1], callback[2])
+                    else:
+                        callback(value)
                 except RESPError:
                     raise
                 except Exception:
                     log.failure("cluster: handling a Redis reply failed")
         except (RESPError, ValueError) as e:
-            log.error("cluster: Redis command connection: {why}", why=str(e))
-            if not self._ready.called:
-                self._ready.errback(RESPError(str(e)))
-            self.buf.clear()
-            self.transport.loseConnection()
+            self._broken(str(e))
             return
         del buf[:pos]
+
+    def _broken(self, why: str) -> None:
+        log.error("cluster: Redis command connection: {why}", why=why)
+        if not self._ready.called:
+            self._ready.errback(RESPError(why))
+        self.buf.clear()
+        self.transport.loseConnection()

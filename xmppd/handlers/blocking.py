@@ -2,9 +2,10 @@
 
 Enabled as ``urn:xmpp:blocking`` in ``[sm] plugins``.  Blocklists live in the
 store (``blocklist/<bare JID>/<blocked JID>``; the value holds an optional
-XEP-0377 spam report) and, for online users, in memory as a set, so the
-filter costs at most four set look-ups per stanza (XEP-0016 §2.1 match
-order: full JID, bare JID, domain/resource, domain) whatever the list length.
+XEP-0377 spam report) and, for online users (in a cluster: with a session
+on any node), in memory as a set, so the filter costs at most four set
+look-ups per stanza (XEP-0016 §2.1 match order: full JID, bare JID,
+domain/resource, domain) whatever the list length.
 
 Enforcement, both directions, on every path through :meth:`Router.deliver`
 (client stanzas, presence broadcasts, probes, subscription handling, offline
@@ -130,7 +131,8 @@ def _blocked_error() -> StanzaError:
 
 
 class BlockingFilter:
-    """The router filter; reads only in-memory sets for online users.
+    """The router filter; reads only in-memory sets for online users (a session
+    on this node or, in a cluster, on another one).
 
     For a user with no list in memory (no session, not cached) on a
     networked store, ``load`` returns a Deferred: the router passes the
@@ -191,6 +193,8 @@ class BlockingPlugin(Plugin):
         self.lists: dict[str, Blocklist] = {}
         self._offline_cache: dict[str, Blocklist] = {}
         self._loading: dict[str, defer.Deferred] = {}
+        # Reads of a local user's list begun at bind, by bare JID -> token (_bound).
+        self._reading: dict[str, object] = {}
         # Block/unblock of one user one after another (read, then write).
         self.serial = Serial()
         self.handle_iq("get", NS_BLOCKING, "blocklist", self.on_get)
@@ -210,10 +214,16 @@ class BlockingPlugin(Plugin):
         return self.store.items(STORE, bare).addCallback(listed)
 
     def load(self, bare: str) -> Blocklist | defer.Deferred:
-        """The list of a user with no session (bounded cache, cleared on change).
+        """The list of a user whose list is not in memory (read, then held).
 
-        The list itself when it can be had at once (cached, or an embedded
-        store); else a Deferred that fires (with None) once it is cached.
+        Held in ``lists`` when the user has a session, here or (in a
+        cluster) on another node, as an online user's list is, until their
+        last session ends (:meth:`_closed`; the cluster registry's
+        ``_drop``): a message to a user on another node then costs the
+        filter a set look-up, as a local one (bench/cluster_cost.py).  Else
+        in a bounded cache, cleared on change.  The list itself when it can
+        be had at once (held, cached, or an embedded store); else a
+        Deferred that fires (with None) once it is.
         """
         cached = self._offline_cache.get(bare)
         if cached is not None:
@@ -225,9 +235,12 @@ class BlockingPlugin(Plugin):
             def loaded(blocklist: Blocklist) -> None:
                 if self._loading.get(bare) is waiters:
                     del self._loading[bare]
-                    if len(self._offline_cache) > 10000:
-                        self._offline_cache.clear()
-                    self._offline_cache[bare] = blocklist
+                    if self.router.resources_of(bare):
+                        self.lists.setdefault(bare, blocklist)
+                    else:
+                        if len(self._offline_cache) > 10000:
+                            self._offline_cache.clear()
+                        self._offline_cache[bare] = blocklist
                 for waiter in waiters:
                     waiter.callback(None)
 
@@ -241,8 +254,11 @@ class BlockingPlugin(Plugin):
             failed_now: list = []
 
             self._read(bare).addCallbacks(loaded, failed)
-            if bare in self._offline_cache:  # an embedded store: loaded already
-                return self._offline_cache[bare]
+            now = self.lists.get(bare)  # an embedded store: loaded already
+            if now is None:
+                now = self._offline_cache.get(bare)
+            if now is not None:
+                return now
             if failed_now:  # an embedded store that failed
                 return defer.fail(failed_now[0])
         waiter = defer.Deferred()
@@ -250,38 +266,38 @@ class BlockingPlugin(Plugin):
         return waiter
 
     def _bound(self, session) -> None:
+        """A local session: its user's list read now, so the filter never waits for it."""
         bare = session.jid.bare
-        if bare not in self.lists:
-            def loaded(blocklist: Blocklist) -> None:
+        if bare in self.lists:
+            return
+        token = self._reading[bare] = object()
+
+        def loaded(blocklist: Blocklist) -> None:
+            if self._reading.get(bare) is token:  # else a change overtook this read
+                del self._reading[bare]
                 if bare not in self.lists and self.router.resources_of(bare):
                     self.lists[bare] = blocklist
 
-            def failed(failure) -> None:
-                failure.trap(StoreError)
-                store_report(failure.value)  # the filter reads the store until a list is in
-
-            self._read(bare).addCallbacks(loaded, failed)
-
-    def reload(self, bare: str) -> None:
-        """Another node changed ``bare``'s blocklist (xmppd.cluster): read it again.
-
-        The cached copy of a user with no session is dropped; an online
-        user's list stays in force until the new one is read (the filter
-        never runs without a list for an online user).
-        """
-        self._offline_cache.pop(bare, None)
-        if bare not in self.lists:
-            return
-
-        def loaded(blocklist: Blocklist) -> None:
-            if bare in self.lists:
-                self.lists[bare] = blocklist
-
         def failed(failure) -> None:
+            if self._reading.get(bare) is token:
+                del self._reading[bare]
             failure.trap(StoreError)
-            store_report(failure.value)
+            store_report(failure.value)  # the filter reads the store until a list is in
 
         self._read(bare).addCallbacks(loaded, failed)
+
+    def reload(self, bare: str) -> None:
+        """Another node changed ``bare``'s blocklist (xmppd.cluster): forget every copy.
+
+        The in-memory list of a user with a session goes too, and reads in
+        flight are discarded when they land: the next stanza the filter
+        checks for the user waits for a new read (:meth:`load`), so a block
+        made on another node holds from the moment its invalidation arrives.
+        """
+        self._offline_cache.pop(bare, None)
+        self._loading.pop(bare, None)
+        self._reading.pop(bare, None)
+        self.lists.pop(bare, None)
 
     def _closed(self, session) -> None:
         if not self.router.resources_of(session.jid.bare):
@@ -295,7 +311,9 @@ class BlockingPlugin(Plugin):
             current = self.load(bare)
             if isinstance(current, defer.Deferred):
                 yield current
-                current = self.lists.get(bare) or self._offline_cache.get(bare, EMPTY)
+                current = self.lists.get(bare)  # an empty list is falsy: no "or"
+                if current is None:
+                    current = self._offline_cache.get(bare, EMPTY)
         return current
 
     # -- IQ handlers -----------------------------------------------------------
@@ -394,7 +412,9 @@ class BlockingPlugin(Plugin):
     def _update(self, bare: str, items: Blocklist) -> None:
         self._offline_cache.pop(bare, None)
         self._loading.pop(bare, None)
-        if bare in self.lists:
+        # A read of the list in flight began before this change: this is newer.
+        reading = self._reading.pop(bare, None) is not None
+        if bare in self.lists or (reading and self.router.resources_of(bare)):
             self.lists[bare] = items
 
     @defer.inlineCallbacks
