@@ -123,6 +123,10 @@ class Router:
         self.refusals: dict[tuple[str, str], int] = {}
         # (message, bytes) of the last message delivered to a bare JID.
         self.last_serialized: tuple = (None, b"")
+        # (message, sender's bare JID, id) of the last message archived for
+        # its sender (xmppd.handlers.mam): the id goes into the sender's own
+        # carbon copy only (xmppd.handlers.carbons), not into the message.
+        self.sent_stanza_id: tuple = (None, "", "")
 
     # -- session registry -------------------------------------------------
 

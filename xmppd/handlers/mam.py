@@ -158,9 +158,15 @@ def settings(config) -> Settings:
     return s
 
 
-def archivable(stanza: domish.Element) -> bool:
-    """A body or a ``<store/>`` hint, and no ``<no-store/>``/``<no-permanent-store/>``."""
+def archivable(stanza: domish.Element) -> int:
+    """A body or a ``<store/>`` hint, and no ``<no-store/>``/``<no-permanent-store/>``.
+
+    0: no; 1: yes; 2: yes, and the message carries a ``<stanza-id/>`` (one
+    that claims the sender's archive is removed: XEP-0359 §3.3).  One pass
+    over the children for both questions.
+    """
     content = False
+    sids = 0
     for child in stanza.children:
         if child.__class__ is str:
             continue
@@ -168,12 +174,22 @@ def archivable(stanza: domish.Element) -> bool:
         if uri == NS_HINTS:
             name = child.name
             if name == "no-store" or name == "no-permanent-store":
-                return False
+                return 0
             if name == "store":
                 content = True
-        elif uri == NS_CLIENT and child.name == "body":
-            content = True
-    return content
+        elif uri == NS_CLIENT:
+            if child.name == "body":
+                content = True
+        elif uri == NS_SID:
+            sids = 1
+    return content + sids if content else 0
+
+
+def _strip_ids(stanza: domish.Element, by: str) -> None:
+    """Remove every ``<stanza-id/>`` claiming ``by`` (not made here: XEP-0359 §3.3)."""
+    stanza.children[:] = [c for c in stanza.children if not (
+        c.__class__ is not str and c.name == "stanza-id" and c.uri == NS_SID
+        and c.getAttribute("by") == by)]
 
 
 def _id_by(stanza: domish.Element, by: str) -> str | None:
@@ -315,7 +331,8 @@ class MAMPlugin(Plugin):
         prefs_of = self._prefs.get
         always = self._always
         sid = self.sid
-        stamp = sid.stamp
+        sequence = self.sequence
+        prefix = sid._prefix
         extend = self.worker.extend
         cut = self._prefix_len
 
@@ -330,7 +347,10 @@ class MAMPlugin(Plugin):
             out_user = (sender.bare if sender.user is not None and sender.host in hosts
                         and sender.bare != to.bare else None)
             in_user = to.bare if to_local else None
-            if (out_user is None and in_user is None) or not archivable(stanza):
+            if out_user is None and in_user is None:
+                return inner(stanza, sender, to, session)
+            content = archivable(stanza)
+            if not content:
                 return inner(stanza, sender, to, session)
             if out_user is not None and (always is None or prefs_of(out_user) is not always) \
                     and not wants(out_user, to):
@@ -345,8 +365,15 @@ class MAMPlugin(Plugin):
             if out_user is None and in_user is None:
                 return inner(stanza, sender, to, session)
             if out_user is not None:
-                out_id = stamp(stanza, out_user)
-                out_seq = sid.number
+                # The sender's archive id is not put into the message: its
+                # recipient may not see the sender's archive (XEP-0313 §3.5).
+                # Only the sender's own carbon copy of it carries the id
+                # (xmppd.handlers.carbons reads router.sent_stanza_id).
+                if content == 2:
+                    _strip_ids(stanza, out_user)
+                out_seq = next(sequence)
+                out_id = f"{prefix}{out_seq:x}"
+                router.sent_stanza_id = (stanza, out_user, out_id)
             inner(stanza, sender, to, session)
             done, data = router.last_serialized
             if done is not stanza:
