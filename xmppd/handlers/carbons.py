@@ -172,7 +172,7 @@ def _forwardable(stanza: domish.Element) -> bytes:
 def _sent_form(stanza: domish.Element, inner: bytes, to, own: tuple) -> bytes:
     """The forwarded message of a sent copy when the sender's archive kept it.
 
-    ``own``: (message, sender's bare JID, archive id), from the archive
+    ``own``: (message, sender's bare JID, id prefix, seq), from the archive
     (:attr:`Router.sent_stanza_id`).  The sender's ``<stanza-id/>`` is only
     here: XEP-0313 §3.5 keeps it out of the message the recipient gets (who
     may not read the sender's archive) and asks for it in the carbon copy,
@@ -181,7 +181,7 @@ def _sent_form(stanza: domish.Element, inner: bytes, to, own: tuple) -> bytes:
     recipient's archive id) is replaced by it.
     """
     mine = (f"<stanza-id xmlns='{NS_SID}' by='{escape_attr(own[1])}'"
-            f" id='{escape_attr(own[2])}'/>").encode()
+            f" id='{escape_attr(own[2])}{own[3]:x}'/>").encode()
     if to.user is not None:
         children = stanza.children
         for i in range(len(children) - 1, -1, -1):

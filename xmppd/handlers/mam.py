@@ -60,7 +60,7 @@ from xmppd import jid as jidlib
 from xmppd.handlers import mam_prefs
 from xmppd.handlers.mam_prefs import Prefs
 from xmppd.logfilter import log_observer
-from xmppd.msglog import INCOMING, OUTGOING, LogQuery, seq_of_id
+from xmppd.msglog import LogQuery, seq_of_id
 from xmppd.plugin import Plugin, Request
 from xmppd.rsm import NS_RSM, ResultSet
 from xmppd.stanzas import NS_CLIENT, StanzaError, escape_attr, iq_result, serialize
@@ -333,7 +333,8 @@ class MAMPlugin(Plugin):
         sid = self.sid
         sequence = self.sequence
         prefix = sid._prefix
-        extend = self.worker.extend
+        add = self.worker.add
+        self.worker.prefix = prefix
         cut = self._prefix_len
 
         def deliver_unfiltered(stanza, sender, to, session=None):
@@ -372,53 +373,51 @@ class MAMPlugin(Plugin):
                 if content == 2:
                     _strip_ids(stanza, out_user)
                 out_seq = next(sequence)
-                out_id = f"{prefix}{out_seq:x}"
-                router.sent_stanza_id = (stanza, out_user, out_id)
+                router.sent_stanza_id = (stanza, out_user, prefix, out_seq)
+            else:
+                out_seq = 0
             inner(stanza, sender, to, session)
             done, data = router.last_serialized
             if done is not stanza:
                 data = serialize(stanza)
             # One bytes object for both rows: the archive stores it once.
             data = b"<message xmlns='jabber:client'" + data[8:]
+            in_seq = 0
             if in_user is not None:
-                stamped, in_id, in_seq = sid.last
+                stamped, _, in_seq = sid.last
                 if stamped is not stanza:
                     in_id = _id_by(stanza, in_user)
-                    in_seq = int(in_id[cut:], 16) if in_id is not None else 0
-                if in_id is None:
-                    in_user = None
-            if in_user is None:
-                if out_user is None:
+                    if in_id is None or not in_id.startswith(prefix):
+                        in_user = None
+                    else:
+                        in_seq = int(in_id[cut:], 16)
+                if in_user is None and out_user is None:
                     return
-                rows = ((out_seq, out_user, to.full, out_id, OUTGOING, data),)
-            elif out_user is None:
-                rows = ((in_seq, in_user, sender.full, in_id, INCOMING, data),)
-            else:
-                rows = ((out_seq, out_user, to.full, out_id, OUTGOING, data),
-                        (in_seq, in_user, sender.full, in_id, INCOMING, data))
+            # One buffer entry for the message's rows (LogWorker.add).
             if in_later and in_user is not None:
                 # The sender's row now, the recipient's once their preferences
                 # (and roster entry, for "roster") are read and say yes.
                 if out_user is not None:
-                    extend(rows[:1])
-                later = rows[-1:]
+                    add((out_seq, out_user, to.full, 0, None, "", data))
+                later = (0, None, "", in_seq, in_user, sender.full, data)
                 exists = (router.user_exists(to) if to.bare not in sessions
                           else defer.succeed(True))
                 exists.addCallback(lambda found: found and self.wants_later(in_user, sender))
-                exists.addCallback(lambda wanted: wanted and extend(later))
+                exists.addCallback(lambda wanted: wanted and add(later))
                 exists.addErrback(lambda f: log.failure("archive: look-up failed", f))
                 return
+            entry = (out_seq, out_user, to.full, in_seq, in_user, sender.full, data)
             if to_local and in_user is not None and to.bare not in sessions:
                 # No session: archived once the account is known to exist
                 # (a message to nobody bounces and stays out of every archive).
                 def known(exists: bool) -> None:
                     if exists:
-                        extend(rows)
+                        add(entry)
 
                 router.user_exists(to).addCallback(known).addErrback(
                     lambda f: log.failure("archive: account look-up failed", f))
                 return
-            extend(rows)
+            add(entry)
 
         router.deliver_unfiltered = deliver_unfiltered
 
