@@ -10,9 +10,10 @@ Archiving
     the filter chain: nothing a filter refused (blocked, domain-filtered,
     bounced by a filter) is archived.  A ``chat``/``normal`` message with a
     body (or an XEP-0334 ``<store/>`` hint, and no ``<no-store/>`` or
-    ``<no-permanent-store/>``) is archived for its local sender (with
-    ``<stanza-id by='sender'/>`` added before delivery, so the recipient
-    and the sender's carbons carry the sender's archive id) and for its
+    ``<no-permanent-store/>``) is archived for its local sender (the id
+    in the sender's archive is not put into the message, which the
+    recipient gets: XEP-0313 §3.5; only the sender's sent carbon carries
+    it, through :attr:`Router.sent_stanza_id`) and for its
     local recipient (the stanza-id the XEP-0359 plugin stamped), each as
     that user's preferences (XEP-0441, :mod:`xmppd.handlers.mam_prefs`)
     allow.  A message for an account without a session is archived once the
@@ -26,10 +27,10 @@ Write path
     reactor: checkpoints run on a thread; on PostgreSQL
     :class:`xmppd.msglog_pg.AsyncLogWorker`, batches and queries on the
     store's thread pool, :mod:`xmppd.archives` chooses).  Per message the reactor pays a
-    dict look-up for the preferences, the sender's stanza-id (prebuilt XML)
-    and a row in the buffer: the delivered bytes are reused, and both rows
-    of a message between local users carry the same bytes object, which the
-    archive stores once.  Queries and deletes flush
+    dict look-up for the preferences, the sender's archive number and one
+    buffer entry for both parties' rows (:meth:`LogWorker.add`, stored by
+    SQLite as it is): the delivered bytes are reused, and the archive
+    stores them once for both.  Queries and deletes flush
     first, so they see everything archived before them; deletes run in
     chunks of ``delete_chunk`` rows, one per reactor turn.
 
