@@ -160,10 +160,13 @@ def test_both_directions_with_stanza_ids_and_carbons(md):
     send(a, "bob@localhost", "hi bob", "m1")
     got = b.read_until("</message>").decode()
     bob_id = stanza_ids(got, "bob@localhost")
-    alice_id = stanza_ids(got, "alice@localhost")  # the sender's archive id travels along
-    assert len(bob_id) == 1 and len(alice_id) == 1
+    assert len(bob_id) == 1
+    # XEP-0313 §3.5: the sender's archive id is not for the recipient...
+    assert "by='alice@localhost'" not in got
+    # ...but for the sender's other clients, in the sent carbon (not bob's id).
     carbon = a2.read_until("</sent></message>").decode()
-    assert stanza_ids(carbon, "alice@localhost") == alice_id  # the sent carbon carries it too
+    alice_id = stanza_ids(carbon, "alice@localhost")
+    assert len(alice_id) == 1 and "by='bob@localhost'" not in carbon
     send(b, "alice@localhost/phone", "hi alice", "m2")
     got2 = a.read_until("</message>").decode()
     alice_in = stanza_ids(got2, "alice@localhost")
@@ -173,7 +176,20 @@ def test_both_directions_with_stanza_ids_and_carbons(md):
     assert "<forwarded xmlns='urn:xmpp:forward:0'><delay xmlns='urn:xmpp:delay' stamp=" in pa.raw[0]
     assert "<message xmlns='jabber:client'" in pa.raw[0] and "from='alice@localhost/phone'" in pa.raw[0]
     pb = query(b)
-    assert pb.ids == bob_id + stanza_ids(got2, "bob@localhost") and pb.bodies == ["hi bob", "hi alice"]
+    # bob's id of his own message went nowhere (he has no carbons): not to alice.
+    assert "by='bob@localhost'" not in got2
+    assert pb.ids[0] == bob_id[0] and len(set(pb.ids)) == 2 and pb.bodies == ["hi bob", "hi alice"]
+    # A <stanza-id/> claiming alice's archive that alice's client made up is
+    # removed (XEP-0359 §3.3): neither bob nor the carbon sees it.
+    forged = "<stanza-id xmlns='urn:xmpp:sid:0' by='alice@localhost' id='forged'/>"
+    send(a, "bob@localhost", "forged", "m3", extra=forged)
+    got3 = b.read_until("forged</body>.*?</message>").decode()
+    assert "by='alice@localhost'" not in got3 and len(stanza_ids(got3, "bob@localhost")) == 1
+    carbon3 = a2.read_until("forged</body>.*?</sent></message>").decode()
+    carbon3 = carbon3[carbon3.rindex("<sent "):]  # after the received copy of m2
+    own3 = stanza_ids(carbon3, "alice@localhost")
+    assert len(own3) == 1 and own3 != ["forged"]
+    assert wait_archived(a, 3).ids[2:] == own3
     for c in (a, a2, b):
         c.close()
 

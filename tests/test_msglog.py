@@ -147,6 +147,34 @@ def test_worker_buffers_and_closes(tmp_path):
     assert w.pending == [] and seqs(log.query(LogQuery("a@x"))) == [1, 2, 3, 5, 6]
 
 
+def test_worker_message_entries(msglog):
+    """The hot path buffers one entry per message (LogWorker.add), rows of both
+    parties in it; every backend stores the same rows as if appended one by one,
+    mixed with plain rows in one flush; max_buffer counts entries."""
+    from twisted.internet.task import Clock
+
+    w = LogWorker(msglog, Clock(), flush_interval=0.2, max_buffer=4, checkpoint_interval=0)
+    w.prefix = "p-"
+    data = b"<message n='both'/>"
+    w.add((10, "a@x", "b@x/phone", 11, "b@x", "a@x/laptop", data))  # local to local
+    w.add((12, "a@x", "c@y", 0, None, "", b"<message n='out'/>"))  # to another server
+    w.append(row(13, user="b@x", other="c@y/r"))  # a plain row between them
+    w.add((0, None, "", 14, "b@x", "c@y/r", b"<message n='in'/>"))  # from another server
+    w.add((15, "a@x", "b@x", 16, "b@x", "a@x/laptop", data))  # one over max_buffer
+    assert w.dropped == 1 and len(w.pending) == 4
+    w.flush()
+    a = msglog.query(LogQuery("a@x"))
+    b = msglog.query(LogQuery("b@x"))
+    assert [(r.seq, r.id, r.with_full, r.direction) for r in a] == [
+        (10, "p-a", "b@x/phone", OUTGOING), (12, "p-c", "c@y", OUTGOING)]
+    assert [(r.seq, r.id, r.with_full, r.direction) for r in b] == [
+        (11, "p-b", "a@x/laptop", INCOMING), (13, "p-d", "c@y/r", INCOMING),
+        (14, "p-e", "c@y/r", INCOMING)]
+    assert a[0].stanza == b[0].stanza == data and b[2].stanza == b"<message n='in'/>"
+    assert msglog.get("b@x", [11, 14])[1].id == "p-e"
+    w.close()
+
+
 def test_delete_in_chunks(msglog):
     fill(msglog)
     assert msglog.delete_user("a@x", limit=7) == 7

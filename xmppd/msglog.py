@@ -248,6 +248,17 @@ class Sequence:
         return now
 
 
+def rows_of(messages: list, prefix: str) -> list:
+    """The rows (:class:`Row` fields) of :meth:`LogWorker.add` entries."""
+    rows = []
+    for out_seq, out_user, to_full, in_seq, in_user, sender_full, stanza in messages:
+        if out_user is not None:
+            rows.append((out_seq, out_user, to_full, f"{prefix}{out_seq:x}", OUTGOING, stanza))
+        if in_user is not None:
+            rows.append((in_seq, in_user, sender_full, f"{prefix}{in_seq:x}", INCOMING, stanza))
+    return rows
+
+
 class LogWorker:
     """Buffers archive rows, writes them in batches, checkpoints off the reactor.
 
@@ -268,7 +279,8 @@ class LogWorker:
     ``flush_interval`` seconds of messages); a power loss, also what was
     committed since the last checkpoint.  A clean stop writes and
     checkpoints everything (:meth:`close`).  The buffer holds at most
-    ``max_buffer`` rows: beyond that rows are dropped, counted and logged.
+    ``max_buffer`` entries (rows, or messages: :meth:`add`): beyond that
+    they are dropped, counted and logged.
     """
 
     def __init__(self, log: IMessageLog, clock, *, flush_interval: float = 0.2,
@@ -287,6 +299,9 @@ class LogWorker:
         self.on_overflow = on_overflow
         self.on_failure = on_failure
         self.pending: list = []
+        # Message entries (add()): ids are prefix + seq in hex.
+        self.prefix = ""
+        self._rows = False  # rows (append()) among the entries
         self.dropped = 0
         self._call = None
         self._checkpoint_call = None
@@ -304,19 +319,42 @@ class LogWorker:
                 self.on_overflow(self.dropped)
             return
         self.pending.append(row)
+        self._rows = True
         if self._call is None:
             self._call = self.clock.callLater(self.flush_interval, self._timer)
 
-    def extend(self, rows: tuple) -> None:
-        """:meth:`append` for the rows of one message (one call on the hot path)."""
+    def add(self, entry: tuple) -> None:
+        """One message's rows as one entry (the hot path: no tuple per row).
+
+        ``(out_seq, out_user, to_full, in_seq, in_user, sender_full, stanza)``:
+        the sender's row (``out_user`` None: none) and the recipient's
+        (``in_user`` None: none), ids :attr:`prefix` + seq in hex.  A log
+        with ``takes_messages`` stores entries as they are; for the others
+        :meth:`flush` makes the rows (:func:`rows_of`).
+        """
         pending = self.pending
-        if len(pending) + len(rows) > self.max_buffer or self.closed:
-            for row in rows:
-                self.append(row)
+        if len(pending) >= self.max_buffer or self.closed:
+            self.dropped += 1
+            if self.on_overflow is not None:
+                self.on_overflow(self.dropped)
             return
-        pending += rows
+        pending.append(entry)
         if self._call is None:
             self._call = self.clock.callLater(self.flush_interval, self._timer)
+
+    def _batch(self, pending: list) -> tuple[list, list]:
+        """(rows, message entries) of a buffer: the log's ``append`` takes
+        entries as they are if it can, else they become rows here."""
+        if not self._rows:
+            rows, messages = [], pending
+        else:
+            self._rows = False
+            rows = [e for e in pending if len(e) == 6]
+            messages = [e for e in pending if len(e) == 7]
+        if messages and not getattr(self.log, "takes_messages", False):
+            rows += rows_of(messages, self.prefix)
+            messages = []
+        return rows, messages
 
     def _timer(self) -> None:
         self._call = None
@@ -328,14 +366,18 @@ class LogWorker:
             if self._call.active():
                 self._call.cancel()
             self._call = None
-        rows, self.pending = self.pending, []
-        if not rows:
+        pending, self.pending = self.pending, []
+        if not pending:
             return {}
+        rows, messages = self._batch(pending)
         try:
-            dropped = self.log.append(rows, self.max_per_user)
+            if messages:
+                dropped = self.log.append(rows, self.max_per_user, messages, self.prefix)
+            else:
+                dropped = self.log.append(rows, self.max_per_user)
         except StoreError as e:
             if self.on_failure is not None:
-                self.on_failure(e, len(rows))
+                self.on_failure(e, len(pending))
             return {}
         self._wrote()
         if dropped and self.on_trimmed is not None:

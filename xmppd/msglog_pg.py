@@ -255,11 +255,12 @@ class AsyncLogWorker(LogWorker):
             self._call = None
         if self._writing or not self.pending:
             return {}
-        rows, self.pending = self.pending, []
+        pending, self.pending = self.pending, []
+        rows, _ = self._batch(pending)  # the archive takes rows: entries become rows
         self._writing = True
         self._current, self._next = self._next, []
         d = self.log.append(rows, self.max_per_user)
-        d.addCallbacks(self._stored, self._not_stored, errbackArgs=(len(rows),))
+        d.addCallbacks(self._stored, self._not_stored, errbackArgs=(len(pending),))
         d.addBoth(self._batch_done)
         return {}
 
@@ -294,11 +295,12 @@ class AsyncLogWorker(LogWorker):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        rows, self.pending = self.pending, []
-        if rows:
+        pending, self.pending = self.pending, []
+        if pending:
+            rows, _ = self._batch(pending)
             try:
                 self.log.append_now(rows, self.max_per_user)
             except StoreError as e:
                 if self.on_failure is not None:
-                    self.on_failure(e, len(rows))
+                    self.on_failure(e, len(pending))
         self.log.close()

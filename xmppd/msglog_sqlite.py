@@ -55,7 +55,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from xmppd.logfilter import log_observer
-from xmppd.msglog import IMessageLog, LogQuery, Row
+from xmppd.msglog import INCOMING, OUTGOING, IMessageLog, LogQuery, Row
 from xmppd.storage import StoreError, StoreNotFound, connect_sqlite
 
 log = Logger(observer=log_observer)
@@ -552,8 +552,14 @@ class SQLiteMessageLog:
                 raise sqlite3.IntegrityError(f"seq {a[0]} is archived twice")
         return entries
 
-    def append(self, rows: list, max_per_user: int = 0) -> dict:
-        if not rows:
+    takes_messages = True  # append() takes LogWorker message entries as they are
+
+    def append(self, rows: list, max_per_user: int = 0, messages: list = (),
+               prefix: str = "") -> dict:
+        """:meth:`IMessageLog.append`; also ``messages``, :class:`~xmppd.msglog.LogWorker`
+        entries (one per message, both parties' rows; ids ``prefix`` + seq in hex),
+        stored without making a row of each (the hot path's flush)."""
+        if not rows and not messages:
             return {}
 
         def work(db):
@@ -592,6 +598,41 @@ class SQLiteMessageLog:
                 if tail != f"{seq:x}":
                     raise sqlite3.IntegrityError(f"archive id {ident!r} is not <prefix>-{seq:x}")
                 entries.append((seq, oi, pfx, direction, cid, off, length))
+            if messages:
+                # One message, up to two entries: no row tuples, no id to split
+                # (every id is ``prefix`` + seq in hex, made so by the archive).
+                head, dash, _ = prefix.rpartition("-")
+                pfx = prefixes.get(head) or self._prefix(db, head, dash)
+                for out_seq, out_user, to_full, in_seq, in_user, sender_full, stanza in messages:
+                    if size >= CHUNK_BYTES:
+                        chunks.append((cid, refs, b"".join(parts)))
+                        cid += 1
+                        parts = []
+                        size = refs = 0
+                    off = size
+                    length = len(stanza)
+                    size += length
+                    parts.append(stanza)
+                    if out_user is not None:
+                        refs += 1
+                        group = groups.get(out_user)
+                        if group is None:
+                            group = groups[out_user] = ({}, [])
+                        others = group[0]
+                        oi = others.get(to_full)
+                        if oi is None:
+                            oi = others[to_full] = len(others)
+                        group[1].append((out_seq, oi, pfx, OUTGOING, cid, off, length))
+                    if in_user is not None:
+                        refs += 1
+                        group = groups.get(in_user)
+                        if group is None:
+                            group = groups[in_user] = ({}, [])
+                        others = group[0]
+                        oi = others.get(sender_full)
+                        if oi is None:
+                            oi = others[sender_full] = len(others)
+                        group[1].append((in_seq, oi, pfx, INCOMING, cid, off, length))
             chunks.append((cid, refs, b"".join(parts)))
             self._next_chunk = cid + 1
             db.executemany("INSERT INTO chunks VALUES (?,?,?)", chunks)
@@ -631,7 +672,8 @@ class SQLiteMessageLog:
                 dropped = {names[uid]: n for uid, n in dropped.items()}
             return counts, dropped
 
-        counts, dropped = self._write("append archive", rows[0][1], work)
+        first = rows[0][1] if rows else (messages[0][1] or messages[0][4])
+        counts, dropped = self._write("append archive", first, work)
         self._counts.update(counts)
         return dropped
 

@@ -123,6 +123,10 @@ class Router:
         self.refusals: dict[tuple[str, str], int] = {}
         # (message, bytes) of the last message delivered to a bare JID.
         self.last_serialized: tuple = (None, b"")
+        # (message, sender's bare JID, id prefix, seq) of the last message
+        # archived for its sender (xmppd.handlers.mam): that archive id goes
+        # into the sender's own carbon copy only (xmppd.handlers.carbons).
+        self.sent_stanza_id: tuple = (None, "", "", 0)
 
     # -- session registry -------------------------------------------------
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 from twisted.words.xish import domish
 
 from xmppd.plugin import Plugin, Request
-from xmppd.stanzas import NS_CLIENT, StanzaError, escape_attr, serialize
+from xmppd.stanzas import NS_CLIENT, Prebuilt, StanzaError, escape_attr, serialize
 
 NS_CARBONS = "urn:xmpp:carbons:2"
 NS_FORWARD = "urn:xmpp:forward:0"
@@ -39,6 +39,7 @@ NS_HINTS = "urn:xmpp:hints"
 NS_MUC_USER = "http://jabber.org/protocol/muc#user"
 NS_RECEIPTS = "urn:xmpp:receipts"
 NS_MARKERS = "urn:xmpp:chat-markers:0"
+NS_SID = "urn:xmpp:sid:0"
 
 
 def eligible(stanza: domish.Element, strip_private: bool = False) -> bool:
@@ -136,7 +137,9 @@ class CarbonsPlugin(Plugin):
         inner = None
         if session is not None and sender.bare != to.bare and sender.bare in self.users:
             inner = _forwardable(stanza)
-            self._send_copies("sent", inner, stanza.getAttribute("type"), sender.bare, {session},
+            own = router.sent_stanza_id
+            sent = _sent_form(stanza, inner, to, own) if own[0] is stanza else inner
+            self._send_copies("sent", sent, stanza.getAttribute("type"), sender.bare, {session},
                               router.resources_of(sender.bare))
         if to.user is not None and to.host in router.hosts and to.bare in self.users:
             resources = router.resources_of(to.bare)
@@ -164,6 +167,34 @@ class CarbonsPlugin(Plugin):
 def _forwardable(stanza: domish.Element) -> bytes:
     """The message as a child of ``<forwarded/>`` (its namespace spelled out)."""
     return b"<message xmlns='jabber:client'" + serialize(stanza)[8:]
+
+
+def _sent_form(stanza: domish.Element, inner: bytes, to, own: tuple) -> bytes:
+    """The forwarded message of a sent copy when the sender's archive kept it.
+
+    ``own``: (message, sender's bare JID, id prefix, seq), from the archive
+    (:attr:`Router.sent_stanza_id`).  The sender's ``<stanza-id/>`` is only
+    here: XEP-0313 §3.5 keeps it out of the message the recipient gets (who
+    may not read the sender's archive) and asks for it in the carbon copy,
+    so the sender's other clients match the copy with their MAM results.
+    For the same reason the recipient's ``<stanza-id/>`` (a local
+    recipient's archive id) is replaced by it.
+    """
+    mine = (f"<stanza-id xmlns='{NS_SID}' by='{escape_attr(own[1])}'"
+            f" id='{escape_attr(own[2])}{own[3]:x}'/>").encode()
+    if to.user is not None:
+        children = stanza.children
+        for i in range(len(children) - 1, -1, -1):
+            child = children[i]
+            if (child.__class__ is Prebuilt and child.name == "stanza-id"
+                    and child.attributes.get("by") == to.bare):
+                theirs = child.xml.encode()
+                if theirs in inner:
+                    return inner.replace(theirs, mine, 1)
+                break
+    if inner.endswith(b"</message>"):
+        return inner[:-10] + mine + b"</message>"
+    return inner[:-2] + b">" + mine + b"</message>"  # <message .../>
 
 
 def _direct_recipients(stanza: domish.Element, to, resources) -> set:

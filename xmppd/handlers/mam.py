@@ -10,9 +10,10 @@ Archiving
     the filter chain: nothing a filter refused (blocked, domain-filtered,
     bounced by a filter) is archived.  A ``chat``/``normal`` message with a
     body (or an XEP-0334 ``<store/>`` hint, and no ``<no-store/>`` or
-    ``<no-permanent-store/>``) is archived for its local sender (with
-    ``<stanza-id by='sender'/>`` added before delivery, so the recipient
-    and the sender's carbons carry the sender's archive id) and for its
+    ``<no-permanent-store/>``) is archived for its local sender (the id
+    in the sender's archive is not put into the message, which the
+    recipient gets: XEP-0313 §3.5; only the sender's sent carbon carries
+    it, through :attr:`Router.sent_stanza_id`) and for its
     local recipient (the stanza-id the XEP-0359 plugin stamped), each as
     that user's preferences (XEP-0441, :mod:`xmppd.handlers.mam_prefs`)
     allow.  A message for an account without a session is archived once the
@@ -26,10 +27,10 @@ Write path
     reactor: checkpoints run on a thread; on PostgreSQL
     :class:`xmppd.msglog_pg.AsyncLogWorker`, batches and queries on the
     store's thread pool, :mod:`xmppd.archives` chooses).  Per message the reactor pays a
-    dict look-up for the preferences, the sender's stanza-id (prebuilt XML)
-    and a row in the buffer: the delivered bytes are reused, and both rows
-    of a message between local users carry the same bytes object, which the
-    archive stores once.  Queries and deletes flush
+    dict look-up for the preferences, the sender's archive number and one
+    buffer entry for both parties' rows (:meth:`LogWorker.add`, stored by
+    SQLite as it is): the delivered bytes are reused, and the archive
+    stores them once for both.  Queries and deletes flush
     first, so they see everything archived before them; deletes run in
     chunks of ``delete_chunk`` rows, one per reactor turn.
 
@@ -60,7 +61,7 @@ from xmppd import jid as jidlib
 from xmppd.handlers import mam_prefs
 from xmppd.handlers.mam_prefs import Prefs
 from xmppd.logfilter import log_observer
-from xmppd.msglog import INCOMING, OUTGOING, LogQuery, seq_of_id
+from xmppd.msglog import LogQuery, seq_of_id
 from xmppd.plugin import Plugin, Request
 from xmppd.rsm import NS_RSM, ResultSet
 from xmppd.stanzas import NS_CLIENT, StanzaError, escape_attr, iq_result, serialize
@@ -158,9 +159,15 @@ def settings(config) -> Settings:
     return s
 
 
-def archivable(stanza: domish.Element) -> bool:
-    """A body or a ``<store/>`` hint, and no ``<no-store/>``/``<no-permanent-store/>``."""
+def archivable(stanza: domish.Element) -> int:
+    """A body or a ``<store/>`` hint, and no ``<no-store/>``/``<no-permanent-store/>``.
+
+    0: no; 1: yes; 2: yes, and the message carries a ``<stanza-id/>`` (one
+    that claims the sender's archive is removed: XEP-0359 §3.3).  One pass
+    over the children for both questions.
+    """
     content = False
+    sids = 0
     for child in stanza.children:
         if child.__class__ is str:
             continue
@@ -168,12 +175,22 @@ def archivable(stanza: domish.Element) -> bool:
         if uri == NS_HINTS:
             name = child.name
             if name == "no-store" or name == "no-permanent-store":
-                return False
+                return 0
             if name == "store":
                 content = True
-        elif uri == NS_CLIENT and child.name == "body":
-            content = True
-    return content
+        elif uri == NS_CLIENT:
+            if child.name == "body":
+                content = True
+        elif uri == NS_SID:
+            sids = 1
+    return content + sids if content else 0
+
+
+def _strip_ids(stanza: domish.Element, by: str) -> None:
+    """Remove every ``<stanza-id/>`` claiming ``by`` (not made here: XEP-0359 §3.3)."""
+    stanza.children[:] = [c for c in stanza.children if not (
+        c.__class__ is not str and c.name == "stanza-id" and c.uri == NS_SID
+        and c.getAttribute("by") == by)]
 
 
 def _id_by(stanza: domish.Element, by: str) -> str | None:
@@ -315,8 +332,10 @@ class MAMPlugin(Plugin):
         prefs_of = self._prefs.get
         always = self._always
         sid = self.sid
-        stamp = sid.stamp
-        extend = self.worker.extend
+        sequence = self.sequence
+        prefix = sid._prefix
+        add = self.worker.add
+        self.worker.prefix = prefix
         cut = self._prefix_len
 
         def deliver_unfiltered(stanza, sender, to, session=None):
@@ -330,7 +349,10 @@ class MAMPlugin(Plugin):
             out_user = (sender.bare if sender.user is not None and sender.host in hosts
                         and sender.bare != to.bare else None)
             in_user = to.bare if to_local else None
-            if (out_user is None and in_user is None) or not archivable(stanza):
+            if out_user is None and in_user is None:
+                return inner(stanza, sender, to, session)
+            content = archivable(stanza)
+            if not content:
                 return inner(stanza, sender, to, session)
             if out_user is not None and (always is None or prefs_of(out_user) is not always) \
                     and not wants(out_user, to):
@@ -345,53 +367,58 @@ class MAMPlugin(Plugin):
             if out_user is None and in_user is None:
                 return inner(stanza, sender, to, session)
             if out_user is not None:
-                out_id = stamp(stanza, out_user)
-                out_seq = sid.number
+                # The sender's archive id is not put into the message: its
+                # recipient may not see the sender's archive (XEP-0313 §3.5).
+                # Only the sender's own carbon copy of it carries the id
+                # (xmppd.handlers.carbons reads router.sent_stanza_id).
+                if content == 2:
+                    _strip_ids(stanza, out_user)
+                out_seq = next(sequence)
+                router.sent_stanza_id = (stanza, out_user, prefix, out_seq)
+            else:
+                out_seq = 0
             inner(stanza, sender, to, session)
             done, data = router.last_serialized
             if done is not stanza:
                 data = serialize(stanza)
             # One bytes object for both rows: the archive stores it once.
             data = b"<message xmlns='jabber:client'" + data[8:]
+            in_seq = 0
             if in_user is not None:
-                stamped, in_id, in_seq = sid.last
+                stamped, _, in_seq = sid.last
                 if stamped is not stanza:
                     in_id = _id_by(stanza, in_user)
-                    in_seq = int(in_id[cut:], 16) if in_id is not None else 0
-                if in_id is None:
-                    in_user = None
-            if in_user is None:
-                if out_user is None:
+                    if in_id is None or not in_id.startswith(prefix):
+                        in_user = None
+                    else:
+                        in_seq = int(in_id[cut:], 16)
+                if in_user is None and out_user is None:
                     return
-                rows = ((out_seq, out_user, to.full, out_id, OUTGOING, data),)
-            elif out_user is None:
-                rows = ((in_seq, in_user, sender.full, in_id, INCOMING, data),)
-            else:
-                rows = ((out_seq, out_user, to.full, out_id, OUTGOING, data),
-                        (in_seq, in_user, sender.full, in_id, INCOMING, data))
+            # One buffer entry for the message's rows (LogWorker.add).
             if in_later and in_user is not None:
                 # The sender's row now, the recipient's once their preferences
                 # (and roster entry, for "roster") are read and say yes.
                 if out_user is not None:
-                    extend(rows[:1])
-                later = rows[-1:]
+                    add((out_seq, out_user, to.full, 0, None, "", data))
+                later = (0, None, "", in_seq, in_user, sender.full, data)
                 exists = (router.user_exists(to) if to.bare not in sessions
                           else defer.succeed(True))
                 exists.addCallback(lambda found: found and self.wants_later(in_user, sender))
-                exists.addCallback(lambda wanted: wanted and extend(later))
+                exists.addCallback(lambda wanted: wanted and add(later))
                 exists.addErrback(lambda f: log.failure("archive: look-up failed", f))
                 return
+            entry = (out_seq, out_user, to.full, in_seq, in_user, sender.full, data)
             if to_local and in_user is not None and to.bare not in sessions:
                 # No session: archived once the account is known to exist
                 # (a message to nobody bounces and stays out of every archive).
                 def known(exists: bool) -> None:
                     if exists:
-                        extend(rows)
+                        add(entry)
 
                 router.user_exists(to).addCallback(known).addErrback(
                     lambda f: log.failure("archive: account look-up failed", f))
                 return
-            extend(rows)
+            add(entry)
 
         router.deliver_unfiltered = deliver_unfiltered
 
