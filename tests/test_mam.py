@@ -15,7 +15,7 @@ from tests.xmpp import connect, run
 PW = "pw-secret"
 MAM = "urn:xmpp:mam:2"
 USERS = ["alice", "bob", "carol", "dave", "erin", "fil", "gus", "hal", "ivy", "jo", "kim",
-         "lea", "max", "ned", "olga", "pia", "quin"]
+         "lea", "max", "ned", "olga", "pia", "quin", "rita"]
 PLUGINS = ["roster", "presence", "disco", "ping", "offline", "register", "urn:xmpp:blocking",
            "domain-filter", "urn:xmpp:sid:0", "urn:xmpp:carbons:2", "urn:xmpp:mam:2"]
 EXTRA = """
@@ -336,6 +336,18 @@ def test_no_store_hints_errors_and_headlines(md):
     assert query(q).bodies == ["keep-1", None, "keep-2"]
     p.close()
     q.close()
+
+
+def test_message_to_no_account_bounces_and_is_not_archived(md):
+    o = raw(md, "rita")
+    send(o, "ghost@localhost", "to-nobody", "g1")
+    reply = o.read_until("</message>").decode()
+    assert "type='error'" in reply and "service-unavailable" in reply
+    send(o, "alice@localhost", "to-alice", "g2")
+    wait_archived(o, 1)
+    time.sleep(0.2)  # a few flush intervals: the bounced one would be there by now
+    assert query(o).bodies == ["to-alice"]
+    o.close()
 
 
 def test_blocked_and_domain_filtered_not_archived(md):

@@ -395,30 +395,28 @@ class MAMPlugin(Plugin):
                 if in_user is None and out_user is None:
                     return
             # One buffer entry for the message's rows (LogWorker.add).
-            if in_later and in_user is not None:
-                # The sender's row now, the recipient's once their preferences
-                # (and roster entry, for "roster") are read and say yes.
-                if out_user is not None:
-                    add((out_seq, out_user, to.full, 0, None, "", data))
-                later = (0, None, "", in_seq, in_user, sender.full, data)
-                exists = (router.user_exists(to) if to.bare not in sessions
-                          else defer.succeed(True))
-                exists.addCallback(lambda found: found and self.wants_later(in_user, sender))
-                exists.addCallback(lambda wanted: wanted and add(later))
-                exists.addErrback(lambda f: log.failure("archive: look-up failed", f))
-                return
             entry = (out_seq, out_user, to.full, in_seq, in_user, sender.full, data)
-            if to_local and in_user is not None and to.bare not in sessions:
-                # No session: archived once the account is known to exist
-                # (a message to nobody bounces and stays out of every archive).
-                def known(exists: bool) -> None:
-                    if exists:
-                        add(entry)
-
-                router.user_exists(to).addCallback(known).addErrback(
-                    lambda f: log.failure("archive: account look-up failed", f))
+            if in_user is None or (not in_later and to.bare in sessions):
+                add(entry)
                 return
-            add(entry)
+            # Written later: a recipient with no session here is archived once
+            # the account is known to exist (a message to nobody bounces and
+            # stays out of every archive); one whose preferences (or roster
+            # entry, for "roster") are not in memory once they are read.
+            checked = (router.user_exists(to) if to.bare not in sessions
+                       else defer.succeed(True))
+            if in_later:
+                def exists(found: bool):
+                    if not found:
+                        return False
+                    if out_user is not None:  # not held back by the recipient's preferences
+                        add((out_seq, out_user, to.full, 0, None, "", data))
+                    return self.wants_later(in_user, sender)
+
+                entry = (0, None, "", in_seq, in_user, sender.full, data)
+                checked.addCallback(exists)
+            checked.addCallback(lambda wanted: wanted and add(entry))
+            checked.addErrback(lambda f: log.failure("archive: look-up failed", f))
 
         router.deliver_unfiltered = deliver_unfiltered
 
