@@ -65,10 +65,6 @@ class StanzaIdPlugin(Plugin):
         """
         self._counter = sequence
 
-    def new_id(self) -> str:
-        self.number = number = next(self._counter)
-        return f"{self._prefix}{number:x}"
-
     def _head(self, by: str) -> str:
         heads = self._heads
         if len(heads) >= HEADS_CACHE:
